@@ -1,0 +1,59 @@
+# Two commands on a fresh machine with Python 3.11+ and make:
+#   make demo   set up .venv and run the main job on the real data
+#   make test   set up .venv and run lint, type checks and the tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Where the real traces and prompts live (see ../shared/data/README.md).
+DATA ?= ../shared/data
+# Extras installed with the package; CI adds `torch` to test the SGLang .pt importers.
+EXTRAS ?= dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+TRACES := $(DATA)/traces/esft-deepseek-v2-lite $(DATA)/traces/sglang-deepseek-v3-eplb-stats \
+          $(DATA)/traces/mixtral-humaneval-gsm8k-small
+DEMO_OUT ?= demo-output
+
+.PHONY: setup demo test lint analysis bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	@touch $@
+
+.PHONY: check-data
+check-data:
+	@test -d $(DATA)/traces || { echo "real data not found at $(DATA) (set DATA=/path/to/shared/data)"; exit 2; }
+
+demo: setup check-data
+	@mkdir -p $(DEMO_OUT)
+	$(BIN)/moe-scheduler profile $(DATA)/traces/esft-deepseek-v2-lite --by label --out $(DEMO_OUT)/esft.profile.json
+	$(BIN)/moe-scheduler profile $(DATA)/traces/esft-deepseek-v2-lite --by cluster --k 4 --out $(DEMO_OUT)/esft.clusters.profile.json
+	$(BIN)/moe-scheduler profile $(DATA)/traces/sglang-deepseek-v3-eplb-stats --out $(DEMO_OUT)/deepseek-v3.profile.json
+	$(BIN)/moe-scheduler profile $(DATA)/traces/mixtral-humaneval-gsm8k-small --out $(DEMO_OUT)/mixtral.profile.json
+	$(BIN)/moe-scheduler analyze $(TRACES) --out $(DEMO_OUT)/analysis.md
+	@echo
+	@echo "Demo done. Report: $(DEMO_OUT)/analysis.md (figures in $(DEMO_OUT)/analysis-figures/);"
+	@echo "profiles: $(DEMO_OUT)/*.profile.json"
+
+lint: setup
+	$(BIN)/ruff check scheduler tests benchmarks
+	$(BIN)/mypy
+
+test: setup lint
+	MOE_SCHEDULER_DATA=$(DATA) $(BIN)/python -m pytest -q
+
+# Regenerate the committed docs/analysis.md from the real data.
+analysis: setup check-data
+	$(BIN)/moe-scheduler analyze $(TRACES) --out docs/analysis.md
+
+# Run the benchmarks and render benchmarks/RESULTS.md from their JSON.
+bench: setup
+	$(BIN)/python benchmarks/profile_scale.py
+	$(BIN)/python benchmarks/render.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) benchmarks/work .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,202 @@
+"""Render every ``benchmarks/results/*.json`` into ``benchmarks/RESULTS.md``.
+
+Each result file names its benchmark in the ``"benchmark"`` key. A benchmark with an
+entry in :data:`RENDERERS` gets its own section layout; any other result is shown as a
+generic JSON dump, so a new benchmark appears in RESULTS.md before it has a renderer.
+
+Usage::
+
+    python benchmarks/render.py [--results benchmarks/results] [--out benchmarks/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+Renderer = Callable[[dict[str, Any], Path], list[str]]
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    parts = []
+    if machine.get("cpu_model"):
+        parts.append(str(machine["cpu_model"]))
+    if machine.get("cpu_count") is not None:
+        usable = machine.get("cpus_usable")
+        cpus = f"{machine['cpu_count']} CPUs"
+        if usable is not None and usable != machine["cpu_count"]:
+            cpus += f" ({usable} usable)"
+        parts.append(cpus)
+    if machine.get("memory_total_mib") is not None:
+        parts.append(f"{machine['memory_total_mib'] / 1024:.0f} GiB RAM")
+    for key, name in (("python", "Python"), ("numpy", "NumPy"), ("scikit_learn", "scikit-learn")):
+        if machine.get(key):
+            parts.append(f"{name} {machine[key]}")
+    if machine.get("platform"):
+        parts.append(str(machine["platform"]))
+    return "Machine: " + ", ".join(parts) + "." if parts else "Machine: not recorded."
+
+
+# --------------------------------------------------------------------------- renderers
+
+
+def render_profile_scale(data: dict[str, Any], source: Path) -> list[str]:
+    requests = data.get("requests")
+    limit = data.get("memory_limit_mib")
+    lines = [
+        "## Profile building at scale (`profile_scale`)",
+        "",
+        f"Profile building for {_fmt(requests)} requests of {data.get('model')} shape "
+        f"(MoE layers x experts decode counts), each step in its own process. "
+        f"Memory limit: {_fmt(limit)} MiB; within limit: **{_fmt(data.get('within_limit'))}**.",
+        "",
+    ]
+    if data.get("synthetic"):
+        lines += [
+            f"**Synthetic data.** {data.get('synthetic_note', 'The requests are generated.')} "
+            "Real traces of this size are not available; generated counts of the real shape "
+            "exercise the same code paths (trace store, shard streaming, aggregation, "
+            "clustering) at a size the real data cannot reach.",
+            "",
+        ]
+    rows = []
+    for step in data.get("steps", []):
+        rows.append([
+            f"`{step.get('step')}`",
+            str(step.get("status")),
+            _fmt(step.get("seconds")),
+            _fmt(step.get("peak_rss_mib"), 0),
+            _fmt(step.get("requests_per_s"), 0),
+        ])
+    lines += _table(["step", "status", "seconds", "peak RSS MiB", "requests/s"], rows)
+    lines.append("")
+    notes = []
+    for step in data.get("steps", []):
+        name = step.get("step")
+        if name == "generate" and step.get("status") == "ok":
+            notes.append(
+                f"`generate` wrote {_fmt(step.get('shards'))} shards of "
+                f"{_fmt(step.get('shard_size'))} requests (TraceWriter default, compressed); "
+                f"{_fmt(step.get('draw_seconds'))} s of its time was drawing the random counts."
+            )
+        elif name == "label" and step.get("status") == "ok":
+            notes.append(
+                f"`label`: `build_profile(TraceSet(store), by=\"label\")`, "
+                f"{_fmt(step.get('classes'))} classes."
+            )
+        elif name == "cluster" and step.get("status") == "ok":
+            notes.append(
+                f"`cluster`: `build_profile(TraceSet(store), by=\"cluster\", k={data.get('k')})`"
+                f" via {step.get('clustering_path', 'k-means')}; "
+                f"{_fmt(step.get('classes'))} clusters, purity against the generating "
+                f"classes {_fmt(step.get('cluster_purity'), 3)}."
+            )
+        if step.get("status") != "ok" and step.get("message"):
+            notes.append(f"`{name}` {step.get('status')}: {step['message']}")
+    baselines = [s.get("baseline_rss_mib") for s in data.get("steps", [])]
+    if any(b is not None for b in baselines):
+        low = min(b for b in baselines if b is not None)
+        high = max(b for b in baselines if b is not None)
+        notes.append(
+            f"Peak RSS is the child process's `ru_maxrss` and includes the interpreter "
+            f"and imports ({low:.0f}-{high:.0f} MiB before the step's work); seconds are "
+            "the step's own work, without process start-up."
+        )
+    lines += [f"- Store size on disk: {_fmt(data.get('store_mib'), 0)} MiB."]
+    lines += [f"- {n}" for n in notes]
+    lines += [
+        "",
+        _machine_line(data.get("machine", {})),
+        f"Run at {data.get('generated_at', '?')}.",
+        "",
+        "Reproduce: `make bench` (runs `python benchmarks/profile_scale.py` then "
+        "`python benchmarks/render.py`). Raw numbers: "
+        f"[`results/{source.name}`](results/{source.name}).",
+        "",
+    ]
+    return lines
+
+
+def render_generic(data: dict[str, Any], source: Path) -> list[str]:
+    name = data.get("benchmark", source.stem)
+    return [
+        f"## {name}",
+        "",
+        f"No renderer for this benchmark yet; raw result from `results/{source.name}`:",
+        "",
+        "```json",
+        json.dumps(data, indent=2),
+        "```",
+        "",
+    ]
+
+
+#: Benchmark name (the result's ``"benchmark"`` key) -> section renderer.
+RENDERERS: dict[str, Renderer] = {
+    "profile_scale": render_profile_scale,
+}
+
+
+def render(results_dir: Path) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        "<!-- Generated by benchmarks/render.py from benchmarks/results/*.json; "
+        "do not edit by hand. -->",
+        "",
+        "Regenerate with `make bench`.",
+        "",
+    ]
+    files = sorted(results_dir.glob("*.json"))
+    if not files:
+        lines += ["No results yet.", ""]
+    for path in files:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            lines += [f"## {path.stem}", "", f"Unreadable result file `{path.name}`: {e}", ""]
+            continue
+        if not isinstance(data, dict):
+            lines += [f"## {path.stem}", "", f"`{path.name}` is not a JSON object.", ""]
+            continue
+        renderer = RENDERERS.get(str(data.get("benchmark")), render_generic)
+        lines += renderer(data, path)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render benchmarks/RESULTS.md.")
+    parser.add_argument("--results", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "RESULTS.md")
+    args = parser.parse_args(argv)
+    args.out.write_text(render(args.results), encoding="utf-8")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
