@@ -199,7 +199,7 @@ def test_mixtral_bad_lines(tmp_path, tiny_model):
     broken = tmp_path / "y_routing.jsonl.xz"
     _write_xz(broken, [{"a": 1}] * 100)
     broken.write_bytes(broken.read_bytes()[:40])
-    with pytest.raises(InputError, match="y_routing.jsonl.xz: cannot read"):
+    with pytest.raises(InputError, match="y_routing.jsonl.xz: line 1: cannot read"):
         list(mixtral_jsonl.read(broken, tiny_model).records)
 
 

@@ -190,7 +190,7 @@ def _bad(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("{not json", "not JSON"),
+        ("{not json", "not valid JSON"),
         ('"a string"', "expected a /generate response object"),
         (json.dumps({"text": "x"}), "meta_info is missing"),
         (json.dumps(_bad(meta_routed_experts=None)), "--enable-return-routed-experts"),

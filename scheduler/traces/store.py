@@ -173,7 +173,9 @@ class TraceWriter:
 
     def __enter__(self) -> TraceWriter:
         if self.path.exists() and not self.overwrite:
-            raise InputError(self.path, "already exists (choose another output or remove it)")
+            raise InputError(
+                self.path, "already exists (choose another path, or replace it with --force)"
+            )
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir(parents=True)
         return self

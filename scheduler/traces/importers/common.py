@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import lzma
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -45,6 +46,27 @@ def open_text(path: Path) -> IO[str]:
 
 #: Exceptions that mean "this compressed or text file is damaged".
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError)
+
+
+def read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, decoded JSON value) for every non-blank line of a JSON-lines file.
+
+    Bad JSON or a damaged file raises InputError naming the file and the line.
+    """
+    n = 0
+    with open_text(path) as f:
+        try:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(
+                        path, f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+                    ) from None
+        except READ_ERRORS as e:
+            raise InputError(path, f"line {n + 1}: cannot read ({e})") from None
 
 
 def check_expert_ids(path: Path | str, ids: np.ndarray, num_experts: int, where: str) -> None:

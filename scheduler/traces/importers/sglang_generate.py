@@ -32,6 +32,7 @@ from scheduler.traces.importers.common import (
     TraceSource,
     check_expert_ids,
     open_text,
+    read_json_lines,
     require_model,
 )
 from scheduler.traces.store import RequestTrace
@@ -121,28 +122,12 @@ def _responses(path: Path) -> Iterator[tuple[str, str, Any]]:
         else:
             yield "response", "response1", document
         return
-    for n, line in _numbered_lines(path):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(path, f"line {n}: not JSON ({e.msg} at column {e.colno})") from None
+    for n, value in read_json_lines(path):
         if isinstance(value, list):
             for i, item in enumerate(value, 1):
                 yield f"line {n}, item {i}", f"line{n}-{i}", item
         else:
             yield f"line {n}", f"line{n}", value
-
-
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    n = 0
-    with open_text(path) as f:
-        try:
-            for n, line in enumerate(f, 1):
-                yield n, line
-        except READ_ERRORS as e:
-            raise InputError(path, f"line {n + 1}: cannot read ({e})") from None
 
 
 def _parse_response(

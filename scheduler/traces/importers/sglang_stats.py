@@ -103,5 +103,8 @@ def read(path: Path, model: ModelShape | None) -> TraceSource:
             "importer": "sglang-stats",
             "path": str(path),
             "files": [f.name for f in files],
+            "note": "aggregate statistics: one record per workload, each summing many "
+            "requests; prefill and decode come from separate recordings, so their "
+            "correlation is per workload, not per request",
         },
     )
