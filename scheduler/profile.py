@@ -196,6 +196,12 @@ def build_profile(
         raise ConfigError(f"--by must be 'label', 'cluster' or 'all', got {by!r}")
     if by == "cluster" and k is None:
         raise ConfigError("--by cluster needs --k (the number of clusters)")
+    if by == "label" and traces.num_labelled < traces.num_requests:
+        raise InputError(
+            traces.path,
+            f"{traces.num_requests - traces.num_labelled} of {traces.num_requests} records "
+            "have no label; use --by cluster --k K or --by all",
+        )
     accumulators: dict[str, _Accumulator] = {}
     assignments = (
         cluster_requests(traces, k, random_state=random_state, progress=progress)
@@ -210,13 +216,6 @@ def build_profile(
         elif by == "all":
             names = np.full(len(batch), "all")
         else:
-            if any(label is None for label in batch.labels):
-                missing = sum(label is None for label in batch.labels)
-                raise InputError(
-                    traces.path,
-                    f"{missing} requests in a shard have no label; "
-                    "use --by cluster --k K instead of --by label",
-                )
             names = np.array(batch.labels, dtype=str)
         for name in np.unique(names):
             acc = accumulators.setdefault(str(name), _Accumulator(traces.model))

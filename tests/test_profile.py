@@ -52,7 +52,7 @@ def test_profile_all_and_errors(store, tmp_path, tiny_model):
         tiny_model,
         [RequestTrace("a", {"decode": np.ones((3, 8), np.int64)}, {"decode": 1})],
     )
-    with pytest.raises(InputError, match="no label"):
+    with pytest.raises(InputError, match="have no label"):
         build_profile(TraceSet(unlabelled), by="label")
 
 

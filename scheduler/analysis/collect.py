@@ -80,7 +80,7 @@ def from_profile(name: str, profile: WorkloadProfile) -> DatasetStats:
 def from_traces(
     name: str, traces: TraceSet, *, random_state: int = 0, progress: Progress | None = None
 ) -> DatasetStats:
-    labelled = all(label is not None for b in traces.batches() for label in b.labels)
+    labelled = traces.num_labelled == traces.num_requests
     profile = build_profile(traces, by="label" if labelled else "all", progress=progress)
     ds = from_profile(name, profile)
     ds.kind, ds.granularity, ds.source, ds.notes = "traces", traces.granularity, traces.source, {}

@@ -170,6 +170,7 @@ class TraceWriter:
         self._ids: set[str] = set()
         self._phases: set[str] = set()
         self.num_requests = 0
+        self.num_labelled = 0
 
     def __enter__(self) -> TraceWriter:
         if self.path.exists() and not self.overwrite:
@@ -200,6 +201,7 @@ class TraceWriter:
             a.nbytes for a in record.gate_weights.values()
         )
         self.num_requests += 1
+        self.num_labelled += record.label is not None
         if len(self._buffer) >= self.shard_size or self._buffer_bytes >= MAX_SHARD_TOKEN_BYTES:
             self._flush()
 
@@ -323,6 +325,7 @@ class TraceWriter:
             "granularity": self.granularity,
             "phases": [p for p in PHASES if p in self._phases],
             "num_requests": self.num_requests,
+            "num_labelled": self.num_labelled,
             "source": self.source,
             "shards": self._shards,
         }
@@ -413,6 +416,7 @@ class TraceSet:
         self.source: dict[str, Any] = manifest.get("source", {})
         self.shards: list[dict[str, Any]] = list(manifest.get("shards", []))
         self.num_requests: int = int(manifest.get("num_requests", 0))
+        self.num_labelled: int = int(manifest.get("num_labelled", 0))
         if sum(s.get("num_requests", 0) for s in self.shards) != self.num_requests:
             raise InputError(manifest_path, "shard request counts do not add up to num_requests")
 
