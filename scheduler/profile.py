@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,51 +109,41 @@ def request_activation_vectors(batch: TraceBatch) -> np.ndarray:
     return flat
 
 
-#: Above this many vector bytes, clustering streams with MiniBatchKMeans.
-IN_MEMORY_CLUSTER_BYTES = 1 << 30
+#: k-means is fitted on at most this many bytes of activation vectors (a uniform sample
+#: of requests when the set is larger); every request is then assigned to its nearest
+#: centre. 256 MiB holds ~4,500 DeepSeek-V3 requests (58 x 256 floats each).
+MAX_CLUSTER_SAMPLE_BYTES = 256 << 20
 
 
-def cluster_requests(
+def fit_request_clusters(
     traces: TraceSet, k: int, *, random_state: int = 0, progress: Progress | None = None
-) -> Iterator[np.ndarray]:
-    """k-means over request activation vectors; yields cluster ids [n] per batch, in order.
+) -> Any:
+    """Fit k-means (paper B) on request activation vectors; returns the fitted KMeans.
 
-    Uses full KMeans when the vectors fit in ``IN_MEMORY_CLUSTER_BYTES``, otherwise a
-    streamed MiniBatchKMeans (one fitting pass, one assignment pass over the shards).
+    Fitted on all requests, or on a uniform sample of them when their vectors exceed
+    ``MAX_CLUSTER_SAMPLE_BYTES``, so memory is bounded whatever the number of requests.
     """
-    from sklearn.cluster import KMeans, MiniBatchKMeans
+    from sklearn.cluster import KMeans
 
+    n = traces.num_requests
     if k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
-    if k > traces.num_requests:
-        raise ConfigError(f"--k {k} exceeds the number of requests ({traces.num_requests})")
+    if k > n:
+        raise ConfigError(f"--k {k} exceeds the number of requests ({n})")
     dim = traces.model.num_moe_layers * traces.model.num_experts
-    if traces.num_requests * dim * 4 <= IN_MEMORY_CLUSTER_BYTES:
-        batches = [request_activation_vectors(b) for b in traces.batches()]
-        model = KMeans(n_clusters=k, n_init=4, random_state=random_state)
-        labels = model.fit_predict(np.concatenate(batches))
-        start = 0
-        for b in batches:
-            yield labels[start : start + len(b)]
-            start += len(b)
-        return
-    stream = MiniBatchKMeans(
-        n_clusters=k, random_state=random_state, n_init=3, batch_size=max(1024, 3 * k)
-    )
-    pending: list[np.ndarray] = []
-    seen = 0
-    for i, batch in enumerate(traces.batches()):
-        pending.append(request_activation_vectors(batch))
-        if sum(len(p) for p in pending) >= 3 * k:
-            stream.partial_fit(np.concatenate(pending))
-            pending = []
-        seen += len(batch)
-        if progress:
-            progress(f"clustering: fitted {seen}/{traces.num_requests} requests (shard {i + 1})")
-    if pending:
-        stream.partial_fit(np.concatenate(pending))
+    size = min(n, max(k, MAX_CLUSTER_SAMPLE_BYTES // (dim * 4)))
+    chosen = np.sort(np.random.default_rng(random_state).choice(n, size=size, replace=False))
+    sample = np.empty((size, dim), dtype=np.float32)
+    start = filled = 0
     for batch in traces.batches():
-        yield stream.predict(request_activation_vectors(batch))
+        rows = chosen[(chosen >= start) & (chosen < start + len(batch))] - start
+        if len(rows):
+            sample[filled : filled + len(rows)] = request_activation_vectors(batch)[rows]
+            filled += len(rows)
+        start += len(batch)
+    if progress:
+        progress(f"clustering: k-means (k={k}) on {size} of {n} requests")
+    return KMeans(n_clusters=k, n_init=4, random_state=random_state, copy_x=False).fit(sample)
 
 
 class _Accumulator:
@@ -203,15 +193,15 @@ def build_profile(
             "have no label; use --by cluster --k K or --by all",
         )
     accumulators: dict[str, _Accumulator] = {}
-    assignments = (
-        cluster_requests(traces, k, random_state=random_state, progress=progress)
+    clusters = (
+        fit_request_clusters(traces, k, random_state=random_state, progress=progress)
         if by == "cluster" and k is not None
         else None
     )
     done = 0
     for batch in traces.batches():
-        if assignments is not None:
-            ids = next(assignments)
+        if clusters is not None:
+            ids = clusters.predict(request_activation_vectors(batch))
             names = np.array([f"cluster-{c}" for c in ids])
         elif by == "all":
             names = np.full(len(batch), "all")

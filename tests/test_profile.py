@@ -95,3 +95,14 @@ def test_non_json_profile(tmp_path):
     path.write_text("[1, 2")
     with pytest.raises(InputError, match="not valid JSON"):
         load_profile(path)
+
+
+def test_profile_by_cluster_fits_on_a_sample_when_large(store, monkeypatch):
+    import scheduler.profile as profile_module
+
+    # room for 6 of the 16 requests' vectors: fit on a sample, assign everyone
+    monkeypatch.setattr(profile_module, "MAX_CLUSTER_SAMPLE_BYTES", 6 * 3 * 8 * 4)
+    profile = build_profile(store, by="cluster", k=2, random_state=1)
+    assert sum(c.requests for c in profile.classes.values()) == 16
+    mixes = sorted(tuple(sorted(c.label_mix.items())) for c in profile.classes.values())
+    assert mixes == [(("code", 8),), (("math", 8),)]

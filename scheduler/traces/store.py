@@ -416,9 +416,19 @@ class TraceSet:
         self.source: dict[str, Any] = manifest.get("source", {})
         self.shards: list[dict[str, Any]] = list(manifest.get("shards", []))
         self.num_requests: int = int(manifest.get("num_requests", 0))
-        self.num_labelled: int = int(manifest.get("num_labelled", 0))
+        labelled = manifest.get("num_labelled")
+        self._num_labelled = None if labelled is None else int(labelled)
         if sum(s.get("num_requests", 0) for s in self.shards) != self.num_requests:
             raise InputError(manifest_path, "shard request counts do not add up to num_requests")
+
+    @property
+    def num_labelled(self) -> int:
+        """Records with a label (counted by scanning the shards if the manifest lacks it)."""
+        if self._num_labelled is None:
+            self._num_labelled = sum(
+                label is not None for batch in self.batches() for label in batch.labels
+            )
+        return self._num_labelled
 
     @property
     def has_token_ids(self) -> bool:
