@@ -10,6 +10,7 @@ import argparse
 import shlex
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,8 +21,18 @@ from scheduler.model_shape import PRESETS, ModelShape, resolve_model
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _progress(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
+class _Progress:
+    """Progress lines on stderr, at most one every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 2.0) -> None:
+        self.interval = interval
+        self.last = -interval
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            print(f"  {message}", file=sys.stderr, flush=True)
 
 
 def _model(args: argparse.Namespace) -> ModelShape | None:
@@ -60,6 +71,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         model=_model(args),
         keep_token_ids=not args.no_token_ids,
         overwrite=args.force,
+        progress=_Progress(),
     )
     print(
         f"wrote {traces.num_requests} {traces.granularity} records "
@@ -85,10 +97,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.out is None:
         raise MoeSchedulerError("profile needs --out FILE.json (or --check to validate a profile)")
     with tempfile.TemporaryDirectory(prefix="moe-scheduler-") as tmp:
-        traces = open_traces(args.input, Path(tmp), fmt=args.format, model=_model(args))
+        traces = open_traces(
+            args.input, Path(tmp), fmt=args.format, model=_model(args), progress=_Progress()
+        )
         print(f"profiling {traces.num_requests} records from {args.input}", file=sys.stderr)
         profile = build_profile(
-            traces, by=args.by, k=args.k, random_state=args.seed, progress=_progress
+            traces, by=args.by, k=args.k, random_state=args.seed, progress=_Progress()
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_profile(profile, args.out)
@@ -119,8 +133,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             if args.format is None and looks_like_profile(path):
                 datasets.append(from_profile(name, load_profile(path)))
                 continue
-            traces = open_traces(path, Path(tmp) / str(i), fmt=args.format, model=_model(args))
-            datasets.append(from_traces(name, traces, random_state=args.seed, progress=_progress))
+            progress = _Progress()
+            traces = open_traces(
+                path, Path(tmp) / str(i), fmt=args.format, model=_model(args), progress=progress
+            )
+            datasets.append(from_traces(name, traces, random_state=args.seed, progress=progress))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = "moe-scheduler " + " ".join(shlex.quote(a) for a in args.argv)
     fig_dir = write_report(datasets, args.out, command)

@@ -9,6 +9,7 @@ else, imports it into a temporary store first.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from scheduler.errors import ConfigError, InputError
@@ -109,6 +110,7 @@ def import_traces(
     model: ModelShape | None = None,
     keep_token_ids: bool = True,
     overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> TraceSet:
     """Import ``path`` into a new trace store at ``out`` and open it."""
     source = read_source(path, fmt, model)
@@ -124,6 +126,8 @@ def import_traces(
             if not keep_token_ids:
                 record.token_ids, record.gate_weights = {}, {}
             writer.add(record)
+            if progress:
+                progress(f"import: {writer.num_requests} records")
     return TraceSet(out)
 
 
@@ -133,6 +137,7 @@ def open_traces(
     *,
     fmt: str | None = None,
     model: ModelShape | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> TraceSet:
     """A TraceSet for ``path``: the store itself, or an import of it into ``workdir``.
 
@@ -145,7 +150,7 @@ def open_traces(
                 f"--model {model.name} does not match the store's model {trace_set.model.name}"
             )
         return trace_set
-    return import_traces(path, workdir / "traces", fmt=fmt, model=model)
+    return import_traces(path, workdir / "traces", fmt=fmt, model=model, progress=progress)
 
 
 def looks_like_profile(path: Path) -> bool:
