@@ -6,9 +6,8 @@ so that every step's peak is its own:
 1. ``generate``: write a trace store (``TraceWriter``, default shard size) of N generated
    requests with decode counts [58 MoE layers, 256 experts];
 2. ``label``: ``build_profile(TraceSet(store), by="label")``;
-3. ``cluster``: ``build_profile(TraceSet(store), by="cluster", k=K)`` (at 100,000
-   requests the activation vectors exceed ``IN_MEMORY_CLUSTER_BYTES``, so this takes the
-   streamed MiniBatchKMeans path).
+3. ``cluster``: ``build_profile(TraceSet(store), by="cluster", k=K)`` (k-means is fitted
+   on a sample bounded by ``MAX_CLUSTER_SAMPLE_BYTES``, then every request is assigned).
 
 The requests are GENERATED: random counts drawn from four Dirichlet-skewed synthetic
 class distributions. They exist only to measure how profile building scales; they are
@@ -148,7 +147,7 @@ def _profile_progress(total_shards: int) -> Callable[[str], None]:
 
 
 def _step_profile(store: Path, by: str, k: int) -> dict[str, Any]:
-    from scheduler.profile import IN_MEMORY_CLUSTER_BYTES, build_profile
+    from scheduler.profile import MAX_CLUSTER_SAMPLE_BYTES, build_profile
     from scheduler.traces.store import TraceSet
 
     traces = TraceSet(store)
@@ -166,10 +165,8 @@ def _step_profile(store: Path, by: str, k: int) -> dict[str, Any]:
     }
     if by == "cluster":
         dim = traces.model.num_moe_layers * traces.model.num_experts
-        details["clustering_path"] = (
-            "in-memory KMeans"
-            if traces.num_requests * dim * 4 <= IN_MEMORY_CLUSTER_BYTES
-            else "streamed MiniBatchKMeans"
+        details["kmeans_fitted_on"] = min(
+            traces.num_requests, max(k, MAX_CLUSTER_SAMPLE_BYTES // (dim * 4))
         )
         # Share of requests whose cluster's majority synthetic class is their own class.
         majority = sum(max(c.label_mix.values(), default=0) for c in profile.classes.values())
@@ -242,8 +239,9 @@ def _machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    threads = {v: os.environ[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-               if v in os.environ}
+    threads = {
+        v: os.environ[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if v in os.environ
+    }
     if threads:
         facts["thread_env"] = threads
     return facts
@@ -252,17 +250,32 @@ def _machine() -> dict[str, Any]:
 def _run_step(
     step: str, store: Path, requests: int, k: int, seed: int, timeout: float
 ) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--store", str(store),
-           "--requests", str(requests), "--k", str(k), "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--step",
+        step,
+        "--store",
+        str(store),
+        "--requests",
+        str(requests),
+        "--k",
+        str(k),
+        "--seed",
+        str(seed),
+    ]
     before = _peak_rss_mib(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     _eprint(f"== step {step}")
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout,
-                              check=False)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        return {"step": step, "status": "error", "seconds": time.perf_counter() - start,
-                "message": f"timed out after {timeout:.0f} s (child killed)"}
+        return {
+            "step": step,
+            "status": "error",
+            "seconds": time.perf_counter() - start,
+            "message": f"timed out after {timeout:.0f} s (child killed)",
+        }
     process_seconds = time.perf_counter() - start
     lines = proc.stdout.strip().splitlines()
     try:
@@ -271,14 +284,20 @@ def _run_step(
         # The child died without reporting (e.g. killed by the OOM killer). RUSAGE_CHILDREN
         # is the maximum over finished children; if it grew, the growth is this child's.
         after = _peak_rss_mib(resource.RUSAGE_CHILDREN)
-        result = {"step": step, "status": "error", "seconds": process_seconds,
-                  "message": f"child exited with status {proc.returncode} without a result",
-                  "peak_rss_mib": after if after > before else None}
+        result = {
+            "step": step,
+            "status": "error",
+            "seconds": process_seconds,
+            "message": f"child exited with status {proc.returncode} without a result",
+            "peak_rss_mib": after if after > before else None,
+        }
     if proc.returncode != 0 and result.get("status") == "ok":
         result.update(status="error", message=f"child exited with status {proc.returncode}")
     result["process_seconds"] = process_seconds
-    _eprint(f"== step {step}: {result['status']}, {result.get('seconds', 0):.1f} s, "
-            f"peak RSS {result.get('peak_rss_mib') or 0:.0f} MiB")
+    _eprint(
+        f"== step {step}: {result['status']}, {result.get('seconds', 0):.1f} s, "
+        f"peak RSS {result.get('peak_rss_mib') or 0:.0f} MiB"
+    )
     return result
 
 
@@ -289,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "profile_scale.json")
     parser.add_argument("--k", type=int, default=8, help="clusters for the cluster step")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=3600,
-                        help="seconds allowed per step before it is killed and recorded")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=3600,
+        help="seconds allowed per step before it is killed and recorded",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated store")
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
@@ -306,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[dict[str, Any]] = []
     for step in STEPS:
         if steps and steps[0]["status"] != "ok":
-            steps.append({"step": step, "status": "skipped",
-                          "message": "not run: the generate step failed"})
+            steps.append(
+                {"step": step, "status": "skipped", "message": "not run: the generate step failed"}
+            )
             continue
         steps.append(_run_step(step, store, args.requests, args.k, args.seed, args.timeout))
 
@@ -331,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_limit_mib": MEMORY_LIMIT_MIB,
         "within_limit": within,
         "command": "make bench  (or: python benchmarks/profile_scale.py "
-                   f"--requests {args.requests} --k {args.k})",
+        f"--requests {args.requests} --k {args.k})",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

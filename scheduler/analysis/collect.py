@@ -102,7 +102,7 @@ def _request_level(
             if phase in batch.present:
                 phase_of[batch.present[phase]] = phase
         for i in np.flatnonzero(keep):
-            vectors.append(batch.counts[phase_of[i]][i])
+            vectors.append(batch.counts[phase_of[i]][i].copy())  # do not pin the shard
             labels.append(batch.labels[i] or "all")
             if {"prefill", "decode"} <= batch.counts.keys() and (
                 batch.present["prefill"][i] and batch.present["decode"][i]
@@ -115,7 +115,7 @@ def _request_level(
                 )
         for ids, _ in batch.token_ids.values():
             if coact_tokens < MAX_COACT_TOKENS:
-                block = ids[: MAX_COACT_TOKENS - coact_tokens]
+                block = ids[: MAX_COACT_TOKENS - coact_tokens].copy()
                 token_blocks.append(block)
                 coact_tokens += len(block)
     if progress:
