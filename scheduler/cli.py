@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling and splits")
     _add_input_options(p)
     p.set_defaults(handler=cmd_analyze)
+
+    # Subsystems with their own commands register them here (each module exposes
+    # add_commands(subparsers), imported lazily inside its handlers).
+    from scheduler.placement.cli import add_commands as add_placement_commands
+
+    add_placement_commands(sub)
     return parser
 
 

@@ -1,0 +1,99 @@
+"""Predicted metrics of a placement on a profile (expected values; design.md "Metrics").
+
+The token source is the node a class's requests are served on (``class_to_node_share``),
+with each node's demand spread evenly over its ranks. Replica choice follows SGLang's
+static dispatch in expectation: a replica on the rank's own GPU, else one on its node
+(spread evenly over the node's replicas), else the fixed per-rank choice among all
+replicas, which over ranks is an even spread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from scheduler.placement.placement import Placement
+from scheduler.placement.topology import Topology
+
+
+def node_demand(demand: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """demand [classes, layers, experts] x shares [classes, nodes] -> [nodes, layers, experts]."""
+    return np.einsum("cle,cn->nle", demand, shares)
+
+
+def remote_cost(
+    node_dem: np.ndarray, placement: Placement, link_cost: np.ndarray
+) -> tuple[float, float]:
+    """(remote (token, expert) hits, the same weighted by link cost) under ``node_dem``."""
+    per_node = placement.replicas_per_node()  # [layers, experts, nodes]
+    local = np.moveaxis(per_node > 0, 2, 0)  # [nodes, layers, experts]
+    remote = node_dem * ~local
+    # Expected link cost of a remote hit: mean over the expert's replicas of cost[src, dst].
+    reps = per_node.astype(np.float64)  # [layers, experts, nodes]
+    mean_cost = np.einsum("len,sn->sle", reps, link_cost) / reps.sum(axis=2)[None]
+    return float(remote.sum()), float((remote * mean_cost).sum())
+
+
+def gpu_loads(node_dem: np.ndarray, placement: Placement) -> np.ndarray:
+    """[layers, gpus] expected tokens processed per GPU (static dispatch, see module doc)."""
+    nodes, layers, experts = node_dem.shape
+    g_per_node = placement.gpus_per_node
+    rep = placement.replicas_per_gpu().astype(np.float64)  # [layers, experts, gpus]
+    node_of = np.arange(placement.num_gpus) // g_per_node
+    loads = np.zeros((layers, placement.num_gpus))
+    for layer in range(layers):
+        r = rep[layer]  # [experts, gpus]
+        has = r > 0
+        total = r.sum(axis=1)  # [experts]
+        for n in range(nodes):
+            gpus = node_of == n
+            per_rank = node_dem[n, layer] / g_per_node  # [experts]
+            own = has[:, gpus].sum(axis=1)  # ranks of node n holding e
+            loads[layer, gpus] += (has[:, gpus] * per_rank[:, None]).sum(axis=0)
+            rest = per_rank * (g_per_node - own)  # demand of ranks without their own replica
+            node_reps = r[:, gpus].sum(axis=1)
+            on_node = node_reps > 0
+            # spread over the node's replicas, or over all replicas when the node has none
+            spread = np.zeros_like(r)
+            spread[:, gpus] = np.divide(
+                r[:, gpus],
+                node_reps[:, None],
+                out=np.zeros_like(r[:, gpus]),
+                where=on_node[:, None],
+            )
+            spread[~on_node] = r[~on_node] / total[~on_node, None]
+            loads[layer] += (rest[:, None] * spread).sum(axis=0)
+    return loads
+
+
+def imbalance(loads: np.ndarray) -> np.ndarray:
+    """max / mean along the last axis (1.0 = perfectly balanced; nan when empty)."""
+    mean = loads.mean(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mean > 0, loads.max(axis=-1) / np.where(mean > 0, mean, 1), np.nan)
+
+
+def predicted_metrics(
+    demand: np.ndarray,
+    weights: np.ndarray,
+    top_k: int,
+    placement: Placement,
+    shares: np.ndarray,
+    topology: Topology,
+) -> dict[str, Any]:
+    """The plan's predicted metrics; see the module docstring for the dispatch model."""
+    nd = node_demand(demand, shares)
+    remote, weighted = remote_cost(nd, placement, topology.link_cost)
+    token_layers = demand.sum() / top_k
+    gpu_imb = imbalance(gpu_loads(nd, placement))
+    request_load = weights @ shares
+    return {
+        "remote_hits_per_token_layer": remote / token_layers if token_layers else 0.0,
+        "weighted_remote_hits_per_token_layer": weighted / token_layers if token_layers else 0.0,
+        "local_fraction": 1 - remote / demand.sum() if demand.sum() else 1.0,
+        "gpu_expert_load_imbalance_mean": float(np.nanmean(gpu_imb)),
+        "gpu_expert_load_imbalance_worst": float(np.nanmax(gpu_imb)),
+        "balancedness_mean": float(np.nanmean(1 / gpu_imb)),
+        "node_request_load_imbalance": float(imbalance(request_load)),
+    }
