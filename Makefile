@@ -53,6 +53,7 @@ analysis: setup check-data
 # Run the benchmarks and render benchmarks/RESULTS.md from their JSON.
 bench: setup
 	$(BIN)/python benchmarks/profile_scale.py
+	$(BIN)/python benchmarks/emulator_throughput.py
 	$(BIN)/python benchmarks/render.py
 
 clean:

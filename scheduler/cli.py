@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     from scheduler.placement.cli import add_commands as add_placement_commands
 
     add_placement_commands(sub)
+    from scheduler.emulator.cli import add_commands as add_emulator_commands
+
+    add_emulator_commands(sub)
     return parser
 
 

@@ -45,7 +45,10 @@ def from_sglang(
         raise InputError(path, "missing physical_to_logical_map")
     rows = data["physical_to_logical_map"]
     try:
-        phy2log = np.asarray(rows, dtype=np.int64)
+        values = np.asarray(rows, dtype=np.float64)
+        if not np.all(values == np.round(values)):
+            raise InputError(path, "physical_to_logical_map holds non-integer expert ids")
+        phy2log = values.astype(np.int64)
     except (TypeError, ValueError):
         raise InputError(
             path, "physical_to_logical_map rows differ in width or are not integers"

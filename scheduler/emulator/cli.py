@@ -1,0 +1,274 @@
+"""``moe-scheduler emulate``: run the SGLang-compatible emulator (see docs/emulator.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from scheduler.errors import ConfigError
+from scheduler.model_shape import PRESETS
+
+#: Where the real data is looked for when --data is not given.
+DATA_ENV = "MOE_SCHEDULER_DATA"
+DEFAULT_DATA = Path("..") / "shared" / "data"
+
+
+def _pairs(values: list[str] | None, option: str) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values or []:
+        key, sep, item = value.partition("=")
+        if not sep or not key or not item:
+            raise ConfigError(f"{option} expects KEY=VALUE, got {value!r}")
+        pairs.append((key.strip(), item.strip()))
+    return pairs
+
+
+def _data_dir(args: argparse.Namespace) -> Path | None:
+    """--data, else $MOE_SCHEDULER_DATA, else ../shared/data if present; None: no data."""
+    if args.no_data:
+        return None
+    if args.data is not None:
+        if not args.data.is_dir():
+            raise ConfigError(f"--data {args.data}: not a directory")
+        return Path(args.data)
+    env = os.environ.get(DATA_ENV)
+    path = Path(env) if env else DEFAULT_DATA
+    return path if path.is_dir() else None
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from scheduler.emulator.app import serve
+    from scheduler.emulator.core import Emulator, EmulatorConfig
+    from scheduler.emulator.expert_location import load_expert_location, trivial_location
+    from scheduler.emulator.ranks import MODES
+    from scheduler.emulator.timing import CostModel
+    from scheduler.emulator.workload import (
+        PromptIndex,
+        build_workload,
+        check_profile_model,
+        load_routing_profile,
+        read_prompt_corpus,
+    )
+    from scheduler.model_shape import resolve_model
+
+    model = resolve_model(args.model)
+    try:
+        config = EmulatorConfig(
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            capacity=args.capacity,
+            seed=args.seed,
+            concentration=args.concentration,
+            time_scale=args.time_scale,
+            default_max_new_tokens=args.max_new_tokens,
+            load_balance=args.load_balance_method,
+            incremental_streaming_output=args.incremental_streaming_output,
+        )
+        cost = CostModel(intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    spec, gpus = args.init_expert_location, config.gpus_per_node
+    if spec == "trivial":
+        redundant = args.ep_num_redundant_experts or 0
+        placement = trivial_location(model, config.num_ranks, gpus, redundant)
+    else:
+        placement = load_expert_location(spec, model, config.num_ranks, gpus)
+        redundant = args.ep_num_redundant_experts
+        if redundant is not None and redundant != placement.num_slots - model.num_experts:
+            raise ConfigError(
+                f"--ep-num-redundant-experts {redundant} does not match the placement, "
+                f"which has {placement.num_slots} slots for {model.num_experts} experts"
+            )
+    rank_modes = []
+    for rank_text, mode in _pairs(args.rank_mode, "--rank-mode"):
+        if not rank_text.isdigit() or not int(rank_text) < config.num_ranks or mode not in MODES:
+            raise ConfigError(
+                f"--rank-mode {rank_text}={mode}: need a rank in [0, {config.num_ranks}) and a "
+                f"mode in {', '.join(MODES)}"
+            )
+        rank_modes.append((int(rank_text), mode))
+
+    data = _data_dir(args)
+    profile, profile_source = load_routing_profile(args.profile, data)
+    check_profile_model(profile, model, profile_source)
+    prompts = data / "prompts" if data is not None else None
+    has_prompts = prompts is not None and prompts.is_dir()
+    index = read_prompt_corpus(prompts) if prompts is not None and has_prompts else PromptIndex()
+    class_map = dict(_pairs(args.class_map, "--class-map")) or None
+    workload = build_workload(profile, index, default=args.default_class, class_map=class_map)
+    shown_spec = "inline JSON" if spec.lstrip().startswith("{") else spec
+    emulator = Emulator(
+        config,
+        model,
+        placement,
+        workload,
+        cost,
+        profile_source=profile_source,
+        placement_spec=shown_spec,
+    )
+    for rank, mode in rank_modes:
+        emulator.pool.set_mode(rank, mode)
+
+    print(
+        f"emulating {config.nodes} node(s) x {config.gpus_per_node} GPU(s) = {config.num_ranks} "
+        f"DP ranks of {model.name}, capacity {config.capacity} per rank, placement "
+        f"{shown_spec}; routing drawn from {profile_source} (classes "
+        + ", ".join(f"{d}->{c}" for d, c in workload.domain_to_class.items())
+        + f", default {workload.default}); prompt index: {len(index)} prompts"
+        + ("" if len(index) else " (no corpus: every prompt gets the default class)"),
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def ready(host: str, port: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"listening on http://{shown}:{port}", flush=True)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(
+            emulator,
+            args.host,
+            args.port,
+            stop,
+            on_ready=ready,
+            shutdown_grace_s=args.shutdown_grace,
+        )
+
+    try:
+        asyncio.run(run())
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+    print("emulator stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``emulate`` on the moe-scheduler subcommand parser."""
+    p = subparsers.add_parser(
+        "emulate",
+        help="run an SGLang-compatible emulator of a multi-node cluster (no GPU)",
+        description="Serve SGLang's HTTP API (/generate with routed_dp_rank and "
+        "return_routed_experts, /health, /server_info, /v1/loads) for NODES x GPUS emulated "
+        "DP-attention ranks. Routed experts are DRAWN from real per-class routing profiles "
+        "(not measured); latency follows a small cost model. See docs/emulator.md.",
+    )
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (= DP ranks) per node")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME|FILE",
+        help=f"model shape: a preset ({', '.join(PRESETS)}) or a JSON file with the model keys",
+    )
+    p.add_argument(
+        "--init-expert-location",
+        required=True,
+        metavar="trivial|FILE.json",
+        help='expert placement: "trivial" or SGLang\'s {"physical_to_logical_map": [[...]]} '
+        "JSON (a file, or inline JSON)",
+    )
+    p.add_argument(
+        "--ep-num-redundant-experts",
+        type=int,
+        default=None,
+        help="redundant slots per layer for trivial (default 0); checked against a file",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=30000,
+        help="port (default 30000, as SGLang); 0 picks a free one, printed on startup",
+    )
+    p.add_argument(
+        "--capacity", type=int, default=32, help="running requests per DP rank (default 32)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"real data directory (default ${DATA_ENV}, else ../shared/data if present): "
+        "routing profile from its ESFT traces, request classes from its prompt corpus",
+    )
+    p.add_argument(
+        "--no-data",
+        action="store_true",
+        help="ignore the real data: shipped default profile, every prompt the default class",
+    )
+    p.add_argument(
+        "--profile", type=Path, default=None, help="routing profile JSON to draw from instead"
+    )
+    p.add_argument(
+        "--default-class",
+        default="general",
+        help="class of prompts not in the corpus: a domain, a profile class, or 'mixture' "
+        "(a class drawn by profile weight from a hash of the prompt); default general",
+    )
+    p.add_argument(
+        "--class-map",
+        action="append",
+        metavar="DOMAIN=CLASS",
+        help="map a corpus domain to a profile class (repeatable; default: the ESFT "
+        "stand-ins translation=code, law=math, intent=chat, summary=general)",
+    )
+    p.add_argument(
+        "--concentration",
+        type=float,
+        default=1000.0,
+        help="Dirichlet concentration of the per-request routing variation (default 1000; "
+        "'inf' for none)",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="wall seconds per modelled second (default 1; 0: answer at once)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=16,
+        help="completion tokens when sampling_params.max_new_tokens is absent (default 16)",
+    )
+    p.add_argument(
+        "--load-balance-method",
+        choices=["round_robin", "total_requests"],
+        default="round_robin",
+        help="rank choice for requests without routed_dp_rank (default round_robin)",
+    )
+    p.add_argument(
+        "--incremental-streaming-output",
+        action="store_true",
+        help="stream only the new text and ids in each chunk (SGLang's option; default: "
+        "cumulative)",
+    )
+    p.add_argument(
+        "--rank-mode",
+        action="append",
+        metavar="RANK=MODE",
+        help="start rank RANK in MODE (ok, fail or hang); repeatable",
+    )
+    p.add_argument(
+        "--intra-node-gbps", type=float, default=450.0, help="NVLink GB/s per GPU (default 450)"
+    )
+    p.add_argument(
+        "--inter-node-gbps", type=float, default=50.0, help="NIC GB/s per GPU (default 50)"
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        help="seconds running requests get to finish on SIGTERM/SIGINT (default 5)",
+    )
+    p.set_defaults(handler=cmd_emulate)

@@ -1,0 +1,79 @@
+"""``moe-scheduler emulate``: startup on port 0, failure flag, SIGTERM, input errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from scheduler.cli import main
+from tests.emulator_harness import STARTUP_TIMEOUT_S, get, post
+
+BASE = ["emulate", "--nodes", "1", "--gpus-per-node", "2", "--model", "deepseek-v2-lite"]
+
+
+def test_emulate_prints_its_port_serves_and_stops_on_sigterm():
+    options = "--init-expert-location trivial --port 0 --no-data --rank-mode 1=fail"
+    command = [sys.executable, "-m", "scheduler", *BASE, *options.split()]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()  # blocks until the socket is bound
+        match = re.fullmatch(r"listening on (http://127\.0\.0\.1:(\d+))\n", line)
+        assert match, line
+        url = match.group(1)
+        assert int(match.group(2)) > 0
+        assert get(url + "/health")[0] == 200
+        status, body = post(url + "/generate", {"text": "hi", "routed_dp_rank": 0})
+        assert status == 200 and body["meta_info"]["dp_rank"] == 0
+        status, body = post(url + "/generate", {"text": "hi", "routed_dp_rank": 1})
+        assert status == 503 and "not active" in body["error"]["message"]
+        info = get(url + "/server_info")[1]
+        assert info["emulator"]["profile"].startswith("shipped default")
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=STARTUP_TIMEOUT_S)
+        assert process.returncode == 0, err
+        assert "emulator stopped" in err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_emulate_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["emulate", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--init-expert-location" in out and "DRAWN" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--init-expert-location", "{MISSING}"], "does not exist"),
+        (["--init-expert-location", "{BAD}"], "one row per hidden layer"),
+        (["--init-expert-location", "trivial", "--ep-num-redundant-experts", "1"], "not divisible"),
+        (["--init-expert-location", "trivial", "--capacity", "0"], "--capacity"),
+        (["--init-expert-location", "trivial", "--seed", "-1"], "--seed"),
+        (["--init-expert-location", "trivial", "--rank-mode", "5=fail"], "--rank-mode"),
+        (["--init-expert-location", "trivial", "--default-class", "poetry"], "--default-class"),
+        (["--init-expert-location", "trivial", "--model", "deepseek-v3"], "--profile"),
+    ],
+)
+def test_emulate_input_errors_are_one_line_exit_2(tmp_path, capsys, extra, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"physical_to_logical_map": [[0, 1]]}))
+    extra = [
+        e.replace("{MISSING}", str(tmp_path / "missing.json")).replace("{BAD}", str(bad))
+        for e in extra
+    ]
+    assert main([*BASE, "--no-data", "--port", "0", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-scheduler: error: ") and message in err
+    if str(bad) in extra:
+        assert str(bad) in err  # the message names the file

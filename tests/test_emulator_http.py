@@ -1,0 +1,292 @@
+"""The emulator over real HTTP on an ephemeral loopback port (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from scheduler.emulator.core import estimate_prompt_tokens
+from scheduler.emulator.workload import DEFAULT_PROFILE
+from scheduler.profile import load_profile
+from scheduler.traces.importers import sglang_generate
+from scheduler.traces.importers.sglang_generate import decode_routed_experts
+from tests.emulator_harness import (
+    MODEL,
+    EmulatorServer,
+    get,
+    make_emulator,
+    post,
+    post_stream,
+    rank_load,
+    wait_for_load,
+)
+
+CODE_PROMPT = "def add(a, b):\n    return a + b\n"
+MATH_PROMPT = "What is 12 times 7? Show your work."
+PROMPTS = [(CODE_PROMPT, "code"), (MATH_PROMPT, "math")]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with EmulatorServer(make_emulator(prompts=PROMPTS)) as s:
+        yield s
+
+
+def generate(server, **body):
+    body.setdefault("text", MATH_PROMPT)
+    status, response = post(server.url + "/generate", body)
+    assert status == 200, response
+    return response
+
+
+def test_server_info_reports_the_cluster(server):
+    for path in ("/server_info", "/get_server_info"):
+        status, info = get(server.url + path)
+        assert status == 200
+        assert info["attn_dp_size"] == 4 and info["dp_size"] == 1
+        assert info["enable_dp_attention"] is True
+        assert info["nnodes"] == 2 and info["tp_size"] == 4 and info["ep_size"] == 4
+        assert info["ep_num_redundant_experts"] == 0
+        assert info["init_expert_location"] == "trivial"
+        assert "not measured" in info["emulator"]["note"] or "drawn" in info["emulator"]["note"]
+
+
+@pytest.mark.parametrize("field", ["routed_dp_rank", "data_parallel_rank"])
+def test_routed_dp_rank_is_honoured_and_reported(server, field):
+    for rank in (3, 0, 2, 1, 3):
+        response = generate(server, **{field: rank})
+        assert response["meta_info"]["dp_rank"] == rank
+
+
+def test_requests_without_a_rank_go_round_robin(server):
+    ranks = [generate(server)["meta_info"]["dp_rank"] for _ in range(8)]
+    assert sorted(ranks) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"text": "x", "routed_dp_rank": 4}, "out of range"),
+        ({"text": "x", "routed_dp_rank": -1}, "routed_dp_rank"),
+        ({"text": "x", "routed_dp_rank": 1, "data_parallel_rank": 2}, "disagree"),
+        ({"text": ["a", "b"]}, "batch"),
+        ({"sampling_params": {}}, "text and input_ids"),
+        ({"text": "x", "routed_experts_start_len": 99}, "routed_experts_start_len"),
+        ({"text": "x", "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
+        (b"{not json", "not JSON"),
+    ],
+)
+def test_bad_requests_are_400_with_a_message(server, body, message):
+    status, response = post(server.url + "/generate", body)
+    assert status == 400
+    assert message in response["error"]["message"]
+
+
+def test_routed_experts_decode_to_the_documented_shape(server):
+    completion = 5
+    response = generate(
+        server, sampling_params={"max_new_tokens": completion}, return_routed_experts=True
+    )
+    meta = response["meta_info"]
+    prompt = estimate_prompt_tokens(MATH_PROMPT)
+    assert meta["prompt_tokens"] == prompt and meta["completion_tokens"] == completion
+    assert meta["finish_reason"] == {"type": "length", "length": completion}
+    assert len(response["output_ids"]) == completion
+    ids = decode_routed_experts(meta["routed_experts"], MODEL)
+    assert ids.shape == (prompt + completion - 1, MODEL.num_hidden_layers, MODEL.top_k)
+    dense = [i for i in range(MODEL.num_hidden_layers) if i not in MODEL.moe_layer_ids]
+    assert (ids[:, dense] == 0).all()
+    moe = ids[:, list(MODEL.moe_layer_ids)]
+    assert moe.min() >= 0 and moe.max() < MODEL.num_experts
+    assert all(len(set(row)) == MODEL.top_k for row in moe.reshape(-1, MODEL.top_k).tolist())
+
+    # routed_experts_start_len drops leading rows; the routing itself is deterministic
+    again = generate(
+        server,
+        sampling_params={"max_new_tokens": completion},
+        return_routed_experts=True,
+        routed_experts_start_len=3,
+    )
+    tail = decode_routed_experts(again["meta_info"]["routed_experts"], MODEL)
+    np.testing.assert_array_equal(tail, ids[3:])
+    assert "routed_experts" not in generate(server)["meta_info"]
+
+
+def test_our_importer_reads_emulated_responses_with_the_right_phases(server, tmp_path):
+    lines = []
+    for completion in (1, 4):
+        response = generate(
+            server, sampling_params={"max_new_tokens": completion}, return_routed_experts=True
+        )
+        lines.append(json.dumps({**response, "prompt": MATH_PROMPT}))
+    path = tmp_path / "responses.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    records = list(sglang_generate.read(path, MODEL).records)
+    prompt = estimate_prompt_tokens(MATH_PROMPT)
+    assert [r.tokens.get("prefill") for r in records] == [prompt, prompt]
+    assert [r.tokens.get("decode", 0) for r in records] == [0, 3]
+
+
+def test_streaming_yields_tokens_in_order_then_done(server):
+    body = {"text": CODE_PROMPT, "sampling_params": {"max_new_tokens": 6}}
+    streamed = {**body, "stream": True, "return_routed_experts": True}
+    events = post_stream(server.url + "/generate", streamed)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["meta_info"]["completion_tokens"] for c in chunks] == [1, 2, 3, 4, 5, 6]
+    for before, after in zip(chunks, chunks[1:], strict=False):
+        assert after["text"].startswith(before["text"])
+        assert len(after["text"]) > len(before["text"])
+        assert after["output_ids"][: len(before["output_ids"])] == before["output_ids"]
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    assert all("routed_experts" not in c["meta_info"] for c in chunks[:-1])
+    final = chunks[-1]["meta_info"]
+    assert final["finish_reason"] == {"type": "length", "length": 6}
+    assert decode_routed_experts(final["routed_experts"], MODEL).shape[0] == (
+        final["prompt_tokens"] + 6 - 1
+    )
+    # the same request without streaming produces the same tokens
+    assert generate(server, **body)["text"] == chunks[-1]["text"]
+
+
+def test_class_comes_from_the_prompt_corpus(server):
+    meta = generate(server, text=CODE_PROMPT)["meta_info"]["emulator"]
+    assert (meta["class"], meta["class_from"]) == ("translation", "corpus:code")
+    meta = generate(server, text=MATH_PROMPT)["meta_info"]["emulator"]
+    assert (meta["class"], meta["class_from"]) == ("law", "corpus:math")
+    meta = generate(server, text="a prompt nobody wrote")["meta_info"]["emulator"]
+    assert (meta["class"], meta["class_from"]) == ("summary", "default")
+    meta = generate(server, text=None, input_ids=[1, 2, 3])["meta_info"]
+    assert meta["prompt_tokens"] == 3 and meta["emulator"]["class_from"] == "default"
+
+
+def test_v1_loads_lists_every_rank_and_filters(server):
+    status, body = get(server.url + "/v1/loads")
+    assert status == 200 and [x["dp_rank"] for x in body["loads"]] == [0, 1, 2, 3]
+    assert body["loads"][0]["max_running_requests"] == 8
+    status, body = get(server.url + "/v1/loads?include=queues&dp_rank=2")
+    assert status == 200 and len(body["loads"]) == 1
+    assert "queues" in body["loads"][0] and "num_running_reqs" not in body["loads"][0]
+    assert get(server.url + "/v1/loads?include=bogus")[0] == 400
+    assert get(server.url + "/v1/loads?dp_rank=9")[0] == 400
+
+
+def test_fail_switch_refuses_the_rank_and_round_robin_skips_it(server):
+    assert post(server.url + "/admin/ranks/1", {"mode": "fail"}) == (
+        200,
+        {"dp_rank": 1, "mode": "fail"},
+    )
+    try:
+        status, response = post(server.url + "/generate", {"text": "x", "routed_dp_rank": 1})
+        assert status == 503 and response["error"]["message"] == "DP rank 1 is not active."
+        ranks = {generate(server)["meta_info"]["dp_rank"] for _ in range(6)}
+        assert ranks == {0, 2, 3}
+        assert get(server.url + "/admin/ranks")[1]["modes"] == ["ok", "fail", "ok", "ok"]
+    finally:
+        post(server.url + "/admin/ranks/1", {"mode": "ok"})
+    assert generate(server, routed_dp_rank=1)["meta_info"]["dp_rank"] == 1
+    assert post(server.url + "/admin/ranks/1", {"mode": "sideways"})[0] == 400
+    assert post(server.url + "/admin/ranks/7", {"mode": "ok"})[0] == 400
+
+
+def test_hang_switch_holds_requests_until_released(server):
+    post(server.url + "/admin/ranks/2", {"mode": "hang"})
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(generate, server, routed_dp_rank=2) for _ in range(2)]
+        load = wait_for_load(server.url, 2, num_waiting_reqs=2)
+        assert load["num_running_reqs"] == 0 and load["queues"]["paused"] == 2
+        assert not any(f.done() for f in futures)
+        post(server.url + "/admin/ranks/2", {"mode": "ok"})
+        assert [f.result()["meta_info"]["dp_rank"] for f in futures] == [2, 2]
+    assert rank_load(server.url, 2)["num_waiting_reqs"] == 0
+
+
+def test_a_client_that_disconnects_aborts_its_request(server):
+    post(server.url + "/admin/ranks/0", {"mode": "hang"})
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        body = json.dumps({"text": "x", "routed_dp_rank": 0}).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            wait_for_load(server.url, 0, num_waiting_reqs=1)
+        wait_for_load(server.url, 0, num_waiting_reqs=0, num_running_reqs=0)
+    finally:
+        post(server.url + "/admin/ranks/0", {"mode": "ok"})
+
+
+def test_capacity_queues_requests_instead_of_dropping_them():
+    # Capacity 1 and a huge time scale: the first request holds the only slot of rank 0.
+    with EmulatorServer(make_emulator(capacity=1, time_scale=1e6)) as s:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(generate, s, routed_dp_rank=0) for _ in range(3)]
+            load = wait_for_load(s.url, 0, num_running_reqs=1, num_waiting_reqs=2)
+            assert load["num_total_tokens"] > load["num_used_tokens"] > 0
+            assert rank_load(s.url, 1)["num_running_reqs"] == 0
+            assert post(s.url + "/admin/config", {"time_scale": 0}) == (200, {"time_scale": 0.0})
+            results = [f.result() for f in futures]
+        assert [r["meta_info"]["dp_rank"] for r in results] == [0, 0, 0]
+        load = rank_load(s.url, 0)
+        assert (load["num_running_reqs"], load["num_waiting_reqs"]) == (0, 0)
+        assert load["emulator"]["finished_reqs"] == 3
+
+
+def test_failing_a_rank_fails_its_running_and_queued_requests():
+    with EmulatorServer(make_emulator(capacity=1, time_scale=1e6)) as s:
+        with ThreadPoolExecutor(2) as pool:
+            futures = [
+                pool.submit(post, s.url + "/generate", {"text": "x", "routed_dp_rank": 3})
+                for _ in range(2)
+            ]
+            wait_for_load(s.url, 3, num_running_reqs=1, num_waiting_reqs=1)
+            post(s.url + "/admin/ranks/3", {"mode": "fail"})
+            outcomes = [f.result() for f in futures]
+        assert [status for status, _ in outcomes] == [503, 503]
+        assert all("not active" in body["error"]["message"] for _, body in outcomes)
+        assert rank_load(s.url, 3)["num_running_reqs"] == 0
+
+
+def test_same_seed_same_routing_other_seed_other_routing(server):
+    body = {"text": CODE_PROMPT, "return_routed_experts": True}
+    first = generate(server, **body)["meta_info"]["routed_experts"]
+    assert generate(server, **body)["meta_info"]["routed_experts"] == first
+    with EmulatorServer(make_emulator(prompts=PROMPTS, seed=1)) as other:
+        assert generate(other, **body)["meta_info"]["routed_experts"] != first
+
+
+def test_emulated_histograms_match_the_class_profiles(server):
+    """Statistical check, fixed seed: per-layer expert frequencies of many emulated
+    requests are close to the real profile of their class, and closer to it than to any
+    other class's profile."""
+    profile = load_profile(DEFAULT_PROFILE)
+    shares = {
+        name: c.counts["prefill"] / c.counts["prefill"].sum(axis=1, keepdims=True)
+        for name, c in profile.classes.items()
+    }
+    for prompt_class, prompt in (("translation", CODE_PROMPT), ("law", MATH_PROMPT)):
+        counts = np.zeros((MODEL.num_moe_layers, MODEL.num_experts))
+        for i in range(150):
+            # distinct max_new_tokens give distinct per-request draws of the same prompt
+            response = generate(
+                server,
+                text=prompt,
+                sampling_params={"max_new_tokens": 16 + i},
+                return_routed_experts=True,
+            )
+            ids = decode_routed_experts(response["meta_info"]["routed_experts"], MODEL)
+            moe = ids[:, list(MODEL.moe_layer_ids)]
+            for layer in range(MODEL.num_moe_layers):
+                counts[layer] += np.bincount(moe[:, layer].ravel(), minlength=MODEL.num_experts)
+        freq = counts / counts.sum(axis=1, keepdims=True)
+        tv = {n: 0.5 * np.abs(freq - s).sum(axis=1) for n, s in shares.items()}
+        assert tv[prompt_class].max() < 0.05, tv[prompt_class].max()
+        for other, distance in tv.items():
+            if other != prompt_class:
+                assert distance.mean() > 2 * tv[prompt_class].mean(), other

@@ -1,0 +1,152 @@
+"""RankPool: bounded running sets, FIFO queues, failure modes (in-process asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scheduler.emulator.ranks import RankPool, RankUnavailable, Ticket
+
+T = Ticket(prompt_tokens=10, total_tokens=14, token_us=2.0)
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_admission_is_fifo_within_capacity():
+    async def main() -> None:
+        pool = RankPool(2, capacity=1)
+        order: list[str] = []
+
+        async def request(name: str) -> None:
+            await pool.admit(0, T)
+            order.append(name)
+
+        await pool.admit(0, T)  # "a" holds the only slot
+        tasks = [asyncio.create_task(request(n)) for n in "bcd"]
+        await _settle()
+        load = pool.loads()[0]
+        assert (load["num_running_reqs"], load["num_waiting_reqs"]) == (1, 3)
+        assert load["num_total_tokens"] == 14 + 3 * 10 and load["num_used_tokens"] == 14
+        for expected in ("b", "c", "d"):
+            pool.release(0, T, generated_tokens=4)
+            await _settle()
+            assert order[-1] == expected
+        await asyncio.gather(*tasks)
+        assert pool.loads()[0]["num_running_reqs"] == 1
+        assert pool.loads()[0]["gen_throughput"] > 0
+
+    asyncio.run(main())
+
+
+def test_cancelled_waiters_leave_the_queue_and_pass_on_handed_slots():
+    async def main() -> None:
+        pool = RankPool(1, capacity=1)
+        await pool.admit(0, T)
+        waiting = asyncio.create_task(pool.admit(0, T))
+        await _settle()
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert pool.loads()[0]["num_waiting_reqs"] == 0
+        # a slot handed to a waiter that is cancelled before it runs goes to the next one
+        second = asyncio.create_task(pool.admit(0, T))
+        third = asyncio.create_task(pool.admit(0, T))
+        await _settle()
+        pool.release(0, T, 0)
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+        await third
+        load = pool.loads()[0]
+        assert (load["num_running_reqs"], load["num_waiting_reqs"]) == (1, 0)
+
+    asyncio.run(main())
+
+
+def test_fail_mode_refuses_fails_waiters_and_is_skipped():
+    async def main() -> None:
+        pool = RankPool(3, capacity=1)
+        await pool.admit(1, T)
+        waiter = asyncio.create_task(pool.admit(1, T))
+        await _settle()
+        pool.set_mode(1, "fail")
+        with pytest.raises(RankUnavailable, match="DP rank 1 is not active"):
+            await waiter
+        with pytest.raises(RankUnavailable):
+            await pool.admit(1, T)
+        with pytest.raises(RankUnavailable):
+            await pool.checkpoint(1)  # the running request fails at its next step
+        assert [pool.pick(None) for _ in range(4)] == [0, 2, 0, 2]
+        assert pool.pick(1) == 1  # an explicit rank is kept (and then refused)
+        with pytest.raises(ValueError, match="out of range"):
+            pool.pick(3)
+        for r in (0, 2):
+            pool.set_mode(r, "fail")
+        with pytest.raises(RankUnavailable, match="no DP rank"):
+            pool.pick(None)
+
+    asyncio.run(main())
+
+
+def test_hang_mode_holds_admission_and_running_requests():
+    async def main() -> None:
+        pool = RankPool(1, capacity=2)
+        await pool.admit(0, T)
+        pool.set_mode(0, "hang")
+        step = asyncio.create_task(pool.checkpoint(0))
+        queued = asyncio.create_task(pool.admit(0, T))
+        await _settle()
+        assert not step.done() and not queued.done()
+        assert pool.loads()[0]["queues"]["paused"] == 1
+        pool.set_mode(0, "ok")
+        await asyncio.gather(step, queued)
+        assert pool.loads()[0]["num_running_reqs"] == 2
+
+    asyncio.run(main())
+
+
+def test_wait_is_woken_by_a_mode_change_and_close_releases_hung_requests():
+    async def main() -> None:
+        pool = RankPool(1, capacity=1)
+        await pool.admit(0, T)
+        sleeper = asyncio.create_task(pool.wait(0, 3600.0))
+        await _settle()
+        pool.set_mode(0, "hang")
+        assert await sleeper is True
+        hung = asyncio.create_task(pool.checkpoint(0))
+        queued = asyncio.create_task(pool.admit(0, T))
+        await _settle()
+        pool.close()
+        for task in (hung, queued):
+            with pytest.raises(RankUnavailable, match="shutting down"):
+                await task
+
+    asyncio.run(main())
+
+
+def test_total_requests_picks_the_least_loaded_rank():
+    async def main() -> None:
+        pool = RankPool(3, capacity=4, load_balance="total_requests")
+        await pool.admit(0, T)
+        await pool.admit(1, T)
+        await pool.admit(1, T)
+        assert pool.pick(None) == 2
+        await pool.admit(2, T)
+        assert pool.pick(None) == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_ranks": 0, "capacity": 1}, "num_ranks"),
+        ({"num_ranks": 1, "capacity": 0}, "capacity"),
+        ({"num_ranks": 1, "capacity": 1, "load_balance": "random"}, "load balance"),
+    ],
+)
+def test_pool_validates_its_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RankPool(**kwargs)
