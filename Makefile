@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 # Extras installed with the package; CI adds `torch` to test the SGLang .pt importers.
 EXTRAS ?= dev
+# With torch, SGLang itself (no dependencies) so tests can compare our EPLB with its own.
+SGLANG ?= sglang==0.5.23
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 TRACES := $(DATA)/traces/esft-deepseek-v2-lite $(DATA)/traces/sglang-deepseek-v3-eplb-stats \
@@ -22,6 +24,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(if $(findstring torch,$(EXTRAS)),$(BIN)/python -m pip install --quiet --no-deps '$(SGLANG)')
 	@touch $@
 
 .PHONY: check-data

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from scheduler.errors import ConfigError
-from scheduler.placement.metrics import node_demand
+from scheduler.placement.metrics import gpu_loads, node_demand
 from scheduler.placement.placement import Placement
 from scheduler.placement.problem import PlacementProblem, PlacementResult, balanced_class_shares
 
@@ -132,31 +132,36 @@ def _rebalance_nodes(
     dem: np.ndarray, holders: list[list[int]], load: np.ndarray, cap: float, max_iter: int = 500
 ) -> None:
     """Swap single-replica experts between the busiest node and others while it is over
-    the cap, choosing the swap that loses the least locality."""
+    the cap, preferring swaps that bring it under the cap, then the least locality lost."""
+    total = dem.sum(axis=0)
     for _ in range(max_iter):
         hot = int(np.argmax(load))
         if load[hot] <= cap:
             return
-        best = None
-        for a in (e for e, h in enumerate(holders) if h == [hot]):
-            for b in (e for e, h in enumerate(holders) if len(h) == 1 and h[0] != hot):
-                other = holders[b][0]
-                la, lb = dem[:, a].sum(), dem[:, b].sum()
-                if la <= lb:
-                    continue
-                new_hot, new_other = load[hot] - la + lb, load[other] + la - lb
-                if max(new_hot, new_other) >= load[hot]:
-                    continue
-                loss = dem[hot, a] + dem[other, b] - dem[other, a] - dem[hot, b]
-                key = (max(new_hot, new_other) > cap, loss)
-                if best is None or key < best[0]:
-                    best = (key, a, b, other, la - lb)
-        if best is None:
+        single = np.array([len(h) == 1 for h in holders])
+        home = np.array([h[0] if len(h) == 1 else -1 for h in holders])
+        a = np.flatnonzero(single & (home == hot))
+        b = np.flatnonzero(single & (home != hot) & (home >= 0))
+        if not len(a) or not len(b):
             return
-        _, a, b, other, delta = best
-        holders[a], holders[b] = [other], [hot]
-        load[hot] -= delta
-        load[other] += delta
+        delta = total[a][:, None] - total[b][None, :]  # load leaving the hot node
+        other = home[b][None, :]
+        new_max = np.maximum(load[hot] - delta, load[other] + delta)
+        loss = (
+            dem[hot, a][:, None]
+            + dem[other, b[None, :]]
+            - dem[other, a[:, None]]
+            - dem[hot, b][None, :]
+        )
+        ok = (delta > 0) & (new_max < load[hot])
+        if not ok.any():
+            return
+        score = np.where(ok, (new_max > cap) * 1e30 + loss, np.inf)
+        i, j = np.unravel_index(int(np.argmin(score)), score.shape)
+        ea, eb, target = int(a[i]), int(b[j]), int(other[0, j])
+        holders[ea], holders[eb] = [target], [hot]
+        load[hot] -= delta[i, j]
+        load[target] += delta[i, j]
 
 
 def _pack_gpus(
@@ -197,26 +202,23 @@ def _repair_balance(
         if gpu_load[hot] <= cap:
             return
         node = hot // g_per_node
+        mine = np.array([item_load[(e, node)] for e in gpus[hot]])
         best = None
         for g in range(node * g_per_node, (node + 1) * g_per_node):
-            if g == hot:
+            if g == hot or not gpus[g]:
                 continue
-            for i, a in enumerate(gpus[hot]):
-                for j, b in enumerate(gpus[g]):
-                    d = item_load[(a, node)] - item_load[(b, node)]
-                    new_max = max(gpu_load[hot] - d, gpu_load[g] + d)
-                    if (
-                        d > 0
-                        and new_max < gpu_load[hot] - 1e-9
-                        and (best is None or new_max < best[0])
-                    ):
-                        best = (new_max, g, i, j, d)
+            theirs = np.array([item_load[(e, node)] for e in gpus[g]])
+            d = mine[:, None] - theirs[None, :]
+            new_max = np.where(d > 0, np.maximum(gpu_load[hot] - d, gpu_load[g] + d), np.inf)
+            i, j = np.unravel_index(int(np.argmin(new_max)), new_max.shape)
+            if new_max[i, j] < gpu_load[hot] - 1e-9 and (best is None or new_max[i, j] < best[0]):
+                best = (float(new_max[i, j]), g, int(i), int(j), float(d[i, j]))
         if best is None:
             return
-        _, g, i, j, d = best
-        gpus[hot][i], gpus[g][j] = gpus[g][j], gpus[hot][i]
-        gpu_load[hot] -= d
-        gpu_load[g] += d
+        _, g_to, i_hot, j_to, d_best = best
+        gpus[hot][i_hot], gpus[g_to][j_to] = gpus[g_to][j_to], gpus[hot][i_hot]
+        gpu_load[hot] -= d_best
+        gpu_load[g_to] += d_best
 
 
 # ----------------------------------------------------------------------------- CP-SAT
@@ -336,6 +338,88 @@ def _solve_layer_cpsat(
     )
 
 
+# ----------------------------------------------------------------------------- large
+
+
+def _layer_gpu_loads(
+    dem: np.ndarray, row: np.ndarray, num_gpus: int, g_per_node: int
+) -> np.ndarray:
+    """[gpus] expected loads of one layer under static dispatch (metrics.gpu_loads)."""
+    experts = dem.shape[1]
+    placement = Placement(row[None, :], experts, num_gpus, g_per_node)
+    return gpu_loads(dem[:, None, :], placement)[0]
+
+
+def _locality_swaps(
+    dem: np.ndarray,
+    row: np.ndarray,
+    spg: int,
+    g_per_node: int,
+    deadline: float,
+    max_swaps: int = 400,
+) -> np.ndarray:
+    """Improve locality by swapping single-replica experts between nodes without raising
+    the layer's busiest GPU load (so balancedness never drops). Stops at ``deadline``.
+
+    A single-replica expert's load is its whole demand wherever it sits, so a swap moves
+    exactly that load; replicated experts stay put.
+    """
+    nodes, experts = dem.shape
+    num_gpus = len(row) // spg
+    row = row.copy()
+    counts = np.bincount(row, minlength=experts)
+    loads = _layer_gpu_loads(dem, row, num_gpus, g_per_node)
+    ceiling = loads.max()
+    total = dem.sum(axis=0)
+    slot_gpu = np.arange(len(row)) // spg
+    for _ in range(max_swaps):
+        if time.perf_counter() > deadline:
+            break
+        movable = np.flatnonzero(counts[row] == 1)  # slots holding single-replica experts
+        e = row[movable]
+        gpu = slot_gpu[movable]
+        node = gpu // g_per_node
+        # gain of swapping slot i with slot j: both experts become local to their new node
+        gain = (
+            dem[node[None, :], e[:, None]]
+            + dem[node[:, None], e[None, :]]
+            - dem[node[:, None], e[:, None]]
+            - dem[node[None, :], e[None, :]]
+        )
+        delta = total[e][:, None] - total[e][None, :]  # load moving from gpu_i to gpu_j
+        ok = (node[:, None] != node[None, :]) & (gain > 1e-9)
+        ok &= loads[gpu][:, None] - delta <= ceiling + 1e-9
+        ok &= loads[gpu][None, :] + delta <= ceiling + 1e-9
+        if not ok.any():
+            break
+        i, j = np.unravel_index(int(np.argmax(np.where(ok, gain, -np.inf))), gain.shape)
+        si, sj = movable[i], movable[j]
+        loads[gpu[i]] -= delta[i, j]
+        loads[gpu[j]] += delta[i, j]
+        row[si], row[sj] = row[sj], row[si]
+    return row
+
+
+def _large_layers(
+    nd: np.ndarray, rows: np.ndarray | None, slots: int, spg: int, g_per_node: int, budget_s: float
+) -> np.ndarray:
+    """Layers too large for CP-SAT: EPLB's balanced placement of the total demand (the
+    first round) or the previous round's rows, then load-safe locality swaps."""
+    from scheduler.placement.methods.eplb import rebalance_experts
+
+    nodes, layers, experts = nd.shape
+    if rows is None:
+        rows, _, _ = rebalance_experts(
+            nd.sum(axis=0), slots, 1, 1, nodes * g_per_node, hierarchical=False
+        )
+    deadline = time.perf_counter() + budget_s
+    out = np.empty_like(rows)
+    for layer in range(layers):
+        layer_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (layers - layer)
+        out[layer] = _locality_swaps(nd[:, layer, :], rows[layer], spg, g_per_node, layer_deadline)
+    return out
+
+
 # ----------------------------------------------------------------------------- x step
 
 
@@ -408,7 +492,13 @@ def solve(problem: PlacementProblem) -> PlacementResult:
     for round_ in range(ROUNDS):
         nd = node_demand(demand, shares)  # [nodes, layers, experts]
         statuses = []
-        for layer in range(m.num_moe_layers):
+        if not use_cpsat:
+            rows = _large_layers(
+                nd, rows if round_ else current, slots, spg, g, problem.time_limit_s / ROUNDS
+            )
+            statuses = ["HEURISTIC"] * m.num_moe_layers
+            bounds[:] = np.nan
+        for layer in range(m.num_moe_layers if use_cpsat else 0):
             # CP-SAT's deterministic time (not wall time) keeps runs reproducible
             layer_budget = problem.time_limit_s / (ROUNDS * m.num_moe_layers)
             dem = nd[:, layer, :]
@@ -419,29 +509,25 @@ def solve(problem: PlacementProblem) -> PlacementResult:
                 else replica_counts(dem, slots)
             )
             hint = _heuristic_layer(dem, k, spg, g, problem.balance_tolerance, cur)
-            if use_cpsat:
-                layer_moves = None
-                if moves_left is not None:
-                    layer_moves = moves_left // (m.num_moe_layers - layer)
-                sol = _solve_layer_cpsat(
-                    dem,
-                    k,
-                    spg,
-                    g,
-                    problem.balance_tolerance,
-                    t.link_cost,
-                    hint,
-                    layer_budget,
-                    problem.seed,
-                    problem.workers,
-                    cur,
-                    layer_moves,
-                )
-                statuses.append(sol.status)
-                rows[layer], bounds[layer] = sol.row, sol.bound
-            else:
-                statuses.append("HEURISTIC")
-                rows[layer], bounds[layer] = hint, np.nan
+            layer_moves = None
+            if moves_left is not None:
+                layer_moves = moves_left // (m.num_moe_layers - layer)
+            sol = _solve_layer_cpsat(
+                dem,
+                k,
+                spg,
+                g,
+                problem.balance_tolerance,
+                t.link_cost,
+                hint,
+                layer_budget,
+                problem.seed,
+                problem.workers,
+                cur,
+                layer_moves,
+            )
+            statuses.append(sol.status)
+            rows[layer], bounds[layer] = sol.row, sol.bound
         cost = float(
             sum(
                 _layer_cost(nd[:, j, :], rows[j], spg, g, t.link_cost)

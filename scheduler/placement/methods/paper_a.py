@@ -32,16 +32,10 @@ import time
 import numpy as np
 from ortools.linear_solver import pywraplp
 
-from scheduler.errors import ConfigError
-from scheduler.placement.methods.eplb import replicate_experts
+from scheduler.placement.methods.replicas import copy_caps, pack, replica_counts
 from scheduler.placement.methods.trivial import uniform_shares
 from scheduler.placement.placement import Placement
 from scheduler.placement.problem import PlacementProblem, PlacementResult
-
-
-def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
-    """weight [layers, experts] -> [layers, experts] replicas by EPLB's replicate rule."""
-    return replicate_experts(weight.astype(np.float32), num_slots)[2]
 
 
 def _solve_layer_nodes(
@@ -133,44 +127,22 @@ def _le(solver: pywraplp.Solver, a: pywraplp.Variable, b: pywraplp.Variable) -> 
 def pack_node_gpus(
     per_node: np.ndarray,
     load: np.ndarray,
-    per_gpu_cap: np.ndarray,
+    cap: np.ndarray,
     gpus_per_node: int,
     slots_per_gpu: int,
 ) -> np.ndarray:
     """Replicas per node -> phy2log row [slots].
 
-    per_node [experts, nodes] replica counts; load [experts] per-replica load. Inside each
-    node: heaviest replica first, to the lightest GPU with room holding fewer than
-    per_gpu_cap[e] copies of e; a plain round-robin deal if that greedy gets stuck.
+    per_node [experts, nodes] replica counts; load [experts] per-replica load; cap
+    [experts] copies one GPU may hold. Inside each node: heaviest replica first, to the
+    lightest GPU with room (a round-robin deal if that greedy gets stuck).
     """
     experts, nodes = per_node.shape
-    row = np.empty(nodes * gpus_per_node * slots_per_gpu, dtype=np.int64)
+    rows = []
     for n in range(nodes):
         items = np.repeat(np.arange(experts), per_node[:, n])
-        items = items[np.argsort(-load[items], kind="stable")]
-        gpus = _greedy_gpus(items, load, per_gpu_cap, gpus_per_node, slots_per_gpu)
-        if gpus is None:  # deal copies of each expert onto consecutive GPUs
-            gpus = [sorted(items.tolist())[i::gpus_per_node] for i in range(gpus_per_node)]
-        start = n * gpus_per_node * slots_per_gpu
-        row[start : start + gpus_per_node * slots_per_gpu] = np.concatenate(gpus)
-    return row
-
-
-def _greedy_gpus(
-    items: np.ndarray, load: np.ndarray, per_gpu_cap: np.ndarray, gpus: int, slots: int
-) -> list[list[int]] | None:
-    held: list[list[int]] = [[] for _ in range(gpus)]
-    weight = [0.0] * gpus
-    for e in items.tolist():
-        open_gpus = [
-            g for g in range(gpus) if len(held[g]) < slots and held[g].count(e) < per_gpu_cap[e]
-        ]
-        if not open_gpus:
-            return None
-        g = min(open_gpus, key=weight.__getitem__)
-        held[g].append(e)
-        weight[g] += float(load[e])
-    return held
+        rows += pack(items, load, cap, gpus_per_node, slots_per_gpu)
+    return np.concatenate(rows).astype(np.int64)
 
 
 def _dealt(counts: np.ndarray, nodes: int, gpus_per_node: int) -> np.ndarray:
@@ -191,11 +163,9 @@ def _expert_cost(per_node: np.ndarray, cost: np.ndarray) -> np.ndarray:
 def solve(problem: PlacementProblem) -> PlacementResult:
     start = time.perf_counter()
     m, t = problem.profile.model, problem.topology
-    if m.num_experts > problem.num_slots:
-        raise ConfigError(f"paper-a: {m.num_experts} experts do not fit {problem.num_slots} slots")
     weight = problem.demand.sum(axis=0)  # [layers, experts]
     counts = replica_counts(weight, problem.num_slots)
-    cap = -(-counts // t.num_gpus)  # fewest copies per GPU that counts allow: ceil(c / G)
+    cap = copy_caps(counts, t.num_gpus)
     layers = m.num_moe_layers
     deadline = start + problem.time_limit_s
     phy2log = np.empty((layers, problem.num_slots), dtype=np.int64)
@@ -206,20 +176,27 @@ def solve(problem: PlacementProblem) -> PlacementResult:
         load = weight[layer]
         # This layer's share of the time left, for both attempts together.
         layer_end = time.perf_counter() + (deadline - time.perf_counter()) / (layers - layer)
-        solved = None
+        solved: tuple[np.ndarray | None, float, float, str] = (None, 0.0, 0.0, "")
         for tolerance in (problem.balance_tolerance, None):
             left = layer_end - time.perf_counter()
             if tolerance is None:
                 left = max(left, 1.0)  # the row-free attempt always gets a second
             solved = _solve_layer_nodes(
-                load, counts[layer], cap[layer], t.link_cost, t.gpus_per_node,
-                problem.slots_per_gpu, tolerance, left, problem.seed,
+                load,
+                counts[layer],
+                cap[layer],
+                t.link_cost,
+                t.gpus_per_node,
+                problem.slots_per_gpu,
+                tolerance,
+                left,
+                problem.seed,
             )
             if solved[0] is not None:
                 if tolerance is None:
                     relaxed.append(layer)
                 break
-        per_node, obj, bnd, status = solved if solved is not None else (None, 0.0, 0.0, "")
+        per_node, obj, bnd, status = solved
         if per_node is None:  # no solution within the time limit: deal replicas round-robin
             per_node = _dealt(counts[layer], t.nodes, t.gpus_per_node)
             obj = float((load / t.nodes) @ _expert_cost(per_node, t.link_cost))
