@@ -151,12 +151,17 @@ def test_ours_invariants_on_random_instances(seed, redundant):
         assert imbalance(loads).max() <= 1.25 + 1e-3
     trivial = get_method("trivial")(problem)
     ours_m = predicted_metrics(
-        problem.demand, problem.weights, 2, p, result.class_to_node_share, problem.topology
+        problem.demand,
+        problem.weights,
+        problem.profile.model,
+        p,
+        result.class_to_node_share,
+        problem.topology,
     )
     triv_m = predicted_metrics(
         problem.demand,
         problem.weights,
-        2,
+        problem.profile.model,
         trivial.placement,
         trivial.class_to_node_share,
         problem.topology,

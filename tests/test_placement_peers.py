@@ -67,7 +67,7 @@ def gpu_balancedness(problem: PlacementProblem, method: str) -> float:
     metrics = predicted_metrics(
         problem.demand,
         problem.weights,
-        2,
+        problem.profile.model,
         result.placement,
         result.class_to_node_share,
         problem.topology,

@@ -94,7 +94,7 @@ def cmd_place(args: argparse.Namespace) -> int:
                 profile, topology, redundant_experts=placement.num_slots - profile.model.num_experts
             )
             metrics = predicted_metrics(
-                problem.demand, problem.weights, profile.model.top_k, placement, shares, topology
+                problem.demand, problem.weights, profile.model, placement, shares, topology
             )
             for key, value in metrics.items():
                 print(f"  {key}: {value:.4f}")

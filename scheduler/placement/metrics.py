@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from scheduler.model_shape import ModelShape
 from scheduler.placement.placement import Placement
 from scheduler.placement.topology import Topology
 
@@ -77,15 +78,21 @@ def imbalance(loads: np.ndarray) -> np.ndarray:
 def predicted_metrics(
     demand: np.ndarray,
     weights: np.ndarray,
-    top_k: int,
+    model: ModelShape,
     placement: Placement,
     shares: np.ndarray,
     topology: Topology,
 ) -> dict[str, Any]:
-    """The plan's predicted metrics; see the module docstring for the dispatch model."""
+    """The plan's predicted metrics; see the module docstring for the dispatch model.
+
+    Token counts are the profile's; ``busiest_rank_inter_node_bytes`` is the largest
+    expected inter-node volume one rank sends (and receives back) over those tokens,
+    counting one copy per remote expert as per-expert low-latency kernels do."""
     nd = node_demand(demand, shares)
     remote, weighted = remote_cost(nd, placement, topology.link_cost)
-    token_layers = demand.sum() / top_k
+    local = np.moveaxis(placement.replicas_per_node() > 0, 2, 0)  # [nodes, layers, experts]
+    per_rank_remote = (nd * ~local).sum(axis=(1, 2)) / placement.gpus_per_node  # [nodes]
+    token_layers = demand.sum() / model.top_k
     gpu_imb = imbalance(gpu_loads(nd, placement))
     request_load = weights @ shares
     return {
@@ -96,4 +103,6 @@ def predicted_metrics(
         "gpu_expert_load_imbalance_worst": float(np.nanmax(gpu_imb)),
         "balancedness_mean": float(np.nanmean(1 / gpu_imb)),
         "node_request_load_imbalance": float(imbalance(request_load)),
+        # per remote (token, expert) hit: FP8 dispatch (1 B) + BF16 combine (2 B) per element
+        "busiest_rank_inter_node_bytes": float(per_rank_remote.max() * model.hidden_size * 3),
     }

@@ -31,7 +31,7 @@ def plan_json(
     metrics = predicted_metrics(
         problem.demand,
         problem.weights,
-        problem.profile.model.top_k,
+        problem.profile.model,
         result.placement,
         result.class_to_node_share,
         problem.topology,

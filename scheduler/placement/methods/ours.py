@@ -358,8 +358,9 @@ def _locality_swaps(
     deadline: float,
     max_swaps: int = 400,
 ) -> np.ndarray:
-    """Improve locality by swapping single-replica experts between nodes without raising
-    the layer's busiest GPU load (so balancedness never drops). Stops at ``deadline``.
+    """Lower the layer's busiest GPU by swapping single-replica experts, then improve
+    locality by swaps between nodes that do not raise the busiest GPU load again (so
+    balancedness never drops below the start's). Stops at ``deadline``.
 
     A single-replica expert's load is its whole demand wherever it sits, so a swap moves
     exactly that load; replicated experts stay put.
@@ -369,9 +370,26 @@ def _locality_swaps(
     row = row.copy()
     counts = np.bincount(row, minlength=experts)
     loads = _layer_gpu_loads(dem, row, num_gpus, g_per_node)
-    ceiling = loads.max()
     total = dem.sum(axis=0)
     slot_gpu = np.arange(len(row)) // spg
+    # first lower the busiest GPU (its load depends on where each node's requests run)
+    for _ in range(max_swaps):
+        hot = int(np.argmax(loads))
+        mine = np.flatnonzero((slot_gpu == hot) & (counts[row] == 1))
+        theirs = np.flatnonzero((slot_gpu != hot) & (counts[row] == 1))
+        if not len(mine) or not len(theirs):
+            break
+        delta = total[row[mine]][:, None] - total[row[theirs]][None, :]
+        new_max = np.maximum(loads[hot] - delta, loads[slot_gpu[theirs]][None, :] + delta)
+        new_max = np.where(delta > 0, new_max, np.inf)
+        i, j = np.unravel_index(int(np.argmin(new_max)), new_max.shape)
+        if new_max[i, j] >= loads[hot] - 1e-9:
+            break
+        si, sj = mine[i], theirs[j]
+        loads[hot] -= delta[i, j]
+        loads[slot_gpu[sj]] += delta[i, j]
+        row[si], row[sj] = row[sj], row[si]
+    ceiling = loads.max()
     for _ in range(max_swaps):
         if time.perf_counter() > deadline:
             break
