@@ -57,6 +57,8 @@ analysis: setup check-data
 bench: setup
 	$(BIN)/python benchmarks/profile_scale.py
 	$(BIN)/python benchmarks/emulator_throughput.py
+	$(BIN)/python benchmarks/predictors.py --data $(DATA)
+	$(BIN)/python benchmarks/placement.py --data $(DATA)
 	$(BIN)/python benchmarks/render.py
 
 clean:

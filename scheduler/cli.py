@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     from scheduler.emulator.cli import add_commands as add_emulator_commands
 
     add_emulator_commands(sub)
+    from scheduler.prediction.cli import add_commands as add_prediction_commands
+
+    add_prediction_commands(sub)
     return parser
 
 
