@@ -33,7 +33,6 @@ import asyncio
 import gzip
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -42,6 +41,8 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from machine import machine_facts  # benchmarks/machine.py (this directory)
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -61,29 +62,7 @@ def _eprint(message: str) -> None:
 
 
 def _machine() -> dict[str, Any]:
-    import aiohttp
-    import numpy as np
-
-    facts: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "aiohttp": aiohttp.__version__,
-        "platform": platform.platform(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                facts["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                facts["memory_total_mib"] = round(int(line.split()[1]) / 1024)
-                break
-    except OSError:
-        pass
-    return facts
+    return machine_facts("numpy", "aiohttp")
 
 
 def _cpu_seconds(pid: int) -> float | None:

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from machine import machine_facts  # benchmarks/machine.py (this directory)
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -160,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "placement",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/placement.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine_facts("numpy", "ortools"),
         "records": records,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

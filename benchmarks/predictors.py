@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import machine_facts  # benchmarks/machine.py (this directory)
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -55,30 +56,7 @@ TARGETS = {"macro_f1": 0.95, "p99_ms": 0.5}
 
 
 def _machine() -> dict[str, Any]:
-    import platform
-
-    import sklearn
-
-    facts: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scikit_learn": sklearn.__version__,
-        "platform": platform.platform(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                facts["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                facts["memory_total_mib"] = round(int(line.split()[1]) / 1024)
-                break
-    except OSError:
-        pass
-    return facts
+    return machine_facts("numpy", "scikit-learn")
 
 
 def _relative(arg: str) -> str:

@@ -29,7 +29,6 @@ import importlib.util
 import inspect
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -40,6 +39,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from machine import machine_facts  # benchmarks/machine.py (this directory)
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -213,32 +214,7 @@ def run_child(step: str, store: Path, requests: int, k: int, seed: int) -> int:
 
 
 def _machine() -> dict[str, Any]:
-    import numpy as np
-
-    facts: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
-    try:
-        import sklearn
-
-        facts["scikit_learn"] = sklearn.__version__
-    except ImportError:
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                facts["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                facts["memory_total_mib"] = round(int(line.split()[1]) / 1024)
-                break
-    except OSError:
-        pass
+    facts = machine_facts("numpy", "scikit-learn")
     threads = {
         v: os.environ[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if v in os.environ
     }

@@ -45,7 +45,12 @@ def add_commands(sub: Any) -> None:
         "--time-limit", type=float, default=30.0, help="solver time budget in seconds (default 30)"
     )
     p.add_argument("--seed", type=int, default=0, help="solver random seed (default 0)")
-    p.add_argument("--workers", type=int, default=2, help="solver threads (default 2)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="CP-SAT threads (default 1: runs repeat exactly; more are faster, not reproducible)",
+    )
     p.add_argument(
         "--current",
         type=Path,

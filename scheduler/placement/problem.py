@@ -28,7 +28,7 @@ class PlacementProblem:
     balance_tolerance: float = 0.10
     time_limit_s: float = 30.0
     seed: int = 0
-    workers: int = 2
+    workers: int = 1
     current: Placement | None = None
     max_moves: int | None = None
 

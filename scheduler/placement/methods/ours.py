@@ -323,7 +323,6 @@ def _solve_layer_cpsat(
     solver.parameters.max_deterministic_time = time_limit
     solver.parameters.max_time_in_seconds = 1.5 * time_limit  # wall-clock safety net
     solver.parameters.num_workers = workers
-    solver.parameters.interleave_search = True
     solver.parameters.random_seed = seed
     status = solver.solve(model)
     name = solver.status_name(status)
