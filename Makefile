@@ -38,9 +38,12 @@ demo: setup check-data
 	$(BIN)/moe-scheduler profile $(DATA)/traces/sglang-deepseek-v3-eplb-stats --out $(DEMO_OUT)/deepseek-v3.profile.json
 	$(BIN)/moe-scheduler profile $(DATA)/traces/mixtral-humaneval-gsm8k-small --out $(DEMO_OUT)/mixtral.profile.json
 	$(BIN)/moe-scheduler analyze $(TRACES) --out $(DEMO_OUT)/analysis.md
+	$(BIN)/moe-scheduler place --profile $(DEMO_OUT)/esft.profile.json --topology deploy/topologies/4x2.toml --redundant-experts 16 --time-limit 10 --out $(DEMO_OUT)/esft-placement
+	$(BIN)/moe-scheduler place --profile $(DEMO_OUT)/deepseek-v3.profile.json --topology deploy/topologies/4x8.toml --time-limit 5 --out $(DEMO_OUT)/deepseek-v3-placement
 	@echo
 	@echo "Demo done. Report: $(DEMO_OUT)/analysis.md (figures in $(DEMO_OUT)/analysis-figures/);"
-	@echo "profiles: $(DEMO_OUT)/*.profile.json"
+	@echo "profiles: $(DEMO_OUT)/*.profile.json; placements (SGLang expert_location.json +"
+	@echo "plan.json): $(DEMO_OUT)/esft-placement/, $(DEMO_OUT)/deepseek-v3-placement/"
 
 lint: setup
 	$(BIN)/ruff check scheduler tests benchmarks
