@@ -47,7 +47,7 @@ class Placement:
     gpus_per_node: int
 
     def __post_init__(self) -> None:
-        phy2log = np.asarray(self.phy2log, dtype=np.int64)
+        phy2log = np.array(self.phy2log, dtype=np.int64)  # a private, frozen copy
         problems = placement_problems(phy2log, self.num_experts, self.num_gpus)
         if problems:
             raise ValueError("; ".join(problems))
