@@ -38,6 +38,9 @@ from scheduler.placement.placement import Placement
 from scheduler.placement.problem import PlacementProblem, PlacementResult, balanced_class_shares
 
 ROUNDS = 3
+#: CP-SAT linearization level 2 (full LP relaxation): with redundancy it takes the bound
+#: gap on ESFT from ~13% to under 1% at the same time limit.
+LINEARIZATION = 2
 #: Above this many expert-GPU binaries per layer the CP-SAT step is skipped (heuristic).
 MAX_CPSAT_BINARIES = 4096
 #: Integer scale: node demands are scaled so the largest becomes about this.
@@ -156,6 +159,7 @@ def _solve_layer_cpsat(
     solver.parameters.max_time_in_seconds = 1.5 * time_limit  # wall-clock safety net
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
+    solver.parameters.linearization_level = LINEARIZATION
     status = solver.solve(model)
     name = solver.status_name(status)
     unit = scale * COST_SCALE
