@@ -5,7 +5,6 @@ Pure: no I/O beyond reading a JSON file in :func:`resolve_model`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -116,8 +115,7 @@ def resolve_model(spec: str) -> ModelShape:
             f"--model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
             "nor an existing JSON file"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, f"not a readable JSON file ({e})") from None
+    from scheduler.jsonio import read_json
+
+    data = read_json(path)
     return ModelShape.from_dict(data.get("model", data) if isinstance(data, dict) else data, path)

@@ -11,9 +11,7 @@ Pure except for :func:`save_profile` / :func:`load_profile`.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from scheduler.errors import ConfigError, InputError
+from scheduler.jsonio import read_json, write_json_atomic
 from scheduler.model_shape import ModelShape
 from scheduler.traces.store import PHASES, TraceBatch, TraceSet
 
@@ -239,14 +238,7 @@ def build_profile(
 
 def save_profile(profile: WorkloadProfile, path: Path) -> None:
     """Write atomically: a temporary file beside ``path`` replaces it when complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(profile.to_json(), f, separators=(",", ":"))
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json_atomic(path, profile.to_json())
 
 
 def _counts_array(path: Path, where: str, value: Any, shape: tuple[int, int]) -> np.ndarray:
@@ -312,14 +304,4 @@ def parse_profile(data: Any, path: Path) -> WorkloadProfile:
 
 
 def load_profile(path: Path) -> WorkloadProfile:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(path, "does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(path, f"cannot read ({e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
-    return parse_profile(data, path)
+    return parse_profile(read_json(path), path)

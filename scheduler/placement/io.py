@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from scheduler.errors import InputError
+from scheduler.jsonio import read_json
 from scheduler.model_shape import ModelShape
 from scheduler.placement.placement import Placement, placement_problems
 
@@ -67,26 +66,9 @@ def from_sglang(
 
 
 def read_sglang_file(path: Path, model: ModelShape, num_gpus: int, gpus_per_node: int) -> Placement:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(path, f"cannot read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
-    return from_sglang(data, model, num_gpus, gpus_per_node, path)
+    return from_sglang(read_json(path), model, num_gpus, gpus_per_node, path)
 
 
 def fingerprint(path: Path) -> str:
     """sha256 of a file's bytes, for plan.json's input fingerprints."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=indent) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

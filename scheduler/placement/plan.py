@@ -3,7 +3,6 @@ check an existing directory."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,14 +10,9 @@ from typing import Any
 
 from scheduler import __version__
 from scheduler.errors import InputError
+from scheduler.jsonio import read_json, write_json_atomic
 from scheduler.model_shape import ModelShape
-from scheduler.placement.io import (
-    EXPERT_LOCATION,
-    PLAN,
-    read_sglang_file,
-    to_sglang,
-    write_json_atomic,
-)
+from scheduler.placement.io import EXPERT_LOCATION, PLAN, read_sglang_file, to_sglang
 from scheduler.placement.metrics import predicted_metrics
 from scheduler.placement.placement import Placement
 from scheduler.placement.problem import PlacementProblem, PlacementResult
@@ -99,10 +93,7 @@ def check_placement_dir(
     plan_path = directory / PLAN
     plan = None
     if plan_path.exists():
-        try:
-            plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(plan_path, f"not readable JSON ({e})") from None
+        plan = read_json(plan_path)
         shares = plan.get("class_to_node_share") if isinstance(plan, dict) else None
         if not isinstance(shares, dict):
             raise InputError(plan_path, "missing class_to_node_share")

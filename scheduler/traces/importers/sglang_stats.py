@@ -12,13 +12,13 @@ one record with both phases.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from scheduler.errors import InputError
+from scheduler.jsonio import read_json
 from scheduler.model_shape import ModelShape
 from scheduler.traces.importers.common import TraceSource, require_model
 from scheduler.traces.store import RequestTrace
@@ -49,12 +49,7 @@ def load_logical_count(path: Path, model: ModelShape) -> np.ndarray:
 
         data = load_pt(path)
     else:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(path, f"cannot read ({e})") from None
-        except json.JSONDecodeError as e:
-            raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+        data = read_json(path)
     if not isinstance(data, dict) or "logical_count" not in data:
         raise InputError(path, "no 'logical_count' key (not SGLang expert statistics)")
     try:
