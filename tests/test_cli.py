@@ -5,14 +5,21 @@ import sys
 import numpy as np
 import pytest
 
-from scheduler.cli import main
+from scheduler.cli import build_parser, main
 from scheduler.profile import load_profile
 from tests.conftest import labelled_records, write_store
 
-SUBCOMMANDS = ["import", "profile", "analyze"]
+SUBCOMMANDS = [
+    name
+    for action in build_parser()._subparsers._group_actions  # type: ignore[union-attr]
+    for name in getattr(action, "choices", {}) or {}
+]
 
 
 def test_help_lists_subcommands():
+    assert {"import", "profile", "analyze", "place", "emulate", "fit", "classify"} <= set(
+        SUBCOMMANDS
+    )
     out = subprocess.run(
         [sys.executable, "-m", "scheduler", "--help"], capture_output=True, text=True, check=True
     ).stdout
