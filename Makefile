@@ -62,6 +62,7 @@ bench: setup
 	$(BIN)/python benchmarks/emulator_throughput.py
 	$(BIN)/python benchmarks/predictors.py --data $(DATA)
 	$(BIN)/python benchmarks/placement.py --data $(DATA)
+	$(BIN)/python benchmarks/accounting_speed.py --data $(DATA)
 	$(BIN)/python benchmarks/render.py
 
 clean:

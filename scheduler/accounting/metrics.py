@@ -1,0 +1,312 @@
+"""Exact locality metrics of routed tokens under a placement (design.md "Metrics").
+
+Inputs are per-token routed expert ids ``token_ids [tokens, layers, top_k]`` (``-1`` = not
+recorded) and the DP rank of every token ``ranks [tokens]``; every expert is reached
+through SGLang's static dispatch (:func:`~scheduler.accounting.dispatch.static_dispatch_table`).
+
+How it stays fast (no Python loop over tokens): the dispatch table is turned once per
+placement into a code per (rank, layer, expert): one bit for the destination node when it
+is another node, one bit for the destination GPU's index within the node when it is
+another GPU of the same node. A token-layer's codes are OR-ed over its ``top_k`` experts;
+the popcounts of the two bit fields are its node copies and intra-node copies. One
+``bincount`` of the same table indices gives the (rank, layer, expert) counts, from which
+remote hits and GPU expert loads follow on the small table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.accounting.dispatch import static_dispatch_table
+from scheduler.model_shape import ModelShape
+from scheduler.placement.placement import Placement
+from scheduler.placement.topology import Topology
+
+#: FP8 dispatch carries one FP32 scale per 128 channels (DeepEP; prior-work.md §5.3).
+FP8_SCALE_BLOCK = 128
+#: Token-layers handled per chunk: bounds the memory of the per-event temporaries.
+CHUNK_TOKEN_LAYERS = 1 << 18
+
+
+@dataclass(frozen=True)
+class BytesPerCopy:
+    """Bytes one token sends to one destination: FP8 dispatch (with scales) and BF16 combine."""
+
+    dispatch: int
+    combine: int
+
+    @property
+    def total(self) -> int:
+        return self.dispatch + self.combine
+
+
+def bytes_per_copy(hidden_size: int, fp8_scales: bool = True) -> BytesPerCopy:
+    """hidden x 1 B (+ one 4 B scale per 128 channels) dispatch, hidden x 2 B combine."""
+    scales = 4 * -(-hidden_size // FP8_SCALE_BLOCK) if fp8_scales else 0
+    return BytesPerCopy(dispatch=hidden_size + scales, combine=2 * hidden_size)
+
+
+@dataclass(frozen=True)
+class StepTraffic:
+    """Per decode (or batch) step: ``steps [steps]`` the step ids, in increasing order;
+    ``rank_inter_node_bytes [steps, ranks]`` dispatch + combine bytes each rank sends
+    across nodes (combine counted at the rank it returns to); ``max_rank_inter_node_bytes
+    [steps]`` the max over ranks, which the all-to-all pads to; likewise for NVLink."""
+
+    steps: np.ndarray
+    rank_inter_node_bytes: np.ndarray
+    max_rank_inter_node_bytes: np.ndarray
+    rank_intra_node_bytes: np.ndarray
+    max_rank_intra_node_bytes: np.ndarray
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """Exact traffic and load of a set of routed tokens (sums over tokens and layers).
+
+    token_layers: recorded (token, layer) pairs. remote_hits: experts reached on another
+    node. node_copies: distinct other nodes reached per token-layer (DeepEP normal
+    kernels). intra_node_copies: distinct other GPUs of the same node reached.
+    Per-rank arrays are ``[ranks]``: ``rank_tokens`` tokens, ``rank_remote_hits``,
+    ``rank_node_copies``, ``rank_intra_node_copies``, and bytes (dispatch + combine) sent
+    over the NIC / NVLink. ``gpu_load [layers, gpus]``: (token, expert) pairs each GPU
+    processes; ``gpu_load_imbalance [layers]``: max / mean over GPUs (nan for a layer with
+    no tokens). ``steps``: per-step traffic when step ids were given.
+    """
+
+    token_layers: int
+    remote_hits: int
+    node_copies: int
+    intra_node_copies: int
+    bytes_per_copy: BytesPerCopy
+    rank_tokens: np.ndarray
+    rank_remote_hits: np.ndarray
+    rank_node_copies: np.ndarray
+    rank_intra_node_copies: np.ndarray
+    rank_inter_node_bytes: np.ndarray
+    rank_intra_node_bytes: np.ndarray
+    gpu_load: np.ndarray
+    gpu_load_imbalance: np.ndarray
+    steps: StepTraffic | None = None
+
+    @property
+    def inter_node_bytes(self) -> int:
+        return self.node_copies * self.bytes_per_copy.total
+
+    @property
+    def max_rank_inter_node_bytes(self) -> int:
+        return int(self.rank_inter_node_bytes.max(initial=0))
+
+    @property
+    def remote_hits_per_token_layer(self) -> float:
+        return self.remote_hits / self.token_layers if self.token_layers else 0.0
+
+    @property
+    def node_copies_per_token_layer(self) -> float:
+        return self.node_copies / self.token_layers if self.token_layers else 0.0
+
+    @property
+    def intra_node_copies_per_token_layer(self) -> float:
+        return self.intra_node_copies / self.token_layers if self.token_layers else 0.0
+
+    @property
+    def gpu_load_imbalance_mean(self) -> float:
+        imb = self.gpu_load_imbalance[~np.isnan(self.gpu_load_imbalance)]
+        return float(imb.mean()) if imb.size else float("nan")
+
+    @property
+    def gpu_load_imbalance_worst(self) -> float:
+        imb = self.gpu_load_imbalance[~np.isnan(self.gpu_load_imbalance)]
+        return float(imb.max()) if imb.size else float("nan")
+
+    @property
+    def rank_load_imbalance(self) -> float:
+        return float(max_over_mean(self.rank_tokens.astype(np.float64)))
+
+
+def max_over_mean(values: np.ndarray) -> np.ndarray:
+    """max / mean along the last axis (1.0 = balanced; nan where the mean is 0)."""
+    mean = values.mean(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mean > 0, values.max(axis=-1) / np.where(mean > 0, mean, 1), np.nan)
+
+
+def _code_dtype(bits: int) -> type[np.unsignedinteger]:
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if bits <= np.iinfo(dtype).bits:
+            return dtype
+    raise ValueError(
+        f"nodes + gpus_per_node = {bits} exceeds 64; the bitmask accounting supports "
+        "up to 64 (e.g. 56 nodes x 8 GPUs)"
+    )
+
+
+def locality_codes(dest_gpu: np.ndarray, gpus_per_node: int) -> np.ndarray:
+    """dest_gpu [ranks, layers, experts] -> codes [ranks, layers, experts + 1].
+
+    Column 0 is 0 (a not-recorded expert, id -1, lands there); column ``e + 1`` holds
+    bit ``node`` when expert ``e`` is reached on another node, bit ``nodes + local`` when
+    it is reached on another GPU of the same node, and 0 on the rank's own GPU.
+    """
+    ranks = dest_gpu.shape[0]
+    nodes = ranks // gpus_per_node
+    dtype = _code_dtype(nodes + gpus_per_node)
+    rank = np.arange(ranks)[:, None, None]
+    dest_node = dest_gpu // gpus_per_node
+    remote = dest_node != rank // gpus_per_node
+    same_node_other_gpu = ~remote & (dest_gpu != rank)
+    one = dtype(1)
+    codes = np.zeros((*dest_gpu.shape[:2], dest_gpu.shape[2] + 1), dtype=dtype)
+    codes[..., 1:] = np.where(
+        remote,
+        np.left_shift(one, dest_node.astype(dtype)),
+        np.where(
+            same_node_other_gpu,
+            np.left_shift(one, (nodes + dest_gpu % gpus_per_node).astype(dtype)),
+            dtype(0),
+        ),
+    )
+    return codes
+
+
+def account(
+    placement: Placement,
+    topology: Topology,
+    model: ModelShape,
+    ranks: np.ndarray,
+    token_ids: np.ndarray,
+    steps: np.ndarray | None = None,
+    *,
+    dest_gpu: np.ndarray | None = None,
+    fp8_scales: bool = True,
+) -> Accounting:
+    """Exact metrics of tokens ``token_ids [tokens, layers, top_k]`` served on DP ranks
+    ``ranks [tokens]`` under ``placement`` with SGLang's static dispatch.
+
+    ``steps [tokens]`` (optional, any integer ids): adds per-rank per-step bytes.
+    ``dest_gpu``: a precomputed :func:`static_dispatch_table` of ``placement`` (computed
+    here when omitted; pass it when accounting many batches under one placement).
+    """
+    _check(placement, topology, model, ranks, token_ids, steps)
+    num_ranks, per_node = placement.num_gpus, placement.gpus_per_node
+    nodes = placement.num_nodes
+    tokens, layers, _ = token_ids.shape
+    experts = placement.num_experts
+    if dest_gpu is None:
+        dest_gpu = static_dispatch_table(placement)
+    codes = locality_codes(dest_gpu, per_node)
+    flat_codes = codes.ravel()
+    width = experts + 1
+    node_mask = codes.dtype.type((1 << nodes) - 1)
+
+    node_copies_tok = np.zeros(tokens, dtype=np.int64)
+    intra_copies_tok = np.zeros(tokens, dtype=np.int64)
+    counts = np.zeros(num_ranks * layers * width, dtype=np.int64)
+    token_layers = 0
+    layer_base = np.arange(layers, dtype=np.int32) * width + 1  # +1: column 0 is "-1"
+    chunk = max(1, CHUNK_TOKEN_LAYERS // layers)
+    for start in range(0, tokens, chunk):
+        ids = token_ids[start : start + chunk]
+        base = ranks[start : start + chunk].astype(np.int32)[:, None] * (layers * width)
+        idx = (base + layer_base)[:, :, None] + ids  # [tokens, layers, top_k] int32
+        code = flat_codes.take(idx)
+        merged = code[:, :, 0].copy()
+        for k in range(1, code.shape[2]):
+            merged |= code[:, :, k]
+        node_copies_tok[start : start + chunk] = np.bitwise_count(merged & node_mask).sum(1)
+        intra_copies_tok[start : start + chunk] = np.bitwise_count(merged >> nodes).sum(1)
+        counts += np.bincount(idx.ravel(), minlength=counts.size)
+        token_layers += int(np.count_nonzero(ids.max(axis=2) >= 0))
+
+    counts3 = counts.reshape(num_ranks, layers, width)[:, :, 1:]  # [ranks, layers, experts]
+    rank_node = np.arange(num_ranks) // per_node
+    remote = (dest_gpu // per_node) != rank_node[:, None, None]
+    rank_remote_hits = (counts3 * remote).sum(axis=(1, 2))
+    gpu_index = np.arange(layers)[None, :, None] * num_ranks + dest_gpu
+    gpu_load = np.bincount(
+        gpu_index.ravel(), weights=counts3.ravel(), minlength=layers * num_ranks
+    ).reshape(layers, num_ranks)
+
+    size = bytes_per_copy(model.hidden_size, fp8_scales)
+    rank_node_copies = np.bincount(ranks, weights=node_copies_tok, minlength=num_ranks)
+    rank_intra_copies = np.bincount(ranks, weights=intra_copies_tok, minlength=num_ranks)
+    rank_node_copies = rank_node_copies.astype(np.int64)
+    rank_intra_copies = rank_intra_copies.astype(np.int64)
+    step_traffic = None
+    if steps is not None:
+        step_traffic = _step_traffic(
+            steps, ranks, node_copies_tok, intra_copies_tok, num_ranks, size.total
+        )
+    return Accounting(
+        token_layers=token_layers,
+        remote_hits=int(rank_remote_hits.sum()),
+        node_copies=int(node_copies_tok.sum()),
+        intra_node_copies=int(intra_copies_tok.sum()),
+        bytes_per_copy=size,
+        rank_tokens=np.bincount(ranks, minlength=num_ranks),
+        rank_remote_hits=rank_remote_hits,
+        rank_node_copies=rank_node_copies,
+        rank_intra_node_copies=rank_intra_copies,
+        rank_inter_node_bytes=rank_node_copies * size.total,
+        rank_intra_node_bytes=rank_intra_copies * size.total,
+        gpu_load=gpu_load.astype(np.int64),
+        gpu_load_imbalance=max_over_mean(gpu_load),
+        steps=step_traffic,
+    )
+
+
+def _step_traffic(
+    steps: np.ndarray,
+    ranks: np.ndarray,
+    node_copies_tok: np.ndarray,
+    intra_copies_tok: np.ndarray,
+    num_ranks: int,
+    bytes_total: int,
+) -> StepTraffic:
+    step_ids, step_of = np.unique(steps, return_inverse=True)
+    cell = step_of.astype(np.int64) * num_ranks + ranks
+    size = step_ids.size * num_ranks
+    inter = np.bincount(cell, weights=node_copies_tok, minlength=size).astype(np.int64)
+    intra = np.bincount(cell, weights=intra_copies_tok, minlength=size).astype(np.int64)
+    inter = inter.reshape(-1, num_ranks) * bytes_total
+    intra = intra.reshape(-1, num_ranks) * bytes_total
+    return StepTraffic(step_ids, inter, inter.max(axis=1), intra, intra.max(axis=1))
+
+
+def _check(
+    placement: Placement,
+    topology: Topology,
+    model: ModelShape,
+    ranks: np.ndarray,
+    token_ids: np.ndarray,
+    steps: np.ndarray | None,
+) -> None:
+    """Shapes and ranges; errors name the argument and what it should be."""
+    if (topology.nodes, topology.gpus_per_node) != (placement.num_nodes, placement.gpus_per_node):
+        raise ValueError(
+            f"topology {topology.nodes}x{topology.gpus_per_node} does not match the "
+            f"placement's {placement.num_nodes}x{placement.gpus_per_node} GPUs"
+        )
+    if model.num_experts != placement.num_experts:
+        raise ValueError(
+            f"model has {model.num_experts} experts, placement {placement.num_experts}"
+        )
+    if token_ids.ndim != 3 or token_ids.shape[1] != placement.num_layers:
+        raise ValueError(
+            f"token_ids must be [tokens, {placement.num_layers} layers, top_k], "
+            f"got shape {token_ids.shape}"
+        )
+    if not np.issubdtype(token_ids.dtype, np.integer):
+        raise ValueError(f"token_ids must be integers, got {token_ids.dtype}")
+    if token_ids.size and (token_ids.min() < -1 or token_ids.max() >= placement.num_experts):
+        raise ValueError(f"token_ids must lie in [-1, {placement.num_experts})")
+    if ranks.shape != token_ids.shape[:1] or not np.issubdtype(ranks.dtype, np.integer):
+        raise ValueError(f"ranks must be [{token_ids.shape[0]}] integers, got {ranks.shape}")
+    if ranks.size and (ranks.min() < 0 or ranks.max() >= placement.num_gpus):
+        raise ValueError(f"ranks must lie in [0, {placement.num_gpus})")
+    if steps is not None and (
+        steps.shape != ranks.shape or not np.issubdtype(steps.dtype, np.integer)
+    ):
+        raise ValueError(f"steps must be [{ranks.shape[0]}] integers, got {steps.shape}")
