@@ -1,0 +1,19 @@
+"""One module per benchmark renders its RESULTS.md section from the result JSON."""
+
+from __future__ import annotations
+
+from renderers.accounting import render_accounting
+from renderers.common import Renderer
+from renderers.emulator import render_emulator
+from renderers.placement import render_placement
+from renderers.predictors import render_predictors
+from renderers.profile_scale import render_profile_scale
+
+#: Benchmark name (the result's ``"benchmark"`` key) -> section renderer.
+RENDERERS: dict[str, Renderer] = {
+    "profile_scale": render_profile_scale,
+    "emulator": render_emulator,
+    "predictors": render_predictors,
+    "placement": render_placement,
+    "accounting": render_accounting,
+}
