@@ -71,6 +71,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         model=_model(args),
         keep_token_ids=not args.no_token_ids,
         overwrite=args.force,
+        compress=not args.no_compress,
         progress=_Progress(),
     )
     print(
@@ -171,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only per-request expert counts, drop token-level ids",
     )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--no-compress",
+        action="store_true",
+        help="write shards uncompressed: several times faster to write, larger on disk",
+    )
     p.set_defaults(handler=cmd_import)
 
     p = sub.add_parser(

@@ -7,6 +7,7 @@ import pytest
 
 from scheduler.cli import build_parser, main
 from scheduler.profile import load_profile
+from scheduler.traces.store import TraceSet
 from tests.conftest import labelled_records, write_store
 
 SUBCOMMANDS = [
@@ -69,6 +70,24 @@ def test_import_profile_analyze_pipeline(tmp_path, tiny_model, capsys):
         == 0
     )
     assert "wrote 10 request records" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    assert (
+        main(
+            [
+                "import",
+                str(tmp_path / "esft_a.npz"),
+                "--out",
+                str(plain),
+                "--model",
+                str(model_file),
+                "--no-compress",
+            ]
+        )
+        == 0
+    )
+    assert [r.counts["prefill"].sum() for r in TraceSet(plain).records()] == [
+        r.counts["prefill"].sum() for r in TraceSet(store).records()
+    ]
 
     profile = tmp_path / "p.json"
     assert main(["profile", str(store), "--out", str(profile)]) == 0

@@ -110,6 +110,7 @@ def import_traces(
     model: ModelShape | None = None,
     keep_token_ids: bool = True,
     overwrite: bool = False,
+    compress: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> TraceSet:
     """Import ``path`` into a new trace store at ``out`` and open it."""
@@ -121,6 +122,7 @@ def import_traces(
         source=source.provenance,
         source_path=path,
         overwrite=overwrite,
+        compress=compress,
     ) as writer:
         for record in source.records:
             if not keep_token_ids:
