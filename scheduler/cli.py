@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     from scheduler.prediction.cli import add_commands as add_prediction_commands
 
     add_prediction_commands(sub)
+    from scheduler.simulation.cli import add_commands as add_simulation_commands
+
+    add_simulation_commands(sub)
     return parser
 
 
