@@ -99,6 +99,14 @@ class PlacementResult:
         return max(0.0, (self.objective - self.bound) / abs(self.objective))
 
 
+def combined_layer_status(statuses: list[str]) -> str:
+    """One status for per-layer solves: OPTIMAL if every layer is, FALLBACK if any layer
+    fell back to its heuristic, FEASIBLE otherwise."""
+    if all(s == "OPTIMAL" for s in statuses):
+        return "OPTIMAL"
+    return "FALLBACK" if "FALLBACK" in statuses else "FEASIBLE"
+
+
 def balanced_class_shares(weights: np.ndarray, nodes: int) -> np.ndarray:
     """[classes, nodes] shares: every node serves an equal share of requests.
 

@@ -41,7 +41,7 @@ from ortools.sat.python import cp_model
 from scheduler.placement.methods.replicas import copy_caps, pack, replica_counts
 from scheduler.placement.methods.trivial import uniform_shares
 from scheduler.placement.placement import Placement
-from scheduler.placement.problem import PlacementProblem, PlacementResult
+from scheduler.placement.problem import PlacementProblem, PlacementResult, combined_layer_status
 from scheduler.placement.topology import Topology
 
 #: Replica loads are scaled to integers summing to about this per layer (CP-SAT).
@@ -223,13 +223,7 @@ def solve(problem: PlacementProblem) -> PlacementResult:
         order = np.argsort(gpu_of)  # cluster held by each GPU
         phy2log[layer] = np.concatenate([clusters[layer][k] for k in order])
 
-    status = (
-        "OPTIMAL"
-        if all(s == "OPTIMAL" for s in statuses)
-        else "FALLBACK"
-        if "FALLBACK" in statuses
-        else "FEASIBLE"
-    )
+    status = combined_layer_status(statuses)
     details: dict[str, Any] = {
         "objective_units": "ILP1: sum over layers and GPUs of |GPU load - mean| (tokens)",
         "ilp1_layers_optimal": sum(s == "OPTIMAL" for s in statuses),

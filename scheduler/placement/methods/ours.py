@@ -283,12 +283,11 @@ def solve(problem: PlacementProblem) -> PlacementResult:
             rows[layer], bounds[layer] = sol.row, sol.bound
         _, cost = remote_cost(nd, Placement(rows, m.num_experts, t.num_gpus, g), t.link_cost)
         history.append({"round": round_, "cost": cost, "shares": shares.round(4).tolist()})
-        new_shares = _solve_shares(
-            _class_costs(demand, rows, spg, g, t.link_cost), weights, problem.balance_tolerance
-        )
+        class_cost = _class_costs(demand, rows, spg, g, t.link_cost)
+        new_shares = _solve_shares(class_cost, weights, problem.balance_tolerance)
         if np.allclose(new_shares, shares, atol=1e-6) or round_ == ROUNDS - 1:
             break
-        new_cost = float((_class_costs(demand, rows, spg, g, t.link_cost) * new_shares).sum())
+        new_cost = float((class_cost * new_shares).sum())
         if new_cost >= cost - 1e-9:
             break
         shares = new_shares

@@ -35,7 +35,7 @@ from ortools.linear_solver import pywraplp
 from scheduler.placement.methods.replicas import copy_caps, pack, replica_counts
 from scheduler.placement.methods.trivial import uniform_shares
 from scheduler.placement.placement import Placement
-from scheduler.placement.problem import PlacementProblem, PlacementResult
+from scheduler.placement.problem import PlacementProblem, PlacementResult, combined_layer_status
 
 
 def _solve_layer_nodes(
@@ -208,13 +208,7 @@ def solve(problem: PlacementProblem) -> PlacementResult:
         phy2log[layer] = pack_node_gpus(
             per_node, per_replica, cap[layer], t.gpus_per_node, problem.slots_per_gpu
         )
-    status = (
-        "OPTIMAL"
-        if all(s == "OPTIMAL" for s in statuses)
-        else "FALLBACK"
-        if "FALLBACK" in statuses
-        else "FEASIBLE"
-    )
+    status = combined_layer_status(statuses)
     return PlacementResult(
         method="paper-a",
         placement=Placement(phy2log, m.num_experts, t.num_gpus, t.gpus_per_node),
