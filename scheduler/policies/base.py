@@ -7,7 +7,8 @@ call the same policies; only the clock and the backend differ.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -95,6 +96,25 @@ class RoutingPolicy(ABC):
     @abstractmethod
     def choose_rank(self, request: RequestInfo, ranks: RankState) -> int | None:
         """The rank to run ``request`` on, or None to keep it queued."""
+
+    def choose_ranks(
+        self, requests: Sequence[RequestInfo], ranks: RankState
+    ) -> list[int | None]:
+        """Ranks for one scheduling window of queued ``requests`` (oldest first), one
+        entry per request, None for those that stay queued; together they must not take
+        any rank past ``ranks.capacity``.
+
+        The default asks :meth:`choose_rank` one request at a time, each seeing the
+        previous ones' assignments; window policies override it to assign jointly.
+        """
+        running = ranks.running.copy()
+        chosen: list[int | None] = []
+        for request in requests:
+            rank = self.choose_rank(request, replace(ranks, running=running.copy()))
+            chosen.append(rank)
+            if rank is not None:
+                running[rank] += 1
+        return chosen
 
     def on_finish(self, request: RequestInfo, rank: int) -> None:  # noqa: B027
         """``request`` finished on ``rank`` (default: nothing to update)."""
