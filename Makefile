@@ -58,6 +58,7 @@ analysis: setup check-data
 
 # Run the benchmarks and render benchmarks/RESULTS.md from their JSON.
 bench: setup
+	$(MAKE) --no-print-directory setup EXTRAS=$(EXTRAS),bench
 	$(BIN)/python benchmarks/profile_scale.py
 	$(BIN)/python benchmarks/emulator_throughput.py
 	$(BIN)/python benchmarks/predictors.py --data $(DATA)
