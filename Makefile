@@ -16,7 +16,7 @@ TRACES := $(DATA)/traces/esft-deepseek-v2-lite $(DATA)/traces/sglang-deepseek-v3
           $(DATA)/traces/mixtral-humaneval-gsm8k-small
 DEMO_OUT ?= demo-output
 
-.PHONY: setup demo test lint analysis bench clean
+.PHONY: setup demo test lint analysis bench clean protos
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ lint: setup
 
 test: setup lint
 	MOE_SCHEDULER_DATA=$(DATA) $(BIN)/python -m pytest -q
+
+# Regenerate the committed gRPC code (scheduler/api/v1/) from protos/; a test fails if stale.
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. protos/scheduler/api/v1/scheduler.proto
 
 # Regenerate the committed docs/analysis.md from the real data.
 analysis: setup check-data

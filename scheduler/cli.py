@@ -238,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     from scheduler.simulation.cli import add_commands as add_simulation_commands
 
     add_simulation_commands(sub)
+    from scheduler.deploy.cli import add_commands as add_deploy_commands
+
+    add_deploy_commands(sub)
+    from scheduler.server.cli import add_commands as add_server_commands
+
+    add_server_commands(sub)
     return parser
 
 

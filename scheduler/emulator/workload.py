@@ -134,6 +134,15 @@ class Workload:
         return names[pick], "default"
 
 
+def default_class_map(classes: Iterable[str]) -> dict[str, str]:
+    """Domain -> class: :data:`ESFT_STAND_INS` when the classes are ESFT domains, else the
+    domains that are class names (the convention the emulator and the server share)."""
+    names = set(classes)
+    if names <= set(ESFT_STAND_INS):
+        return {d: esft for esft, d in ESFT_STAND_INS.items() if esft in names}
+    return {d: d for d in DOMAINS if d in names}
+
+
 def build_workload(
     profile: WorkloadProfile,
     index: PromptIndex,
@@ -149,10 +158,7 @@ def build_workload(
     """
     classes = list(profile.classes)
     if class_map is None:
-        if set(classes) <= set(ESFT_STAND_INS):
-            class_map = {d: esft for esft, d in ESFT_STAND_INS.items() if esft in classes}
-        else:
-            class_map = {d: d for d in DOMAINS if d in classes}
+        class_map = default_class_map(classes)
     for domain, name in class_map.items():
         if name not in profile.classes:
             raise ConfigError(

@@ -1,0 +1,1 @@
+"""Generated gRPC code of ``protos/`` (``make protos``); do not edit ``v1/*_pb2*``."""

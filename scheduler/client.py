@@ -1,0 +1,104 @@
+"""Python client of the scheduler's gRPC API (``moe_scheduler.v1.Scheduler``).
+
+async with SchedulerClient("127.0.0.1:50051") as client:
+    reply = await client.generate("Solve 2x + 3 = 7", max_new_tokens=32)
+    print(reply.text, reply.info.dp_rank)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from scheduler.api.v1 import scheduler_pb2 as pb
+from scheduler.api.v1 import scheduler_pb2_grpc as pb_grpc
+
+
+def make_request(
+    prompt: str | list[int],
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    class_hint: str = "",
+    request_id: str = "",
+    conversation_id: str = "",
+) -> pb.GenerateRequest:
+    """A GenerateRequest for a text prompt or a list of token ids."""
+    sampling = pb.SamplingParams()
+    if max_new_tokens is not None:
+        sampling.max_new_tokens = max_new_tokens
+    if temperature is not None:
+        sampling.temperature = temperature
+    request = pb.GenerateRequest(
+        request_id=request_id,
+        sampling=sampling,
+        class_hint=class_hint,
+        conversation_id=conversation_id,
+    )
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.input_ids.ids.extend(prompt)
+    return request
+
+
+class SchedulerClient:
+    """An async client over one channel; use as ``async with``."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.SchedulerStub(self.channel)
+
+    async def __aenter__(self) -> SchedulerClient:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait for the channel to connect; TimeoutError after ``timeout_s``."""
+        await asyncio.wait_for(self.channel.channel_ready(), timeout=timeout_s)
+
+    async def generate(
+        self, prompt: str | list[int], *, timeout: float | None = None, **kwargs: Any
+    ) -> pb.GenerateResponse:
+        response: pb.GenerateResponse = await self.stub.Generate(
+            make_request(prompt, **kwargs), timeout=timeout
+        )
+        return response
+
+    async def generate_stream(
+        self, prompt: str | list[int], *, timeout: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        call = self.stub.GenerateStream(make_request(prompt, **kwargs), timeout=timeout)
+        async for chunk in call:
+            yield chunk
+
+    async def stats(self) -> pb.GetStatsResponse:
+        response: pb.GetStatsResponse = await self.stub.GetStats(pb.GetStatsRequest())
+        return response
+
+    async def placement(self) -> pb.GetPlacementResponse:
+        response: pb.GetPlacementResponse = await self.stub.GetPlacement(pb.GetPlacementRequest())
+        return response
+
+    async def feedback(self) -> pb.GetFeedbackResponse:
+        response: pb.GetFeedbackResponse = await self.stub.GetFeedback(pb.GetFeedbackRequest())
+        return response
+
+    async def reload(self) -> pb.ReloadConfigResponse:
+        response: pb.ReloadConfigResponse = await self.stub.ReloadConfig(pb.ReloadConfigRequest())
+        return response

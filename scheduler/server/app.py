@@ -1,0 +1,138 @@
+"""Start and stop a scheduler server: gRPC (the API, health, reflection) and the
+Prometheus metrics endpoint on one asyncio loop; SIGHUP reloads the configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from scheduler.api.v1 import scheduler_pb2_grpc as pb_grpc
+from scheduler.errors import ConfigError
+from scheduler.server.config import ServerConfig
+from scheduler.server.core import SchedulerCore
+from scheduler.server.service import SERVICE_NAME, SchedulerService
+
+log = logging.getLogger("moe_scheduler.server")
+
+#: gRPC message size limit (prompts are bounded by server.max_prompt_* well below it).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class RunningServer:
+    core: SchedulerCore
+    grpc_server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    metrics_runner: web.AppRunner
+    grpc_address: str
+    metrics_url: str
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop taking requests, let running ones finish for ``grace_s``, then close."""
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace_s)
+        await self.core.stop()
+        await self.metrics_runner.cleanup()
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Everything up and listening; ConfigError if a port cannot be bound."""
+    core = SchedulerCore(config)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(core), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    host, _ = _split(config.server.listen)
+    try:
+        port = server.add_insecure_port(config.server.listen)
+    except RuntimeError as e:
+        raise ConfigError(f"server.listen {config.server.listen}: cannot bind ({e})") from None
+    if port == 0:
+        raise ConfigError(f"server.listen {config.server.listen}: cannot bind")
+
+    app = web.Application()
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest(core.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    m_host, m_port = _split(config.server.metrics_listen)
+    site = web.TCPSite(runner, m_host, m_port)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise ConfigError(f"server.metrics_listen {config.server.metrics_listen}: {e}") from None
+    bound = runner.addresses[0][1]
+    await server.start()
+    running = RunningServer(
+        core, server, health, runner, f"{host}:{port}", f"http://{m_host}:{bound}/metrics"
+    )
+    await running.set_serving(False)
+    loop = asyncio.get_running_loop()
+
+    def on_health(serving: bool) -> None:
+        loop.create_task(running.set_serving(serving))
+
+    core.on_health = on_health
+    await core.start()
+    return running
+
+
+async def serve_forever(
+    config: ServerConfig, on_ready: Callable[[RunningServer], None], grace_s: float = 5.0
+) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration file."""
+    running = await start_server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, running.core.reload)
+    on_ready(running)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down (grace %.0f s)", grace_s)
+        await running.stop(grace_s)

@@ -1,0 +1,212 @@
+"""Admission and rank assignment: a bounded queue, scheduling windows, per-rank slots.
+
+Every request holds one slot of its rank from assignment to :meth:`Dispatcher.release`;
+a rank never has more than its share of the capacity in flight (``capacity // replicas``
+when several scheduler replicas share the cluster). Failed ranks are taken out for a
+cool-down and tried again after it; a rank SGLang reports as queueing (``/v1/loads``
+``num_waiting_reqs > 0``: someone is oversubscribing it) takes no new requests.
+
+Runs on one asyncio loop; the policy is called only from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scheduler.policies import RankState, RequestInfo, RoutingPolicy
+
+
+class Overloaded(Exception):
+    """The queue is full."""
+
+
+@dataclass
+class _Ticket:
+    info: RequestInfo
+    enqueued: float
+    future: asyncio.Future[int] = field(repr=False)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        policy: RoutingPolicy,
+        num_ranks: int,
+        gpus_per_node: int,
+        capacity: int,
+        *,
+        window_s: float,
+        max_window: int,
+        max_queue: int,
+        cooldown_s: float,
+    ) -> None:
+        self.policy = policy
+        self.gpus_per_node = gpus_per_node
+        self.capacity = capacity
+        self.window_s = window_s
+        self.max_window = max_window
+        self.max_queue = max_queue
+        self.cooldown_s = cooldown_s
+        self.in_flight = np.zeros(num_ranks, dtype=np.int64)
+        self.dispatched = np.zeros(num_ranks, dtype=np.int64)
+        self.failed_until = np.zeros(num_ranks)  # monotonic time a failed rank returns
+        self.backend_running = np.zeros(num_ranks, dtype=np.int64)
+        self.backend_waiting = np.zeros(num_ranks, dtype=np.int64)
+        self.reroutes = 0
+        self._queue: deque[_Ticket] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def num_ranks(self) -> int:
+        return int(self.in_flight.size)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def healthy(self, now: float | None = None) -> np.ndarray:
+        return self.failed_until <= (time.monotonic() if now is None else now)
+
+    def rank_state(self) -> RankState:
+        """What the policy sees: ranks out of service or queueing at SGLang look full."""
+        blocked = ~self.healthy() | (self.backend_waiting > 0)
+        running = np.where(blocked, np.maximum(self.in_flight, self.capacity), self.in_flight)
+        return RankState(running, np.zeros_like(running), self.capacity, self.gpus_per_node)
+
+    def mark_failed(self, rank: int) -> None:
+        self.failed_until[rank] = time.monotonic() + self.cooldown_s
+        self._wake.set()
+
+    def update_backend_loads(self, running: np.ndarray, waiting: np.ndarray) -> None:
+        self.backend_running[:] = running
+        self.backend_waiting[:] = waiting
+        self._wake.set()
+
+    def replace_policy(
+        self,
+        policy: RoutingPolicy,
+        capacity: int,
+        window_s: float,
+        max_window: int,
+        max_queue: int,
+        cooldown_s: float,
+    ) -> None:
+        """A reloaded configuration (same cluster shape); slots in flight stay counted."""
+        self.policy = policy
+        self.capacity, self.window_s, self.max_window = capacity, window_s, max_window
+        self.max_queue, self.cooldown_s = max_queue, cooldown_s
+        self._wake.set()
+
+    # ------------------------------------------------------------------ requests
+
+    async def acquire(self, info: RequestInfo) -> int:
+        """A rank slot for ``info``: immediately when the window is 0 and a rank is free,
+        else at the next window. Raises :class:`Overloaded` when the queue is full. A
+        cancelled waiter leaves the queue, or gives back the slot it was just given."""
+        if self.window_s == 0 and not self._queue:
+            rank = self.policy.choose_rank(info, self.rank_state())
+            if rank is not None:
+                self._take(rank)
+                return rank
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded(f"{len(self._queue)} requests queued (server.max_queue)")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Ticket(info, time.monotonic(), future))
+        self._wake.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(future.result(), info)
+            else:
+                future.cancel()
+            raise
+
+    def release(self, rank: int, info: RequestInfo) -> None:
+        """``info`` no longer runs on ``rank``."""
+        self.in_flight[rank] -= 1
+        if self.in_flight[rank] < 0:
+            raise AssertionError(f"rank {rank} released more often than taken")
+        self.policy.on_finish(info, rank)
+        if self._queue:
+            self._wake.set()
+
+    def _take(self, rank: int) -> None:
+        if not (0 <= rank < self.num_ranks) or self.in_flight[rank] >= self.capacity:
+            raise AssertionError(f"policy {self.policy.name} broke its contract: rank {rank}")
+        self.in_flight[rank] += 1
+        self.dispatched[rank] += 1
+
+    # ------------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="dispatcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while self._queue:
+            ticket = self._queue.popleft()
+            if not ticket.future.done():
+                ticket.future.set_exception(Overloaded("the server is shutting down"))
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._drop_cancelled()
+            if not self._queue:
+                continue
+            if self.window_s > 0 and len(self._queue) < self.max_window:
+                # Wait until the oldest request has waited one window (or the window fills).
+                delay = self._queue[0].enqueued + self.window_s - time.monotonic()
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._full_window(), timeout=delay)
+            self._decide()
+            if self._queue and not self.healthy().any():
+                # Every rank is out: wake when the first cool-down ends.
+                await asyncio.sleep(max(0.0, float(self.failed_until.min()) - time.monotonic()))
+                self._wake.set()
+
+    async def _full_window(self) -> None:
+        while len(self._queue) < self.max_window:
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _drop_cancelled(self) -> None:
+        if any(t.future.done() for t in self._queue):
+            self._queue = deque(t for t in self._queue if not t.future.done())
+
+    def _decide(self) -> None:
+        self._drop_cancelled()
+        window = [self._queue[i] for i in range(min(self.max_window, len(self._queue)))]
+        if not window:
+            return
+        ranks = self.policy.choose_ranks([t.info for t in window], self.rank_state())
+        if len(ranks) != len(window):
+            raise AssertionError(
+                f"policy {self.policy.name} answered {len(ranks)} of {len(window)}"
+            )
+        assigned = set()
+        for ticket, rank in zip(window, ranks, strict=True):
+            if rank is None:
+                continue
+            self._take(rank)
+            ticket.future.set_result(rank)
+            assigned.add(id(ticket))
+        if assigned:
+            self._queue = deque(t for t in self._queue if id(t) not in assigned)
+            if self._queue:
+                self._wake.set()  # the rest of a long queue: another window at once

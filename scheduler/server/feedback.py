@@ -1,0 +1,149 @@
+"""Feedback from finished requests: the routed experts SGLang returned are accounted
+exactly (locality metrics), summed per class into a workload profile for the next
+placement, and kept as (prompt, measured class) rows for the predictors' training.
+
+Pure except :meth:`Feedback.flush`, which writes ``profile.json`` and ``buffer.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scheduler.accounting import account
+from scheduler.jsonio import write_json_atomic
+from scheduler.profile import ClassProfile, WorkloadProfile
+from scheduler.server.cluster import ClusterState
+from scheduler.traces.importers.sglang_generate import decode_routed_experts
+
+#: Class name for requests routed without a predicted class.
+UNCLASSIFIED = "unclassified"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One finished request's measured locality."""
+
+    token_layers: int
+    remote_hits: int
+    inter_node_bytes: int
+    local_fraction: float
+    best_node: int
+    prefill: np.ndarray  # [moe_layers, experts] counts of the prompt's tokens
+    decode: np.ndarray  # [moe_layers, experts] counts of generated tokens
+
+
+class Feedback:
+    def __init__(self, cluster: ClusterState, buffer_size: int = 10_000) -> None:
+        self.cluster = cluster
+        self.token_layers = 0
+        self.remote_hits = 0
+        self.inter_node_bytes = 0
+        self.tokens = 0
+        self.prediction_checks = 0
+        self.prediction_hits = 0
+        self._counts: dict[str, dict[str, np.ndarray]] = {}
+        self._requests: dict[str, int] = {}
+        self._tokens: dict[str, dict[str, int]] = {}
+        self.buffer: deque[dict[str, str]] = deque(maxlen=buffer_size)
+
+    def measure(self, encoded: str, rank: int, prompt_tokens: int) -> Observation:
+        """Account one request's ``meta_info.routed_experts`` served on ``rank``.
+        Raises ValueError for a malformed string."""
+        c = self.cluster
+        ids = decode_routed_experts(encoded, c.model)[:, list(c.model.moe_layer_ids), :]
+        if ids.size and (ids.max() >= c.model.num_experts or ids.min() < 0):
+            raise ValueError("routed_experts holds expert ids outside the model's range")
+        acc = account(
+            c.placement, c.topology, c.model, np.full(len(ids), rank), ids, dest_gpu=c.dest_gpu
+        )
+        layers, experts = c.model.num_moe_layers, c.model.num_experts
+        flat = ids + (np.arange(layers) * experts)[None, :, None]
+        split = min(prompt_tokens, len(ids))
+        prefill = np.bincount(flat[:split].ravel(), minlength=layers * experts)
+        decode = np.bincount(flat[split:].ravel(), minlength=layers * experts)
+        node_hits = (prefill + decode) @ c.node_present
+        total = float((prefill + decode).sum())
+        node = rank // c.topology.gpus_per_node
+        return Observation(
+            token_layers=acc.token_layers,
+            remote_hits=acc.remote_hits,
+            inter_node_bytes=acc.inter_node_bytes,
+            local_fraction=float(node_hits[node] / total) if total else 1.0,
+            best_node=int(np.argmax(node_hits)),
+            prefill=prefill.reshape(layers, experts),
+            decode=decode.reshape(layers, experts),
+        )
+
+    def record(
+        self, obs: Observation, cls: str | None, rank: int, prompt: str, predicted: bool
+    ) -> None:
+        """Add ``obs`` of a request of class ``cls`` run on ``rank``; ``predicted``: the
+        rank was chosen from a prediction (counts towards the hit rate)."""
+        self.token_layers += obs.token_layers
+        self.remote_hits += obs.remote_hits
+        self.inter_node_bytes += obs.inter_node_bytes
+        if predicted:
+            self.prediction_checks += 1
+            self.prediction_hits += int(
+                obs.best_node == rank // self.cluster.topology.gpus_per_node
+            )
+        name = cls or UNCLASSIFIED
+        counts = self._counts.setdefault(name, {})
+        tokens = self._tokens.setdefault(name, {})
+        for phase, arr in (("prefill", obs.prefill), ("decode", obs.decode)):
+            n = int(arr.sum()) // self.cluster.model.top_k // self.cluster.model.num_moe_layers
+            if n:
+                counts[phase] = counts.get(phase, 0) + arr
+                tokens[phase] = tokens.get(phase, 0) + n
+                self.tokens += n
+        self._requests[name] = self._requests.get(name, 0) + 1
+        if prompt:
+            self.buffer.append({"prompt": prompt, "class": name})
+
+    @property
+    def prediction_hit_rate(self) -> float:
+        return self.prediction_hits / self.prediction_checks if self.prediction_checks else 0.0
+
+    def profile(self) -> WorkloadProfile | None:
+        """Per-class profile of everything observed (None before the first observation)."""
+        total = sum(self._requests.values())
+        classes = {
+            name: ClassProfile(
+                weight=self._requests[name] / total,
+                counts={p: np.asarray(a, dtype=np.float64) for p, a in counts.items()},
+                requests=self._requests[name],
+                tokens=dict(self._tokens[name]),
+            )
+            for name, counts in self._counts.items()
+            if counts
+        }
+        if not classes:
+            return None
+        return WorkloadProfile(
+            self.cluster.model,
+            classes,
+            source={
+                "generator": "moe-scheduler serve (feedback)",
+                "placement_version": self.cluster.version,
+                "requests": total,
+                "note": "routed experts returned by SGLang for requests this server ran",
+            },
+        )
+
+    def flush(self, directory: Path) -> None:
+        """Write ``profile.json`` and ``buffer.jsonl`` into ``directory`` (atomically)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        profile = self.profile()
+        if profile is not None:
+            write_json_atomic(directory / "profile.json", profile.to_json())
+        tmp = directory / f".buffer.jsonl.tmp-{os.getpid()}"
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in self.buffer:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, directory / "buffer.jsonl")
