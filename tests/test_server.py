@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+import urllib.request
 from pathlib import Path
 
-from scheduler.client import SchedulerClient
-from tests.emulator_harness import EmulatorServer, make_emulator
-from tests.server_harness import SchedulerServer, write_config
+import grpc
+import pytest
+
+from scheduler.client import SchedulerClient, make_request
+from scheduler.profile import load_profile, parse_profile
+from tests.emulator_harness import EmulatorServer, get, make_emulator, post
+from tests.server_harness import SchedulerServer, write_config, write_placement
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -36,3 +43,299 @@ def test_unary_and_streaming_generation(tmp_path: Path) -> None:
                 assert stats.requests_ok == 2 and stats.token_layers > 0
 
         run(go())
+
+
+def _loads(url: str) -> list[dict]:  # type: ignore[type-arg]
+    status, body = get(url + "/v1/loads")
+    assert status == 200
+    return body["loads"]
+
+
+def test_requests_run_on_the_rank_the_scheduler_chose(tmp_path: Path) -> None:
+    with EmulatorServer(make_emulator()) as emu:
+        config = write_config(tmp_path, emu.url, policy={"name": "round_robin"})
+        with SchedulerServer(config) as s:
+
+            async def go() -> list[int]:
+                async with SchedulerClient(s.target) as client:
+                    replies = [
+                        await client.generate(f"prompt {i}", max_new_tokens=2) for i in range(8)
+                    ]
+                    return [r.info.dp_rank for r in replies]
+
+            ranks = run(go())
+        assert ranks == [0, 1, 2, 3, 0, 1, 2, 3]
+        finished = [row["emulator"]["finished_reqs"] for row in _loads(emu.url)]
+        assert finished == [2, 2, 2, 2]
+
+
+def test_class_affinity_sends_a_class_to_its_node(tmp_path: Path) -> None:
+    with EmulatorServer(make_emulator()) as emu:
+        placement = write_placement(tmp_path / "placement", 2, 2)
+        plan = json.loads((placement / "plan.json").read_text())
+        plan["class_to_node_share"]["law"] = [0.0, 1.0]
+        (placement / "plan.json").write_text(json.dumps(plan))
+        config = write_config(tmp_path, emu.url, policy={"name": "class_affinity"})
+        with SchedulerServer(config) as s:
+
+            async def go() -> set[int]:
+                async with SchedulerClient(s.target) as client:
+                    nodes = set()
+                    for _ in range(4):
+                        reply = await client.generate("x", class_hint="law", max_new_tokens=1)
+                        assert reply.info.prediction_source == "hint"
+                        nodes.add(reply.info.node)
+                    return nodes
+
+            assert run(go()) == {1}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt": "   "}, "empty"),
+        ({"prompt": "x" * 5000}, "characters"),
+        ({"prompt": []}, "input_ids is empty"),
+        ({"prompt": "hi", "temperature": -1.0}, "temperature"),
+        ({"prompt": "hi", "max_new_tokens": 100_000}, "max_new_tokens"),
+        ({"prompt": "hi", "class_hint": "poetry"}, "unknown class_hint"),
+    ],
+)
+def test_bad_input_is_invalid_argument(tmp_path: Path, kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
+    with EmulatorServer(make_emulator()) as emu:
+        config = write_config(
+            tmp_path,
+            emu.url,
+            server={
+                "listen": "127.0.0.1:0",
+                "metrics_listen": "127.0.0.1:0",
+                "max_prompt_chars": 4000,
+            },
+        )
+        with SchedulerServer(config) as s:
+
+            async def go() -> None:
+                async with SchedulerClient(s.target) as client:
+                    prompt = kwargs.pop("prompt")
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await client.generate(prompt, **kwargs)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert message in err.value.details()
+
+            run(go())
+
+
+def test_failed_rank_is_taken_out_and_requests_rerouted(tmp_path: Path) -> None:
+    with EmulatorServer(make_emulator()) as emu:
+        status, _ = post(emu.url + "/admin/ranks/1", {"mode": "fail"})
+        assert status == 200
+        config = write_config(tmp_path, emu.url, policy={"name": "round_robin"})
+        with SchedulerServer(config) as s:
+
+            async def go() -> None:
+                async with SchedulerClient(s.target) as client:
+                    replies = await asyncio.gather(
+                        *(client.generate(f"p{i}", max_new_tokens=2) for i in range(20))
+                    )
+                    assert all(r.info.dp_rank != 1 for r in replies)
+                    assert any(r.info.attempts == 2 for r in replies)
+                    stats = await client.stats()
+                    assert stats.requests_ok == 20 and stats.requests_failed == 0
+                    assert stats.reroutes >= 1
+                    assert not stats.ranks[1].healthy
+                    assert all(r.in_flight == 0 for r in stats.ranks)
+
+            run(go())
+        assert _loads(emu.url)[1]["emulator"]["finished_reqs"] == 0
+
+
+def _wait_idle(emu_url: str, s: SchedulerServer) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rows = _loads(emu_url)
+        in_flight = s.call(lambda: int(s.running.core.dispatcher.in_flight.sum()))  # type: ignore[union-attr]
+        if (
+            all(r["num_running_reqs"] == 0 and r["num_waiting_reqs"] == 0 for r in rows)
+            and not in_flight
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"backend or scheduler still busy: {rows}")
+
+
+def test_client_cancellation_aborts_the_backend_request(tmp_path: Path) -> None:
+    with (
+        EmulatorServer(make_emulator(time_scale=1.0)) as emu,
+        SchedulerServer(write_config(tmp_path, emu.url)) as s,
+    ):
+
+        async def go() -> None:
+            async with SchedulerClient(s.target) as client:
+                call = client.stub.GenerateStream(make_request("hi", max_new_tokens=2000))
+                async for chunk in call:
+                    assert not chunk.finished
+                    break  # got the first token
+                call.cancel()
+
+        run(go())
+        _wait_idle(emu.url, s)
+        text = urllib.request.urlopen(s.running.metrics_url).read().decode()  # type: ignore[union-attr]
+        assert 'moe_scheduler_requests_total{outcome="cancelled"} 1.0' in text
+
+
+def test_deadline_expiry(tmp_path: Path) -> None:
+    with (
+        EmulatorServer(make_emulator(time_scale=1.0)) as emu,
+        SchedulerServer(write_config(tmp_path, emu.url)) as s,
+    ):
+
+        async def go() -> None:
+            async with SchedulerClient(s.target) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await client.generate("hi", max_new_tokens=2000, timeout=0.3)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        run(go())
+        _wait_idle(emu.url, s)
+
+
+def test_overload_is_resource_exhausted(tmp_path: Path) -> None:
+    with EmulatorServer(make_emulator(time_scale=1.0)) as emu:
+        config = write_config(
+            tmp_path,
+            emu.url,
+            policy={"name": "total_requests", "capacity": 1},
+            server={"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "max_queue": 2},
+        )
+        with SchedulerServer(config) as s:
+
+            async def go() -> None:
+                async with SchedulerClient(s.target) as client:
+                    calls = [
+                        asyncio.ensure_future(
+                            client.generate(f"p{i}", max_new_tokens=2000, timeout=3)
+                        )
+                        for i in range(7)  # 4 ranks x 1 slot, 2 queued, 1 refused
+                    ]
+                    done = await asyncio.gather(*calls, return_exceptions=True)
+                    codes = [d.code() for d in done if isinstance(d, grpc.aio.AioRpcError)]
+                    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1
+
+            run(go())
+
+
+def test_reload_valid_and_invalid(tmp_path: Path) -> None:
+    with EmulatorServer(make_emulator()) as emu:
+        config = write_config(tmp_path, emu.url, policy={"name": "total_requests"})
+        with SchedulerServer(config) as s:
+
+            async def go() -> None:
+                async with SchedulerClient(s.target) as client:
+                    assert (await client.placement()).policy == "total_requests"
+                    write_config(tmp_path, emu.url, policy={"name": "round_robin"})
+                    reply = await client.reload()
+                    assert reply.ok, reply.message
+                    assert (await client.placement()).policy == "round_robin"
+                    write_config(tmp_path, emu.url, policy={"name": "no_such_policy"})
+                    reply = await client.reload()
+                    assert not reply.ok and "no_such_policy" in reply.message
+                    assert (await client.placement()).policy == "round_robin"
+                    config.write_text("not toml [")
+                    assert not (await client.reload()).ok
+                    await client.generate("still serving", max_new_tokens=1)
+
+            run(go())
+
+
+def test_feedback_updates_statistics_and_profile(tmp_path: Path) -> None:
+    with (
+        EmulatorServer(make_emulator()) as emu,
+        SchedulerServer(write_config(tmp_path, emu.url)) as s,
+    ):
+
+        async def go() -> None:
+            async with SchedulerClient(s.target) as client:
+                for text in ("solve 2x + 3 = 7 for x", "def add(a, b): return a + b"):
+                    await client.generate(text, max_new_tokens=8)
+                stats = await client.stats()
+                assert stats.token_layers > 0 and stats.prediction_checks == 2
+                assert stats.inter_node_bytes_per_token >= 0
+                fb = await client.feedback()
+                profile = parse_profile(json.loads(fb.profile_json), tmp_path / "fb.json")
+                assert set(profile.classes) == {"law", "translation"}
+                assert fb.placement_version == (await client.placement()).version
+
+        run(go())
+    # flushed on shutdown
+    flushed = load_profile(tmp_path / "feedback" / "profile.json")
+    assert flushed.classes["law"].requests == 1
+    assert (tmp_path / "feedback" / "buffer.jsonl").read_text().count("\n") == 2
+
+
+def test_health_reflection_and_metrics(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with (
+        EmulatorServer(make_emulator()) as emu,
+        SchedulerServer(write_config(tmp_path, emu.url)) as s,
+    ):
+        with grpc.insecure_channel(s.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 10
+            while True:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service="moe_scheduler.v1.Scheduler")
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                assert time.monotonic() < deadline, "never SERVING"
+                time.sleep(0.05)
+            services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+            assert "moe_scheduler.v1.Scheduler" in services
+        text = urllib.request.urlopen(s.running.metrics_url).read().decode()  # type: ignore[union-attr]
+        for name in (
+            "moe_scheduler_requests_total",
+            "moe_scheduler_ttft_seconds",
+            "moe_scheduler_rank_in_flight",
+            "moe_scheduler_prediction_hit_ratio",
+        ):
+            assert name in text
+
+
+def test_two_replicas_never_oversubscribe_a_rank(tmp_path: Path) -> None:
+    emulator = make_emulator(capacity=2, time_scale=0.2)
+    with EmulatorServer(emulator) as emu:
+        configs = []
+        for i in range(2):
+            d = tmp_path / f"r{i}"
+            d.mkdir()
+            configs.append(
+                write_config(
+                    d,
+                    emu.url,
+                    policy={"name": "total_requests", "capacity": 2},
+                    server={
+                        "listen": "127.0.0.1:0",
+                        "metrics_listen": "127.0.0.1:0",
+                        "replicas": 2,
+                    },
+                )
+            )
+        with SchedulerServer(configs[0]) as a, SchedulerServer(configs[1]) as b:
+
+            async def go() -> None:
+                async with SchedulerClient(a.target) as ca, SchedulerClient(b.target) as cb:
+                    calls = [
+                        (ca if i % 2 else cb).generate(f"p{i}", max_new_tokens=20)
+                        for i in range(40)
+                    ]
+                    replies = await asyncio.gather(*calls)
+                    assert len(replies) == 40
+
+            run(go())
+        rows = _loads(emu.url)
+        assert sum(r["emulator"]["finished_reqs"] for r in rows) == 40
+        assert all(r["emulator"]["queued_reqs_total"] == 0 for r in rows), rows

@@ -54,6 +54,8 @@ class _Rank:
     mode: str = "ok"
     resume: asyncio.Event = field(default_factory=asyncio.Event)
     finished: int = 0
+    #: Requests that found the rank full and had to wait (over-subscription).
+    queued_total: int = 0
     generated: deque[list[int]] = field(default_factory=deque)  # [second, tokens]
     sleepers: set[asyncio.Future[bool]] = field(default_factory=set)
 
@@ -130,6 +132,7 @@ class RankPool:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             entry = (future, ticket)
             rank.waiting.append(entry)
+            rank.queued_total += 1
             rank.waiting_tokens += ticket.prompt_tokens
             try:
                 await future  # resolved by _hand_over, which counts us as running
@@ -290,6 +293,10 @@ class RankPool:
                     "paused": len(r.waiting) if r.mode == "hang" else 0,
                     "retracted": 0,
                 }
-            entry["emulator"] = {"mode": r.mode, "finished_reqs": r.finished}
+            entry["emulator"] = {
+                "mode": r.mode,
+                "finished_reqs": r.finished,
+                "queued_reqs_total": r.queued_total,
+            }
             out.append(entry)
         return out
