@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from scheduler.cli import main
 from scheduler.client import SchedulerClient, make_request
 from scheduler.profile import load_profile, parse_profile
 from tests.emulator_harness import EmulatorServer, get, make_emulator, post
@@ -266,6 +267,24 @@ def test_feedback_updates_statistics_and_profile(tmp_path: Path) -> None:
                 assert fb.placement_version == (await client.placement()).version
 
         run(go())
+        # the next placement from what the server measured
+        topology = tmp_path / "t.toml"
+        topology.write_text("[cluster]\nnodes = 2\ngpus_per_node = 2\n")
+        out = tmp_path / "next"
+        argv = [
+            "place",
+            "--from-server",
+            s.target,
+            "--topology",
+            str(topology),
+            "--method",
+            "trivial",
+            "--out",
+            str(out),
+        ]
+        assert main(argv) == 0
+        assert (out / "expert_location.json").exists()
+        assert load_profile(tmp_path / "next.profile.json").classes["law"].requests == 1
     # flushed on shutdown
     flushed = load_profile(tmp_path / "feedback" / "profile.json")
     assert flushed.classes["law"].requests == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,14 @@ def add_commands(sub: Any) -> None:
         "DIR/expert_location.json (SGLang --init-expert-location) and DIR/plan.json; or "
         "validate an existing placement directory with --check DIR.",
     )
-    p.add_argument("--profile", type=Path, required=True, help="workload profile JSON")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", type=Path, help="workload profile JSON")
+    source.add_argument(
+        "--from-server",
+        metavar="HOST:PORT",
+        help="use the profile a running scheduler measured from routed experts (its "
+        "GetFeedback RPC) instead of --profile; it is also written to DIR.profile.json",
+    )
     p.add_argument("--topology", type=Path, required=True, help="topology TOML (design.md)")
     p.add_argument("--out", type=Path, help="placement directory to write")
     p.add_argument("--check", type=Path, metavar="DIR", help="validate an existing placement")
@@ -75,6 +83,10 @@ def cmd_place(args: argparse.Namespace) -> int:
     from scheduler.placement.topology import load_topology
     from scheduler.profile import load_profile
 
+    if args.from_server:
+        if not args.out:
+            raise ConfigError("--from-server needs --out DIR")
+        args.profile = _fetch_server_profile(args.from_server, args.out)
     profile = load_profile(args.profile)
     topology = load_topology(args.topology)
     if args.check:
@@ -141,3 +153,34 @@ def cmd_place(args: argparse.Namespace) -> int:
         f"{result.solve_seconds:.1f} s{gap})"
     )
     return 0
+
+
+def _fetch_server_profile(target: str, out: Path) -> Path:
+    """The scheduler's feedback profile, saved beside ``out`` as ``<out>.profile.json``."""
+    import asyncio
+
+    import grpc
+
+    from scheduler.client import SchedulerClient
+    from scheduler.errors import ConfigError
+    from scheduler.jsonio import write_json_atomic
+
+    async def fetch() -> str:
+        async with SchedulerClient(target) as client:
+            return (await client.feedback()).profile_json
+
+    try:
+        text = asyncio.run(asyncio.wait_for(fetch(), timeout=30))
+    except (grpc.aio.AioRpcError, TimeoutError) as e:
+        detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "no answer in 30 s"
+        raise ConfigError(f"--from-server {target}: {detail}") from None
+    if not text:
+        raise ConfigError(
+            f"--from-server {target}: no feedback yet (no finished request returned routed "
+            "experts; is backend.return_routed_experts on?)"
+        )
+    path = out.with_name(out.name + ".profile.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, json.loads(text))
+    print(f"profile from {target} written to {path}", file=sys.stderr)
+    return path
