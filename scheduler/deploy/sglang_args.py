@@ -1,0 +1,339 @@
+"""The ``python3 -m sglang.launch_server`` command of every node of a multi-node SGLang
+cluster that serves a placement written by ``moe-scheduler place``.
+
+Pure: values in, argv lists and text out; no files, no environment. The flags and their
+semantics are those of SGLang 0.5.23 (``../shared/docs/sglang-integration.md`` §1, §3,
+§4); two of them depend on the version and are switched by :class:`SglangVersion`:
+
+- attention data parallelism is ``--attn-dp-size N`` from 0.5.23 and
+  ``--enable-dp-attention --dp-size N`` before (0.5.23 still accepts the old spelling);
+- ``--enable-return-routed-experts`` exists from 0.5.7 on.
+
+Layout (attention TP 1, ``ep_size == tp_size`` = every GPU): DP rank ``r`` runs on GPU
+``r``, which is EP rank ``r`` and holds physical slots ``[r * L, (r + 1) * L)`` with
+``L = slots / GPUs``; node ``n`` hosts ranks ``[n * G, (n + 1) * G)``. Only node 0 serves
+HTTP, so only node 0 gets ``--host``/``--port``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.errors import ConfigError
+
+#: The interpreter and module every node runs.
+LAUNCH_PREFIX = ("python3", "-m", "sglang.launch_server")
+#: The SGLang version the flags were checked against.
+DEFAULT_SGLANG_VERSION = "0.5.23"
+
+#: Flags this module sets itself; passing them again through ``extra_args`` is refused,
+#: since SGLang would take the last one and silently contradict the placement.
+MANAGED_FLAGS = frozenset(
+    {
+        "--model-path",
+        "--nnodes",
+        "--node-rank",
+        "--dist-init-addr",
+        "--tp-size",
+        "--tp",
+        "--ep-size",
+        "--ep",
+        "--attn-dp-size",
+        "--attention-data-parallel-size",
+        "--dp-size",
+        "--dp",
+        "--enable-dp-attention",
+        "--init-expert-location",
+        "--ep-num-redundant-experts",
+        "--ep-dispatch-algorithm",
+        "--moe-a2a-backend",
+        "--enable-return-routed-experts",
+        "--schedule-policy",
+        "--host",
+        "--port",
+    }
+)
+
+_VERSION = re.compile(
+    r"v?(?P<release>\d+(?:\.\d+){0,3})"
+    r"(?:[-_.]?(?P<pre>a|b|rc)(?P<pre_n>\d+))?"
+    r"(?:[-_.]?post(?P<post>\d+))?"
+    r"(?:[-_.]?dev(?P<dev>\d+))?"
+    r"(?:\+[0-9A-Za-z.]+)?",
+)
+_PRE_PHASES = ("a", "b", "rc")
+
+
+@dataclass(frozen=True, order=True)
+class SglangVersion:
+    """A PEP 440 version (the subset SGLang releases use), ordered as pip orders them.
+
+    ``key`` is what compares: the release padded to four numbers, then the pre-release
+    (a pre-release or dev release sorts before its release), then post, then dev. So
+    ``0.5.23rc1 < 0.5.23 < 0.5.23.post1``; a pre-release of a version that introduced a
+    flag therefore gets the older spelling, which the release still accepts.
+    """
+
+    key: tuple[tuple[int, ...], tuple[int, ...], int, tuple[int, int]]
+    text: str = field(compare=False)
+
+    @classmethod
+    def parse(cls, text: str) -> SglangVersion:
+        match = _VERSION.fullmatch(text.strip())
+        if match is None:
+            raise ConfigError(
+                f"--sglang-version {text!r} is not a version; give SGLang's version as pip "
+                "shows it, e.g. 0.5.23, 0.5.5.post3 or 0.5.10rc1"
+            )
+        release = tuple(int(p) for p in match["release"].split("."))
+        release = release + (0,) * (4 - len(release))
+        dev = match["dev"]
+        if match["pre"] is not None:
+            pre: tuple[int, ...] = (0, _PRE_PHASES.index(match["pre"]), int(match["pre_n"]))
+        elif dev is not None and match["post"] is None:
+            pre = (-1,)  # X.Y.devN comes before X.Y's pre-releases
+        else:
+            pre = (1,)  # the release itself
+        post = -1 if match["post"] is None else int(match["post"])
+        dev_key = (1, 0) if dev is None else (0, int(dev))
+        return cls((release, pre, post, dev_key), text.strip().removeprefix("v"))
+
+    def __str__(self) -> str:
+        return self.text
+
+
+#: From this version on attention DP is ``--attn-dp-size`` (before: ``--enable-dp-attention
+#: --dp-size``); sglang-integration.md, "Breaking naming change in 0.5.23".
+ATTN_DP_SIZE_SINCE = SglangVersion.parse("0.5.23")
+#: ``--enable-return-routed-experts`` first appears in 0.5.7 (sglang-integration.md §3).
+ROUTED_EXPERTS_SINCE = SglangVersion.parse("0.5.7")
+
+_HOST_PORT = re.compile(r"(?P<host>\S+):(?P<port>\d{1,5})")
+
+
+def node_of_dp_rank(dp_rank: int, tp_size: int, attn_dp_size: int, nnodes: int) -> int:
+    """The node that runs DP-attention rank ``dp_rank`` (attention CP 1).
+
+    SGLang lays TP ranks out ``(dp, tp)``, tp fastest, and node ``n`` hosts TP ranks
+    ``[n * tp_size / nnodes, (n + 1) * tp_size / nnodes)``, so the rank's first TP rank
+    ``dp_rank * attn_tp_size`` decides its node (sglang-integration.md §4).
+    """
+    if tp_size % attn_dp_size or tp_size % nnodes:
+        raise ConfigError(
+            f"tp size {tp_size} must be divisible by the attention DP size {attn_dp_size} "
+            f"and by the number of nodes {nnodes}"
+        )
+    if not 0 <= dp_rank < attn_dp_size:
+        raise ConfigError(f"DP rank {dp_rank} outside [0, {attn_dp_size})")
+    attn_tp_size = tp_size // attn_dp_size
+    return dp_rank * attn_tp_size // (tp_size // nnodes)
+
+
+@dataclass(frozen=True)
+class SglangLaunch:
+    """One SGLang cluster launch: ``nodes`` x ``gpus_per_node`` GPUs, every GPU an
+    attention-DP rank and an EP rank, serving a placement of ``num_slots`` physical
+    slots per MoE layer for ``num_experts`` logical experts.
+
+    ``expert_location`` is the path of ``expert_location.json`` as the nodes see it.
+    ``dist_init_addr`` (``HOST:PORT`` of node 0) is required for more than one node.
+    ``extra_args`` are appended to every node's command (for instance
+    ``--trust-remote-code``); they may not repeat a flag this class sets.
+    """
+
+    model_path: str
+    nodes: int
+    gpus_per_node: int
+    num_experts: int
+    num_slots: int
+    expert_location: str
+    version: SglangVersion = field(
+        default_factory=lambda: SglangVersion.parse(DEFAULT_SGLANG_VERSION)
+    )
+    dist_init_addr: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 30000
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.model_path.strip():
+            raise ConfigError("--model-path must name the model (HF id or local directory)")
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ConfigError(
+                f"the topology needs >= 1 node and >= 1 GPU per node, got "
+                f"{self.nodes} x {self.gpus_per_node}"
+            )
+        if self.num_slots < self.num_experts:
+            raise ConfigError(
+                f"the placement has {self.num_slots} slots per layer, fewer than the model's "
+                f"{self.num_experts} experts: it was made for another model"
+            )
+        if self.num_slots % self.num_gpus:
+            raise ConfigError(
+                f"the placement's {self.num_slots} slots per layer do not split evenly over "
+                f"{self.num_gpus} GPUs ({self.nodes} x {self.gpus_per_node}): it was made for "
+                "another topology"
+            )
+        if self.dist_init_addr is None:
+            if self.nodes > 1:
+                raise ConfigError(
+                    f"--dist-init-addr HOST:PORT is required for {self.nodes} nodes: an "
+                    "address of node 0 that every node reaches (a free port, not --port)"
+                )
+        else:
+            match = _HOST_PORT.fullmatch(self.dist_init_addr)
+            if match is None or not 0 < int(match["port"]) < 65536:
+                raise ConfigError(
+                    f"--dist-init-addr {self.dist_init_addr!r} must be HOST:PORT "
+                    "(node 0's address, port in 1-65535)"
+                )
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port {self.port} must be in 1-65535")
+        if not self.host.strip():
+            raise ConfigError("--host must not be empty (0.0.0.0 listens on every interface)")
+        for arg in self.extra_args:
+            flag = arg.split("=", 1)[0]
+            if flag == "--enable-eplb":
+                raise ConfigError(
+                    "--enable-eplb is refused: SGLang's online EPLB would overwrite the "
+                    "placement; re-place with `moe-scheduler place --current` instead"
+                )
+            if flag in MANAGED_FLAGS:
+                raise ConfigError(
+                    f"extra argument {flag} is set by sglang-args itself; use its own option "
+                    "or change the topology/placement"
+                )
+
+    @property
+    def num_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def tp_size(self) -> int:
+        """TP size = EP size = attention DP size = every GPU (attention TP 1)."""
+        return self.num_gpus
+
+    @property
+    def redundant_experts(self) -> int:
+        """``--ep-num-redundant-experts``: physical slots beyond one per logical expert."""
+        return self.num_slots - self.num_experts
+
+    @property
+    def uses_attn_dp_size(self) -> bool:
+        return self.version >= ATTN_DP_SIZE_SINCE
+
+    @property
+    def returns_routed_experts(self) -> bool:
+        return self.version >= ROUTED_EXPERTS_SINCE
+
+    def dp_ranks(self, node_rank: int) -> range:
+        """DP ranks that node ``node_rank`` runs: ``[n * G, (n + 1) * G)``."""
+        return range(node_rank * self.gpus_per_node, (node_rank + 1) * self.gpus_per_node)
+
+
+def node_argv(launch: SglangLaunch, node_rank: int) -> list[str]:
+    """The full command of node ``node_rank``, ``python3 -m sglang.launch_server ...``."""
+    if not 0 <= node_rank < launch.nodes:
+        raise ConfigError(f"node rank {node_rank} outside [0, {launch.nodes})")
+    n = str(launch.tp_size)
+    argv = [*LAUNCH_PREFIX, "--model-path", launch.model_path]
+    argv += ["--nnodes", str(launch.nodes), "--node-rank", str(node_rank)]
+    if launch.dist_init_addr is not None:
+        argv += ["--dist-init-addr", launch.dist_init_addr]
+    argv += ["--tp-size", n, "--ep-size", n]
+    if launch.uses_attn_dp_size:
+        argv += ["--attn-dp-size", n]
+    else:
+        argv += ["--enable-dp-attention", "--dp-size", n]
+    argv += ["--moe-a2a-backend", "deepep"]
+    argv += ["--init-expert-location", launch.expert_location]
+    argv += ["--ep-num-redundant-experts", str(launch.redundant_experts)]
+    argv += ["--ep-dispatch-algorithm", "static"]
+    if launch.returns_routed_experts:
+        argv.append("--enable-return-routed-experts")
+    argv += ["--schedule-policy", "routing-key"]
+    if node_rank == 0:
+        argv += ["--host", launch.host, "--port", str(launch.port)]
+    argv += list(launch.extra_args)
+    return argv
+
+
+def all_node_argv(launch: SglangLaunch) -> list[list[str]]:
+    """[nodes] commands, node rank order."""
+    return [node_argv(launch, r) for r in range(launch.nodes)]
+
+
+def launch_notes(launch: SglangLaunch) -> list[str]:
+    """Plain-words remarks that go with the commands (comments in the shell script)."""
+    notes = [
+        "--enable-eplb is left off on purpose: SGLang's online EPLB would periodically "
+        "overwrite this placement with its own (sglang-integration.md §1.5).",
+        f"Node n runs DP ranks [n*{launch.gpus_per_node}, (n+1)*{launch.gpus_per_node}); "
+        f"only node 0 serves HTTP, on {launch.host}:{launch.port}: point the scheduler's "
+        "[backend] url at it.",
+    ]
+    if not launch.uses_attn_dp_size:
+        notes.append(
+            f"SGLang {launch.version} predates --attn-dp-size (0.5.23): attention DP uses "
+            "--enable-dp-attention --dp-size."
+        )
+    if not launch.returns_routed_experts:
+        notes.append(
+            f"--enable-return-routed-experts is omitted: SGLang {launch.version} has no such "
+            "flag (it arrived in 0.5.7); set [backend] return_routed_experts = false in "
+            "scheduler.toml."
+        )
+    return notes
+
+
+def _rank_span(ranks: range) -> str:
+    return f"{ranks.start}" if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
+
+
+def render_shell(launch: SglangLaunch, header: list[str] | None = None) -> str:
+    """A shell listing: comments, then per node a ``# node N`` line and its command,
+    one flag per continuation line, every value shell-quoted. Run node N's command on
+    node N (the commands run in the foreground; this is not one script to execute)."""
+    lines = [f"# {h}" for h in header or []]
+    lines += [f"# {note}" for note in launch_notes(launch)]
+    for rank, argv in enumerate(all_node_argv(launch)):
+        http = f"; HTTP on {launch.host}:{launch.port}" if rank == 0 else ""
+        lines.append("")
+        lines.append(f"# node {rank}: DP ranks {_rank_span(launch.dp_ranks(rank))}{http}")
+        prefix, rest = argv[: len(LAUNCH_PREFIX)], argv[len(LAUNCH_PREFIX) :]
+        groups: list[list[str]] = [prefix]
+        for arg in rest:
+            if arg.startswith("--"):
+                groups.append([arg])
+            else:
+                groups[-1].append(arg)
+        rendered = [" ".join(shlex.quote(a) for a in g) for g in groups]
+        lines.append(" \\\n    ".join(rendered))
+    return "\n".join(lines) + "\n"
+
+
+def render_json(launch: SglangLaunch) -> dict[str, Any]:
+    """The same as a JSON-able object: notes, and per node its rank, DP ranks, HTTP
+    address (node 0 only) and argv."""
+    return {
+        "format": "moe-scheduler-sglang-args",
+        "version": 1,
+        "sglang_version": str(launch.version),
+        "tp_size": launch.tp_size,
+        "ep_size": launch.tp_size,
+        "attn_dp_size": launch.tp_size,
+        "ep_num_redundant_experts": launch.redundant_experts,
+        "notes": launch_notes(launch),
+        "nodes": [
+            {
+                "node_rank": rank,
+                "dp_ranks": [launch.dp_ranks(rank).start, launch.dp_ranks(rank).stop - 1],
+                "http": f"{launch.host}:{launch.port}" if rank == 0 else None,
+                "argv": argv,
+            }
+            for rank, argv in enumerate(all_node_argv(launch))
+        ],
+    }

@@ -1,0 +1,372 @@
+"""``moe-scheduler sglang-args``: the SGLang launch commands, checked against the facts of
+sglang-integration.md (flag names, node ranks, DP-rank layout, version switch, redundant
+experts) and against bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scheduler.cli import main
+from scheduler.deploy.sglang_args import (
+    LAUNCH_PREFIX,
+    SglangLaunch,
+    SglangVersion,
+    all_node_argv,
+    node_argv,
+    node_of_dp_rank,
+    render_shell,
+)
+from scheduler.errors import ConfigError
+from scheduler.jsonio import write_json_atomic
+from scheduler.model_shape import PRESETS
+from scheduler.placement.io import to_sglang
+from scheduler.placement.placement import Placement
+
+MODEL = PRESETS["deepseek-v2-lite"]  # 64 experts, 27 hidden layers
+
+
+def launch(**kw: object) -> SglangLaunch:
+    values: dict[str, object] = dict(
+        model_path="deepseek-ai/DeepSeek-V2-Lite",
+        nodes=2,
+        gpus_per_node=8,
+        num_experts=64,
+        num_slots=80,
+        expert_location="/p/expert_location.json",
+        dist_init_addr="10.0.0.1:5000",
+    )
+    values.update(kw)
+    return SglangLaunch(**values)  # type: ignore[arg-type]
+
+
+def flags(argv: list[str]) -> dict[str, str | None]:
+    """--flag -> value (None for a switch); the launch prefix skipped."""
+    out: dict[str, str | None] = {}
+    rest = argv[len(LAUNCH_PREFIX) :]
+    for i, arg in enumerate(rest):
+        if arg.startswith("--"):
+            nxt = rest[i + 1] if i + 1 < len(rest) else None
+            out[arg] = None if nxt is None or nxt.startswith("--") else nxt
+    return out
+
+
+# ----------------------------------------------------------------------------- argv
+
+
+def test_every_node_gets_the_flags_of_sglang_0_5_23():
+    spec = launch()
+    commands = all_node_argv(spec)
+    assert len(commands) == 2
+    for rank, argv in enumerate(commands):
+        assert tuple(argv[:3]) == ("python3", "-m", "sglang.launch_server")
+        f = flags(argv)
+        assert f["--model-path"] == "deepseek-ai/DeepSeek-V2-Lite"
+        assert f["--nnodes"] == "2" and f["--node-rank"] == str(rank)
+        assert f["--dist-init-addr"] == "10.0.0.1:5000"
+        # TP = EP = attention DP = all 16 GPUs (attention TP 1: DP rank r is EP rank r).
+        assert f["--tp-size"] == f["--ep-size"] == f["--attn-dp-size"] == "16"
+        assert "--enable-dp-attention" not in f and "--dp-size" not in f
+        assert f["--init-expert-location"] == "/p/expert_location.json"
+        # num_physical = num_logical + redundant (§1.2).
+        assert f["--ep-num-redundant-experts"] == "16"
+        assert f["--ep-dispatch-algorithm"] == "static"
+        assert f["--moe-a2a-backend"] == "deepep"
+        assert "--enable-return-routed-experts" in f and f["--enable-return-routed-experts"] is None
+        assert f["--schedule-policy"] == "routing-key"
+        # Online EPLB would overwrite the placement (§1.5): never on.
+        assert "--enable-eplb" not in f
+        # Only node 0 runs HTTP (§4).
+        if rank == 0:
+            assert f["--host"] == "0.0.0.0" and f["--port"] == "30000"
+        else:
+            assert "--host" not in f and "--port" not in f
+
+
+def test_dp_rank_layout_matches_sglang():
+    # §4: --tp 16 --attn-dp-size 16 --nnodes 2 puts DP ranks 0-7 on node 0, 8-15 on node 1.
+    nodes = [node_of_dp_rank(r, tp_size=16, attn_dp_size=16, nnodes=2) for r in range(16)]
+    assert nodes == [0] * 8 + [1] * 8
+    # With attention TP 2 (8 DP ranks over 16 GPUs) ranks 0-3 are on node 0.
+    nodes = [node_of_dp_rank(r, tp_size=16, attn_dp_size=8, nnodes=2) for r in range(8)]
+    assert nodes == [0] * 4 + [1] * 4
+    spec = launch()
+    for node in range(spec.nodes):
+        for r in spec.dp_ranks(node):
+            assert node_of_dp_rank(r, spec.tp_size, spec.tp_size, spec.nodes) == node
+    assert list(spec.dp_ranks(0)) == list(range(8))
+    with pytest.raises(ConfigError):
+        node_of_dp_rank(16, 16, 16, 2)
+    with pytest.raises(ConfigError):
+        node_of_dp_rank(0, 16, 6, 2)
+
+
+@pytest.mark.parametrize(
+    "version, attn_dp_size, routed",
+    [
+        ("0.5.23", True, True),
+        ("0.5.23.post1", True, True),
+        ("0.6.0", True, True),
+        ("v0.5.24", True, True),
+        ("0.5.23rc1", False, True),  # a pre-release gets the old spelling 0.5.23 still takes
+        ("0.5.22", False, True),
+        ("0.5.9", False, True),
+        ("0.5.7", False, True),
+        ("0.5.6", False, False),
+        ("0.5.5.post3", False, False),
+    ],
+)
+def test_version_switches_attention_dp_spelling_and_routed_experts(version, attn_dp_size, routed):
+    spec = launch(version=SglangVersion.parse(version))
+    f = flags(node_argv(spec, 0))
+    if attn_dp_size:
+        assert f["--attn-dp-size"] == "16"
+        assert "--enable-dp-attention" not in f and "--dp-size" not in f
+    else:
+        assert "--attn-dp-size" not in f
+        assert "--enable-dp-attention" in f and f["--enable-dp-attention"] is None
+        assert f["--dp-size"] == "16"
+    assert ("--enable-return-routed-experts" in f) == routed
+    text = render_shell(spec)
+    assert ("return_routed_experts = false" in text) == (not routed)
+
+
+def test_versions_order_as_pip_orders_them():
+    ordered = ["0.5.dev1", "0.5.5", "0.5.5.post3", "0.5.10rc1", "0.5.10", "0.5.23", "1.0"]
+    parsed = [SglangVersion.parse(v) for v in ordered]
+    assert parsed == sorted(parsed)
+    assert SglangVersion.parse("0.5.23") == SglangVersion.parse("0.5.23.0")
+    assert str(SglangVersion.parse(" v0.5.23 ")) == "0.5.23"
+
+
+@pytest.mark.parametrize("text", ["", "banana", "0.5.x", "1..2", "0.5.23-foo", "0.5 .23", "latest"])
+def test_garbage_versions_are_rejected(text):
+    with pytest.raises(ConfigError, match="is not a version"):
+        SglangVersion.parse(text)
+
+
+def test_single_node_needs_no_dist_init_addr():
+    spec = launch(nodes=1, dist_init_addr=None)
+    f = flags(node_argv(spec, 0))
+    assert "--dist-init-addr" not in f and f["--nnodes"] == "1" and f["--tp-size"] == "8"
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(dist_init_addr=None), "--dist-init-addr HOST:PORT is required"),
+        (dict(dist_init_addr="10.0.0.1"), "must be HOST:PORT"),
+        (dict(dist_init_addr="h:70000"), "must be HOST:PORT"),
+        (dict(num_slots=60), "fewer than the model's 64 experts"),
+        (dict(num_slots=72), "do not split evenly over 16 GPUs"),
+        (dict(port=0), "--port 0"),
+        (dict(model_path=" "), "--model-path"),
+        (dict(extra_args=("--enable-eplb",)), "overwrite the placement"),
+        (dict(extra_args=("--tp-size=4",)), "set by sglang-args"),
+    ],
+)
+def test_bad_launch_values_are_refused(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        launch(**kw)
+
+
+def test_shell_listing_quotes_values_and_round_trips():
+    spec = launch(
+        expert_location="/my dir/expert_location.json", extra_args=("--trust-remote-code",)
+    )
+    text = render_shell(spec, header=["hello"])
+    assert text.startswith("# hello\n")
+    assert "--enable-eplb is left off" in text
+    assert "# node 0: DP ranks 0-7; HTTP on 0.0.0.0:30000" in text
+    assert "# node 1: DP ranks 8-15\n" in text
+    commands = [
+        shlex.split(block.replace("\\\n", " "), comments=True) for block in text.split("\n\n")[1:]
+    ]
+    assert commands == all_node_argv(spec)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def write_placement(
+    directory: Path,
+    nodes: int,
+    gpus: int,
+    redundant: int,
+    plan: dict | None = None,
+    with_plan: bool = True,
+) -> Path:
+    slots = MODEL.num_experts + redundant
+    phy2log = np.tile(np.arange(slots) % MODEL.num_experts, (MODEL.num_moe_layers, 1))
+    placement = Placement(phy2log, MODEL.num_experts, nodes * gpus, gpus)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / "expert_location.json", to_sglang(placement, MODEL))
+    if with_plan:
+        body = {
+            "cluster": {"nodes": nodes, "gpus_per_node": gpus, "redundant_experts": redundant},
+            "model": MODEL.to_dict(),
+        }
+        body.update(plan or {})
+        write_json_atomic(directory / "plan.json", body, indent=2)
+    return directory
+
+
+def write_topology(path: Path, nodes: int, gpus: int) -> Path:
+    path.write_text(f"[cluster]\nnodes = {nodes}\ngpus_per_node = {gpus}\n", encoding="utf-8")
+    return path
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["sglang-args", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_derives_redundant_experts_from_the_placement(tmp_path, capsys):
+    topo = write_topology(tmp_path / "t.toml", 4, 2)
+    place = write_placement(tmp_path / "p", 4, 2, redundant=16)
+    code, out, _ = run(
+        capsys,
+        "--topology",
+        str(topo),
+        "--placement",
+        str(place),
+        "--model-path",
+        "M",
+        "--dist-init-addr",
+        "n0:5000",
+        "--format",
+        "json",
+    )
+    assert code == 0
+    data = json.loads(out)
+    assert data["ep_num_redundant_experts"] == 16 and data["attn_dp_size"] == 8
+    assert [n["node_rank"] for n in data["nodes"]] == [0, 1, 2, 3]
+    assert [n["dp_ranks"] for n in data["nodes"]] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    f = flags(data["nodes"][3]["argv"])
+    assert f["--ep-num-redundant-experts"] == "16"
+    assert f["--init-expert-location"] == str(place / "expert_location.json")
+
+
+def test_cli_shell_output_and_placement_path_on_nodes(tmp_path, capsys):
+    topo = write_topology(tmp_path / "t.toml", 2, 4)
+    place = write_placement(tmp_path / "p", 2, 4, redundant=0)
+    code, out, _ = run(
+        capsys,
+        "--topology",
+        str(topo),
+        "--placement",
+        str(place),
+        "--model-path",
+        "M",
+        "--dist-init-addr",
+        "n0:5000",
+        "--placement-on-nodes",
+        "/etc/moe-scheduler/placement",
+        "--extra-args=--trust-remote-code --mem-fraction-static 0.8",
+        "--sglang-version",
+        "0.5.9",
+    )
+    assert code == 0
+    assert "# node 0: DP ranks 0-3; HTTP on 0.0.0.0:30000" in out
+    assert "# node 1: DP ranks 4-7" in out
+    assert "--ep-num-redundant-experts 0" in out
+    assert "--init-expert-location /etc/moe-scheduler/placement/expert_location.json" in out
+    assert "    --enable-dp-attention \\\n    --dp-size 8" in out
+    assert "    --attn-dp-size" not in out
+    assert "--mem-fraction-static 0.8" in out
+    assert out.count("python3 -m sglang.launch_server") == 2
+
+
+def test_cli_takes_the_model_from_option_when_there_is_no_plan(tmp_path, capsys):
+    topo = write_topology(tmp_path / "t.toml", 1, 4)
+    place = write_placement(tmp_path / "p", 1, 4, redundant=4, with_plan=False)
+    code, _, err = run(
+        capsys, "--topology", str(topo), "--placement", str(place), "--model-path", "M"
+    )
+    assert code == 2 and "give --model" in err
+    code, out, _ = run(
+        capsys,
+        "--topology",
+        str(topo),
+        "--placement",
+        str(place),
+        "--model-path",
+        "M",
+        "--model",
+        "deepseek-v2-lite",
+    )
+    assert code == 0 and "--ep-num-redundant-experts 4" in out
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("topology", "was placed for 4 x 2 GPUs but"),
+        ("width", "not divisible by the EP size 6"),
+        ("recorded", "records 8 redundant experts"),
+        ("model", "is not the model"),
+        ("version", "is not a version"),
+        ("missing", "is not a placement directory"),
+        ("quote", "--extra-args"),
+        ("eplb", "--enable-eplb is refused"),
+        ("no-addr", "--dist-init-addr HOST:PORT is required"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, case, message):
+    topo = write_topology(tmp_path / "t.toml", 4, 2)
+    place = write_placement(tmp_path / "p", 4, 2, redundant=16)
+    args = [
+        "--topology",
+        str(topo),
+        "--placement",
+        str(place),
+        "--model-path",
+        "M",
+        "--dist-init-addr",
+        "n0:5000",
+    ]
+    if case == "topology":
+        args[1] = str(write_topology(tmp_path / "t2.toml", 2, 8))
+    elif case == "width":
+        # 80 slots on 6 GPUs: a placement for another cluster (no plan to catch it first).
+        args[1] = str(write_topology(tmp_path / "t2.toml", 3, 2))
+        (place / "plan.json").unlink()
+        args += ["--model", "deepseek-v2-lite"]
+    elif case == "recorded":
+        write_placement(
+            place,
+            4,
+            2,
+            redundant=16,
+            plan={"cluster": {"nodes": 4, "gpus_per_node": 2, "redundant_experts": 8}},
+        )
+    elif case == "model":
+        args += ["--model", "mixtral-8x7b"]
+    elif case == "version":
+        args += ["--sglang-version", "five"]
+    elif case == "missing":
+        args[3] = str(tmp_path / "nowhere")
+    elif case == "quote":
+        args += ["--extra-args=--served-model-name 'x"]
+    elif case == "eplb":
+        args += ["--extra-args=--enable-eplb"]
+    elif case == "no-addr":
+        args = args[:-2]
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.startswith("moe-scheduler: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_cli_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sglang-args", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--sglang-version" in out and "eplb stays off" in out.replace("- ", "-")
