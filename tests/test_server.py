@@ -358,3 +358,17 @@ def test_two_replicas_never_oversubscribe_a_rank(tmp_path: Path) -> None:
         rows = _loads(emu.url)
         assert sum(r["emulator"]["finished_reqs"] for r in rows) == 40
         assert all(r["emulator"]["queued_reqs_total"] == 0 for r in rows), rows
+
+
+def test_placement_version_is_enforced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scheduler.errors import ConfigError
+    from scheduler.server.cluster import load_cluster
+    from scheduler.server.config import load_config
+
+    config = load_config(write_config(tmp_path, "http://127.0.0.1:1"))
+    version = load_cluster(config).version
+    monkeypatch.setenv("MOE_SCHEDULER_PLACEMENT_VERSION", version)
+    assert load_cluster(config).version == version
+    monkeypatch.setenv("MOE_SCHEDULER_PLACEMENT_VERSION", "0" * 16)
+    with pytest.raises(ConfigError, match="refusing to serve"):
+        load_cluster(config)

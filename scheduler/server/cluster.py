@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,9 @@ from scheduler.placement.topology import Topology, load_topology
 from scheduler.prediction.bundle import PredictorBundle, load_bundle
 from scheduler.profile import load_profile
 from scheduler.server.config import ServerConfig
+
+#: Environment variable with the expected placement version (see ClusterSection).
+PLACEMENT_VERSION_ENV = "MOE_SCHEDULER_PLACEMENT_VERSION"
 
 
 @dataclass(frozen=True)
@@ -115,13 +119,20 @@ def load_cluster(config: ServerConfig) -> ClusterState:
         if bundle.model is not None and bundle.model != model:
             bundle.prefill_decode = None  # fitted for another model: its routing parts are unusable
             bundle.clusters = None
+    version = hashlib.sha256(location_bytes + b"\0" + plan_bytes).hexdigest()[:16]
+    expected = config.cluster.placement_version or os.environ.get(PLACEMENT_VERSION_ENV, "")
+    if expected and expected != version:
+        raise ConfigError(
+            f"cluster.placement {directory} has version {version}, but {expected} is expected "
+            f"(cluster.placement_version / {PLACEMENT_VERSION_ENV}); refusing to serve it"
+        )
     present = placement.replicas_per_node() > 0
     return ClusterState(
         model=model,
         topology=topology,
         placement=placement,
         plan=plan,
-        version=hashlib.sha256(location_bytes + b"\0" + plan_bytes).hexdigest()[:16],
+        version=version,
         expert_location_text=location_bytes.decode("utf-8"),
         plan_text=plan_bytes.decode("utf-8"),
         class_to_node_share=shares,

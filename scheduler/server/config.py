@@ -42,6 +42,9 @@ class ClusterSection:
     placement: Path = Path()
     topology: Path | None = None
     model: str | None = None
+    #: Expected placement fingerprint (``serve`` prints it); empty: any. The environment
+    #: variable MOE_SCHEDULER_PLACEMENT_VERSION sets it too (Kubernetes downward API).
+    placement_version: str = ""
 
 
 @dataclass(frozen=True)
