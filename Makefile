@@ -40,10 +40,13 @@ demo: setup check-data
 	$(BIN)/moe-scheduler analyze $(TRACES) --out $(DEMO_OUT)/analysis.md
 	$(BIN)/moe-scheduler place --profile $(DEMO_OUT)/esft.profile.json --topology deploy/topologies/4x2.toml --redundant-experts 16 --time-limit 10 --out $(DEMO_OUT)/esft-placement
 	$(BIN)/moe-scheduler place --profile $(DEMO_OUT)/deepseek-v3.profile.json --topology deploy/topologies/4x8.toml --time-limit 5 --out $(DEMO_OUT)/deepseek-v3-placement
+	$(BIN)/moe-scheduler fit --data $(DATA) --out $(DEMO_OUT)/predictors.npz
+	$(BIN)/moe-scheduler demo --data $(DATA) --placement $(DEMO_OUT)/esft-placement --profile $(DEMO_OUT)/esft.profile.json --bundle $(DEMO_OUT)/predictors.npz --out $(DEMO_OUT)/serving
 	@echo
 	@echo "Demo done. Report: $(DEMO_OUT)/analysis.md (figures in $(DEMO_OUT)/analysis-figures/);"
 	@echo "profiles: $(DEMO_OUT)/*.profile.json; placements (SGLang expert_location.json +"
-	@echo "plan.json): $(DEMO_OUT)/esft-placement/, $(DEMO_OUT)/deepseek-v3-placement/"
+	@echo "plan.json): $(DEMO_OUT)/esft-placement/, $(DEMO_OUT)/deepseek-v3-placement/;"
+	@echo "serving demo (gRPC scheduler + SGLang emulator): $(DEMO_OUT)/serving/serving.md"
 
 lint: setup
 	$(BIN)/ruff check scheduler tests benchmarks
@@ -68,6 +71,7 @@ bench: setup
 	$(BIN)/python benchmarks/predictors.py --data $(DATA)
 	$(BIN)/python benchmarks/placement.py --data $(DATA)
 	$(BIN)/python benchmarks/accounting_speed.py --data $(DATA)
+	$(BIN)/python benchmarks/frontend.py --data $(DATA)
 	$(BIN)/python benchmarks/render.py
 
 clean:

@@ -152,6 +152,7 @@ async def replay(
             records.append(rec)
             done += 1
 
+        _progress.last = -1  # type: ignore[attr-defined]
         start = time.perf_counter()
         tasks = []
         last_print = 0.0
@@ -168,15 +169,27 @@ async def replay(
         wall = time.perf_counter() - start
         if progress:
             _progress(done, len(prompts))
-            print(file=sys.stderr)
+            if sys.stderr.isatty():
+                print(file=sys.stderr)
         stats = await client.stats()
     return summarize(records, wall) | {"server_stats": _stats_dict(stats), "records": records}
 
 
 def _progress(done: int, total: int) -> None:
-    width = 30
-    filled = int(width * done / total) if total else width
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr)
+    """A bar redrawn in place on a terminal; elsewhere (logs, make) a line per quarter."""
+    if sys.stderr.isatty():
+        width = 30
+        filled = int(width * done / total) if total else width
+        bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+        print(f"\r{bar}", end="", file=sys.stderr)
+        return
+    quarter = 4 * done // total if total else 4
+    if quarter > _progress.last:  # type: ignore[attr-defined]
+        _progress.last = quarter  # type: ignore[attr-defined]
+        print(f"  {done}/{total} done", file=sys.stderr)
+
+
+_progress.last = -1  # type: ignore[attr-defined]
 
 
 def summarize(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
@@ -345,3 +358,7 @@ def add_commands(sub: Any) -> None:
     f = actions.add_parser("feedback", help="the workload profile measured from routed experts")
     f.add_argument("--out", type=Path, default=None, help="write the profile JSON here")
     c.set_defaults(handler=cmd_client)
+
+    from scheduler.server.demo import add_commands as add_demo_commands
+
+    add_demo_commands(sub)

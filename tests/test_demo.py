@@ -1,0 +1,42 @@
+"""`moe-scheduler demo` end to end on a tiny run: real processes, real prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scheduler.cli import main
+from scheduler.emulator.workload import DEFAULT_PROFILE
+from tests.server_harness import write_bundle, write_placement
+
+
+def test_demo_runs_both_policies_and_cleans_up(shared_data: Path, tmp_path: Path) -> None:
+    placement = write_placement(tmp_path / "placement", 2, 2)
+    bundle = write_bundle(tmp_path / "bundle.npz")
+    out = tmp_path / "serving"
+    argv = [
+        "demo",
+        "--data",
+        str(shared_data),
+        "--placement",
+        str(placement),
+        "--profile",
+        str(DEFAULT_PROFILE),
+        "--bundle",
+        str(bundle),
+        "--out",
+        str(out),
+        "--requests",
+        "30",
+        "--rate",
+        "100",
+        "--time-scale",
+        "0",
+    ]
+    assert main(argv) == 0
+    results = json.loads((out / "serving.json").read_text())
+    assert len(results) == 2
+    for result in results.values():
+        assert result["statuses"] == {"OK": 30}
+        assert result["inter_node_bytes_per_token"] > 0
+    assert "inter-node bytes per token" in (out / "serving.md").read_text()
