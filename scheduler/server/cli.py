@@ -226,7 +226,9 @@ def summarize(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
 def _stats_dict(stats: Any) -> dict[str, Any]:
     from google.protobuf.json_format import MessageToDict
 
-    return MessageToDict(stats, preserving_proto_field_name=True)
+    return MessageToDict(
+        stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -240,7 +242,16 @@ async def _client(args: argparse.Namespace) -> int:
     from scheduler.client import SchedulerClient
 
     def show(message: Any) -> None:
-        print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+        print(
+            json.dumps(
+                MessageToDict(
+                    message,
+                    preserving_proto_field_name=True,
+                    always_print_fields_with_no_presence=True,
+                ),
+                indent=2,
+            )
+        )
 
     try:
         if args.action == "replay":

@@ -142,6 +142,8 @@ class Feedback:
         profile = self.profile()
         if profile is not None:
             write_json_atomic(directory / "profile.json", profile.to_json())
+        else:  # nothing observed under this placement yet: no stale profile of another
+            (directory / "profile.json").unlink(missing_ok=True)
         tmp = directory / f".buffer.jsonl.tmp-{os.getpid()}"
         with tmp.open("w", encoding="utf-8") as f:
             for row in self.buffer:
