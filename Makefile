@@ -66,11 +66,12 @@ analysis: setup check-data
 # Run the benchmarks and render benchmarks/RESULTS.md from their JSON.
 bench: setup
 	$(MAKE) --no-print-directory setup EXTRAS=$(EXTRAS),bench
-	$(BIN)/python benchmarks/profile_scale.py
+	$(BIN)/python benchmarks/profile_scale.py --no-compress
 	$(BIN)/python benchmarks/emulator_throughput.py
 	$(BIN)/python benchmarks/predictors.py --data $(DATA)
 	$(BIN)/python benchmarks/placement.py --data $(DATA)
 	$(BIN)/python benchmarks/accounting_speed.py --data $(DATA)
+	$(BIN)/python benchmarks/policy_grid.py --data $(DATA)
 	$(BIN)/python benchmarks/frontend.py --data $(DATA)
 	$(BIN)/python benchmarks/render.py
 

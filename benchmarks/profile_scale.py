@@ -16,7 +16,11 @@ not routing results and say nothing about real expert popularity.
 Usage::
 
     python benchmarks/profile_scale.py [--requests 100000] [--workdir benchmarks/work]
-        [--out benchmarks/results/profile_scale.json] [--k 8] [--keep]
+        [--out benchmarks/results/profile_scale.json] [--k 8] [--keep] [--no-compress]
+
+``--no-compress`` writes the store's shards with ``np.savez`` instead of
+``np.savez_compressed`` (``TraceWriter(compress=False)``): a larger store, written much
+faster; ``make bench`` uses it to stay within its 30-minute budget.
 
 Failures are recorded in the JSON (status "error" and a message), not raised.
 """
@@ -73,7 +77,7 @@ def _dir_bytes(path: Path) -> int:
 # --------------------------------------------------------------------------- child steps
 
 
-def _step_generate(store: Path, requests: int, seed: int) -> dict[str, Any]:
+def _step_generate(store: Path, requests: int, seed: int, compress: bool = True) -> dict[str, Any]:
     import numpy as np
 
     from scheduler.model_shape import PRESETS
@@ -95,7 +99,7 @@ def _step_generate(store: Path, requests: int, seed: int) -> dict[str, Any]:
     report_every = max(1, requests // 10)
     next_report = report_every
     start = time.perf_counter()
-    with TraceWriter(store, model, source=source, overwrite=True) as writer:
+    with TraceWriter(store, model, source=source, overwrite=True, compress=compress) as writer:
         for first in range(0, requests, shard_size):
             n = min(shard_size, requests - first)
             t0 = time.perf_counter()
@@ -129,6 +133,7 @@ def _step_generate(store: Path, requests: int, seed: int) -> dict[str, Any]:
         "shards": len(manifest["shards"]),
         "shard_size": shard_size,
         "draw_seconds": draw_s,
+        "compressed": compress,
         "note": "seconds include drawing the synthetic counts (draw_seconds) and TraceWriter",
     }
 
@@ -175,7 +180,9 @@ def _step_profile(store: Path, by: str, k: int) -> dict[str, Any]:
     return details
 
 
-def run_child(step: str, store: Path, requests: int, k: int, seed: int) -> int:
+def run_child(
+    step: str, store: Path, requests: int, k: int, seed: int, compress: bool = True
+) -> int:
     """Run one step in this process; print one JSON line on stdout."""
     if importlib.util.find_spec("scheduler") is None:
         sys.path.insert(0, str(ROOT))
@@ -191,7 +198,7 @@ def run_child(step: str, store: Path, requests: int, k: int, seed: int) -> int:
     start = time.perf_counter()
     try:
         if step == "generate":
-            details = _step_generate(store, requests, seed)
+            details = _step_generate(store, requests, seed, compress)
         else:
             details = _step_profile(store, step, k)
         seconds = time.perf_counter() - start
@@ -224,7 +231,7 @@ def _machine() -> dict[str, Any]:
 
 
 def _run_step(
-    step: str, store: Path, requests: int, k: int, seed: int, timeout: float
+    step: str, store: Path, requests: int, k: int, seed: int, timeout: float, compress: bool = True
 ) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -239,6 +246,7 @@ def _run_step(
         str(k),
         "--seed",
         str(seed),
+        *([] if compress else ["--no-compress"]),
     ]
     before = _peak_rss_mib(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -291,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds allowed per step before it is killed and recorded",
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated store")
+    parser.add_argument(
+        "--no-compress", action="store_true", help="write uncompressed shards (faster, larger)"
+    )
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -298,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--requests must be >= 1")
 
     if args.step:
-        return run_child(args.step, args.store, args.requests, args.k, args.seed)
+        return run_child(
+            args.step, args.store, args.requests, args.k, args.seed, not args.no_compress
+        )
 
     store = args.workdir.resolve() / STORE_NAME
     store.parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                 {"step": step, "status": "skipped", "message": "not run: the generate step failed"}
             )
             continue
-        steps.append(_run_step(step, store, args.requests, args.k, args.seed, args.timeout))
+        steps.append(
+            _run_step(
+                step, store, args.requests, args.k, args.seed, args.timeout, not args.no_compress
+            )
+        )
 
     generate = steps[0]
     peaks = [s.get("peak_rss_mib") for s in steps]
@@ -326,12 +343,15 @@ def main(argv: list[str] | None = None) -> int:
         "k": args.k,
         "seed": args.seed,
         "store_mib": generate.get("store_mib"),
+        "compressed": not args.no_compress,
         "steps": steps,
         "machine": _machine(),
         "memory_limit_mib": MEMORY_LIMIT_MIB,
         "within_limit": within,
         "command": "make bench  (or: python benchmarks/profile_scale.py "
-        f"--requests {args.requests} --k {args.k})",
+        f"--requests {args.requests} --k {args.k}"
+        + (" --no-compress" if args.no_compress else "")
+        + ")",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -24,7 +24,13 @@ def two_node_placement() -> Placement:
 
 
 def test_registry_and_unknown_name():
-    assert set(POLICIES) == {"round_robin", "total_requests", "class_affinity", "locality_band"}
+    assert set(POLICIES) == {
+        "round_robin",
+        "total_requests",
+        "class_affinity",
+        "locality_band",
+        "locality_window",
+    }
     with pytest.raises(ConfigError, match="round_robin, total_requests"):
         make_policy("nope")
     with pytest.raises(ConfigError, match="class_affinity"):

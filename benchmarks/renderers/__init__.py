@@ -6,6 +6,7 @@ from renderers.accounting import render_accounting
 from renderers.common import Renderer
 from renderers.emulator import render_emulator
 from renderers.placement import render_placement
+from renderers.policy_grid import render_policy_grid
 from renderers.predictors import render_predictors
 from renderers.profile_scale import render_profile_scale
 
@@ -16,4 +17,5 @@ RENDERERS: dict[str, Renderer] = {
     "predictors": render_predictors,
     "placement": render_placement,
     "accounting": render_accounting,
+    "policy_grid": render_policy_grid,
 }

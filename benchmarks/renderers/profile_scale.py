@@ -49,8 +49,14 @@ def render_profile_scale(data: dict[str, Any], source: Path) -> list[str]:
         if name == "generate" and step.get("status") == "ok":
             notes.append(
                 f"`generate` wrote {_fmt(step.get('shards'))} shards of "
-                f"{_fmt(step.get('shard_size'))} requests (TraceWriter default, compressed); "
-                f"{_fmt(step.get('draw_seconds'))} s of its time was drawing the random counts."
+                f"{_fmt(step.get('shard_size'))} requests (TraceWriter default shard size, "
+                + (
+                    "uncompressed `np.savez` shards, `--no-compress`, as `make bench` runs it "
+                    "to fit its 30-minute budget); "
+                    if step.get("compressed") is False
+                    else "compressed); "
+                )
+                + f"{_fmt(step.get('draw_seconds'))} s of its time was drawing the random counts."
             )
         elif name == "label" and step.get("status") == "ok":
             notes.append(

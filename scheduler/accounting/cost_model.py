@@ -13,6 +13,11 @@ DeepEP's published low-latency kernel times (prior-work.md §5.2, current values
 ``max_gpu_token_experts * 6 * hidden * intermediate / expert_tflops`` (three GEMMs, 2 FLOPs
 per multiply-add) plus a fixed ``expert_fixed_us``; it is not calibrated on published
 numbers.
+
+Padding: :meth:`CostModel.padded_layer_time` is exact per layer (each layer's
+all-to-all is padded to that layer's busiest rank; needs an accounting made with
+``per_layer=True``); :meth:`CostModel.mean_layer_time` pads once over layer sums, a lower
+bound on it.
 """
 
 from __future__ import annotations
@@ -118,6 +123,38 @@ class CostModel:
                 max_rank_inter_copies * size.combine, max_rank_intra_copies * size.combine
             ),
         )
+
+    def padded_layer_time(self, accounting: Accounting, model: ModelShape) -> LayerTime:
+        """Exact per-layer padding, averaged over the MoE layers: layer ``l``'s dispatch and
+        combine are padded to the rank with the most copies *in layer l* (NIC and NVLink
+        separately, the slower counts), its compute to the busiest GPU of layer ``l``.
+
+        Needs ``accounting.rank_layer_node_copies`` (``account(..., per_layer=True)``).
+        Always >= :meth:`mean_layer_time` of the same accounting (max of sums <= sum of
+        maxes).
+        """
+        inter = accounting.rank_layer_node_copies
+        intra = accounting.rank_layer_intra_node_copies
+        if inter is None or intra is None:
+            raise ValueError("padded_layer_time needs an accounting with per_layer=True")
+        size = accounting.bytes_per_copy
+        max_inter = inter.max(axis=0).astype(np.float64)  # [layers]
+        max_intra = intra.max(axis=0).astype(np.float64)
+        load = accounting.gpu_load
+        max_gpu = load.max(axis=1).astype(np.float64) if load.size else np.zeros(1)
+        return LayerTime(
+            dispatch_us=float(self._phase_us(max_inter, max_intra, size.dispatch).mean()),
+            compute_us=float(self.compute_us(float(max_gpu.mean()), model.hidden_size)),
+            combine_us=float(self._phase_us(max_inter, max_intra, size.combine).mean()),
+        )
+
+    def _phase_us(
+        self, inter_copies: np.ndarray, intra_copies: np.ndarray, nbytes: int
+    ) -> np.ndarray:
+        """:meth:`all_to_all_us` over arrays of copies (bytes = copies x ``nbytes``)."""
+        inter = inter_copies * nbytes / (self.efficiency * self.inter_node_gbps) / 1e3
+        intra = intra_copies * nbytes / (self.efficiency * self.intra_node_gbps) / 1e3
+        return self.latency_us + np.maximum(inter, intra)
 
     def mean_layer_time(self, accounting: Accounting, model: ModelShape) -> LayerTime:
         """The accounted tokens as one step: per-rank copies averaged over the layers (so

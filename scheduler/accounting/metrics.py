@@ -10,12 +10,20 @@ is another node, one bit for the destination GPU's index within the node when it
 another GPU of the same node. A token-layer's codes are OR-ed over its ``top_k`` experts;
 the popcounts of the two bit fields are its node copies and intra-node copies. One
 ``bincount`` of the same table indices gives the (rank, layer, expert) counts, from which
-remote hits and GPU expert loads follow on the small table.
+remote hits and GPU expert loads follow on the small table. For small batches (fewer
+routing events than table cells, e.g. one decode step of a simulator) the same two
+quantities are taken from the events directly instead, so a step costs O(events), not
+O(table); both paths are exact and agree (tests/test_accounting.py).
+
+``per_layer=True`` also keeps node and intra-node copies per (rank, layer): what exact
+per-layer padding of the all-to-all needs
+(:meth:`~scheduler.accounting.CostModel.padded_layer_time`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -74,6 +82,8 @@ class Accounting:
     over the NIC / NVLink. ``gpu_load [layers, gpus]``: (token, expert) pairs each GPU
     processes; ``gpu_load_imbalance [layers]``: max / mean over GPUs (nan for a layer with
     no tokens). ``steps``: per-step traffic when step ids were given.
+    ``rank_layer_node_copies`` / ``rank_layer_intra_node_copies [ranks, layers]``: copies
+    per rank and MoE layer, when asked for (``per_layer=True``), else None.
     """
 
     token_layers: int
@@ -90,6 +100,8 @@ class Accounting:
     gpu_load: np.ndarray
     gpu_load_imbalance: np.ndarray
     steps: StepTraffic | None = None
+    rank_layer_node_copies: np.ndarray | None = None
+    rank_layer_intra_node_copies: np.ndarray | None = None
 
     @property
     def inter_node_bytes(self) -> int:
@@ -180,54 +192,91 @@ def account(
     steps: np.ndarray | None = None,
     *,
     dest_gpu: np.ndarray | None = None,
+    codes: np.ndarray | None = None,
     fp8_scales: bool = True,
+    per_layer: bool = False,
+    stats: Literal["auto", "table", "events"] = "auto",
 ) -> Accounting:
     """Exact metrics of tokens ``token_ids [tokens, layers, top_k]`` served on DP ranks
     ``ranks [tokens]`` under ``placement`` with SGLang's static dispatch.
 
     ``steps [tokens]`` (optional, any integer ids): adds per-rank per-step bytes.
     ``dest_gpu``: a precomputed :func:`static_dispatch_table` of ``placement`` (computed
-    here when omitted; pass it when accounting many batches under one placement).
+    here when omitted; pass it when accounting many batches under one placement), and
+    ``codes`` its :func:`locality_codes` likewise. ``per_layer``: also keep copies per
+    (rank, layer). ``stats``: how remote hits and GPU loads are counted ("table": one
+    bincount over the (rank, layer, expert) table; "events": from each routing event;
+    "auto": whichever is smaller); the results are identical.
     """
     _check(placement, topology, model, ranks, token_ids, steps)
     num_ranks, per_node = placement.num_gpus, placement.gpus_per_node
     nodes = placement.num_nodes
-    tokens, layers, _ = token_ids.shape
+    tokens, layers, top_k = token_ids.shape
     experts = placement.num_experts
     if dest_gpu is None:
         dest_gpu = static_dispatch_table(placement)
-    codes = locality_codes(dest_gpu, per_node)
+    if codes is None:
+        codes = locality_codes(dest_gpu, per_node)
     flat_codes = codes.ravel()
     width = experts + 1
     node_mask = codes.dtype.type((1 << nodes) - 1)
+    table_size = num_ranks * layers * width
+    by_events = stats == "events" or (stats == "auto" and token_ids.size < table_size)
 
     node_copies_tok = np.zeros(tokens, dtype=np.int64)
     intra_copies_tok = np.zeros(tokens, dtype=np.int64)
-    counts = np.zeros(num_ranks * layers * width, dtype=np.int64)
+    rank_layer_node = np.zeros(num_ranks * layers if per_layer else 0)
+    rank_layer_intra = np.zeros(num_ranks * layers if per_layer else 0)
+    counts = np.zeros(0 if by_events else table_size, dtype=np.int64)
+    rank_remote_hits = np.zeros(num_ranks, dtype=np.int64)
+    gpu_load = np.zeros(layers * num_ranks, dtype=np.int64)
+    flat_dest = dest_gpu.ravel()
     token_layers = 0
     layer_base = np.arange(layers, dtype=np.int32) * width + 1  # +1: column 0 is "-1"
     chunk = max(1, CHUNK_TOKEN_LAYERS // layers)
     for start in range(0, tokens, chunk):
         ids = token_ids[start : start + chunk]
-        base = ranks[start : start + chunk].astype(np.int32)[:, None] * (layers * width)
+        rank_chunk = ranks[start : start + chunk].astype(np.int32)
+        base = rank_chunk[:, None] * (layers * width)
         idx = (base + layer_base)[:, :, None] + ids  # [tokens, layers, top_k] int32
         code = flat_codes.take(idx)
         merged = code[:, :, 0].copy()
         for k in range(1, code.shape[2]):
             merged |= code[:, :, k]
-        node_copies_tok[start : start + chunk] = np.bitwise_count(merged & node_mask).sum(1)
-        intra_copies_tok[start : start + chunk] = np.bitwise_count(merged >> nodes).sum(1)
-        counts += np.bincount(idx.ravel(), minlength=counts.size)
+        node_tl = np.bitwise_count(merged & node_mask)  # [tokens, layers]
+        intra_tl = np.bitwise_count(merged >> nodes)
+        node_copies_tok[start : start + chunk] = node_tl.sum(1)
+        intra_copies_tok[start : start + chunk] = intra_tl.sum(1)
         token_layers += int(np.count_nonzero(ids.max(axis=2) >= 0))
+        if per_layer:
+            cell = (rank_chunk[:, None] * layers + np.arange(layers, dtype=np.int32)).ravel()
+            size = num_ranks * layers
+            rank_layer_node += np.bincount(cell, weights=node_tl.ravel(), minlength=size)
+            rank_layer_intra += np.bincount(cell, weights=intra_tl.ravel(), minlength=size)
+        if by_events:
+            _event_stats(
+                ids,
+                idx,
+                code & node_mask,
+                rank_chunk,
+                flat_dest,
+                (layers, width, num_ranks),
+                rank_remote_hits,
+                gpu_load,
+            )
+        else:
+            counts += np.bincount(idx.ravel(), minlength=table_size)
 
-    counts3 = counts.reshape(num_ranks, layers, width)[:, :, 1:]  # [ranks, layers, experts]
-    rank_node = np.arange(num_ranks) // per_node
-    remote = (dest_gpu // per_node) != rank_node[:, None, None]
-    rank_remote_hits = (counts3 * remote).sum(axis=(1, 2))
-    gpu_index = np.arange(layers)[None, :, None] * num_ranks + dest_gpu
-    gpu_load = np.bincount(
-        gpu_index.ravel(), weights=counts3.ravel(), minlength=layers * num_ranks
-    ).reshape(layers, num_ranks)
+    if not by_events:
+        counts3 = counts.reshape(num_ranks, layers, width)[:, :, 1:]  # [ranks, layers, experts]
+        rank_node = np.arange(num_ranks) // per_node
+        remote = (dest_gpu // per_node) != rank_node[:, None, None]
+        rank_remote_hits = (counts3 * remote).sum(axis=(1, 2))
+        gpu_index = np.arange(layers)[None, :, None] * num_ranks + dest_gpu
+        gpu_load = np.bincount(
+            gpu_index.ravel(), weights=counts3.ravel(), minlength=layers * num_ranks
+        ).astype(np.int64)
+    gpu_load = gpu_load.reshape(layers, num_ranks)
 
     size = bytes_per_copy(model.hidden_size, fp8_scales)
     rank_node_copies = np.bincount(ranks, weights=node_copies_tok, minlength=num_ranks)
@@ -251,10 +300,45 @@ def account(
         rank_intra_node_copies=rank_intra_copies,
         rank_inter_node_bytes=rank_node_copies * size.total,
         rank_intra_node_bytes=rank_intra_copies * size.total,
-        gpu_load=gpu_load.astype(np.int64),
+        gpu_load=gpu_load,
         gpu_load_imbalance=max_over_mean(gpu_load),
         steps=step_traffic,
+        rank_layer_node_copies=(
+            rank_layer_node.reshape(num_ranks, layers).astype(np.int64) if per_layer else None
+        ),
+        rank_layer_intra_node_copies=(
+            rank_layer_intra.reshape(num_ranks, layers).astype(np.int64) if per_layer else None
+        ),
     )
+
+
+def _event_stats(
+    ids: np.ndarray,
+    idx: np.ndarray,
+    remote_code: np.ndarray,
+    rank_chunk: np.ndarray,
+    flat_dest: np.ndarray,
+    shape: tuple[int, int, int],
+    rank_remote_hits: np.ndarray,
+    gpu_load: np.ndarray,
+) -> None:
+    """Adds one chunk's remote hits per rank and (layer, GPU) loads, event by event.
+
+    ``idx`` indexes the [ranks, layers, experts + 1] code table; the same event in the
+    [ranks, layers, experts] dispatch table is ``idx - rank * layers - layer - 1``.
+    """
+    layers, width, num_ranks = shape
+    valid = ids >= 0
+    remote = (remote_code != 0) & valid
+    per_token = remote.sum(axis=(1, 2))
+    rank_remote_hits += np.bincount(rank_chunk, weights=per_token, minlength=num_ranks).astype(
+        np.int64
+    )
+    layer = np.arange(layers, dtype=np.int32)[None, :, None]
+    dest_index = idx - rank_chunk[:, None, None] * layers - layer - 1
+    dest = flat_dest.take(dest_index[valid])
+    cell = (np.broadcast_to(layer, ids.shape)[valid] * num_ranks + dest).astype(np.int64)
+    gpu_load += np.bincount(cell, minlength=gpu_load.size)
 
 
 def _step_traffic(

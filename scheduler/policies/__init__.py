@@ -11,6 +11,7 @@ from typing import Any
 from scheduler.errors import ConfigError
 from scheduler.policies.base import RankState, RequestInfo, RoutingPolicy
 from scheduler.policies.builtin import ClassAffinity, LocalityBand, RoundRobin, TotalRequests
+from scheduler.policies.window import LocalityWindow
 
 #: name -> (policy class, one-line description).
 POLICIES: dict[str, tuple[type[RoutingPolicy], str]] = {
@@ -25,6 +26,12 @@ POLICIES: dict[str, tuple[type[RoutingPolicy], str]] = {
         LocalityBand,
         "least-loaded rank among nodes within a band of the best expected locality "
         "(ELDR; needs placement, optional band)",
+    ),
+    "locality_window": (
+        LocalityWindow,
+        "ours: each window's requests to nodes by an exact capacity- and balance-"
+        "constrained locality assignment, least-loaded rank there (needs placement, "
+        "optional slack)",
     ),
 }
 
@@ -45,6 +52,7 @@ __all__ = [
     "POLICIES",
     "ClassAffinity",
     "LocalityBand",
+    "LocalityWindow",
     "RankState",
     "RequestInfo",
     "RoundRobin",

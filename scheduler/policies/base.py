@@ -97,9 +97,7 @@ class RoutingPolicy(ABC):
     def choose_rank(self, request: RequestInfo, ranks: RankState) -> int | None:
         """The rank to run ``request`` on, or None to keep it queued."""
 
-    def choose_ranks(
-        self, requests: Sequence[RequestInfo], ranks: RankState
-    ) -> list[int | None]:
+    def choose_ranks(self, requests: Sequence[RequestInfo], ranks: RankState) -> list[int | None]:
         """Ranks for one scheduling window of queued ``requests`` (oldest first), one
         entry per request, None for those that stay queued; together they must not take
         any rank past ``ranks.capacity``.

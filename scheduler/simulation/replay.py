@@ -5,18 +5,29 @@ One step = one forward pass of every running request: a request's first step pro
 all its prompt tokens (prefill), each later step one decode token. Per step, the tokens'
 real routed experts and ranks go through :func:`~scheduler.accounting.account`, and the
 clock advances by the step's modelled MoE time (``moe_layers x`` the
-:meth:`~scheduler.accounting.CostModel.mean_layer_time`); attention and dense layers are
-not modelled, so latencies are comparable between policies, not absolute.
+:meth:`~scheduler.accounting.CostModel.padded_layer_time`: each layer's all-to-all padded
+to that layer's busiest rank); attention and dense layers are not modelled, so
+latencies are comparable between policies, not absolute.
+
+Admission: with ``window_ms = 0`` (default) the head of the FIFO queue is offered to
+:meth:`~scheduler.policies.RoutingPolicy.choose_rank` until the policy answers None. With
+``window_ms > 0`` decisions happen only at window boundaries (multiples of ``window_ms``
+on the modelled clock, checked between steps): the whole queue, oldest first, goes to
+:meth:`~scheduler.policies.RoutingPolicy.choose_ranks` at once; requests answered None
+stay queued, in order.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from scheduler.accounting import CostModel, account, static_dispatch_table
+from scheduler.accounting.metrics import bytes_per_copy, locality_codes, max_over_mean
 from scheduler.model_shape import ModelShape
 from scheduler.placement.placement import Placement
 from scheduler.placement.topology import Topology
@@ -28,15 +39,20 @@ from scheduler.simulation.workload import Workload
 class SimulationConfig:
     """``capacity``: max running requests per rank. ``rate``: Poisson arrivals per second
     (None: the trace's ``arrival_s`` when every request has one, else all at time 0).
-    ``seed``: arrival order (shuffled unless trace timestamps are used) and gaps."""
+    ``seed``: arrival order (shuffled unless trace timestamps are used) and gaps.
+    ``window_ms``: scheduling window (0: every request decided alone, FIFO; see the
+    module docstring)."""
 
     capacity: int = 8
     rate: float | None = None
     seed: int = 0
+    window_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        if not (self.window_ms >= 0 and math.isfinite(self.window_ms)):
+            raise ValueError(f"window-ms must be >= 0, got {self.window_ms}")
         if self.rate is not None and not self.rate > 0:
             raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
 
@@ -45,7 +61,10 @@ class SimulationConfig:
 class SimulationSummary:
     """What a replay measured. Per token-layer ratios are over all accounted tokens;
     ``*_bytes_*`` are the busiest rank's inter-node bytes per step (dispatch + combine,
-    summed over MoE layers); times are modelled (MoE layers only)."""
+    summed over MoE layers); times are modelled (MoE layers only). ``gpu_load_imbalance_*``:
+    per layer, max / mean over GPUs of the (token, expert) pairs of the whole run, mean
+    and worst over layers; ``rank_token_imbalance``: max / mean tokens per DP rank over
+    the run; ``rank_load_imbalance_mean``: max / mean running requests, mean over steps."""
 
     policy: str
     arrivals: str
@@ -57,11 +76,16 @@ class SimulationSummary:
     remote_hits_per_token_layer: float
     node_copies: int
     node_copies_per_token_layer: float
+    inter_node_bytes: int
     max_rank_inter_node_bytes_mean: float
     max_rank_inter_node_bytes_p99: float
     step_time_us_mean: float
     moe_layer_time_us_mean: float
     rank_load_imbalance_mean: float
+    rank_token_imbalance: float
+    gpu_load_imbalance_mean: float
+    gpu_load_imbalance_worst: float
+    window_ms: float
     latency_s_p50: float
     latency_s_p99: float
     queue_wait_s_mean: float
@@ -75,7 +99,9 @@ class SimulationSummary:
 @dataclass(frozen=True)
 class SimulationResult:
     """The summary, and per request ``[requests]``: arrival, start and finish times (s),
-    rank, tokens accounted and how many times it finished (1 each)."""
+    rank, tokens accounted and how many times it finished (1 each). ``policy_seconds``:
+    wall-clock time spent in the policy's decisions (measured, so not in the summary,
+    which is deterministic), over ``decisions`` calls."""
 
     summary: SimulationSummary
     arrival_s: np.ndarray
@@ -84,6 +110,9 @@ class SimulationResult:
     rank: np.ndarray
     tokens: np.ndarray
     finished: np.ndarray
+    policy_seconds: float = 0.0
+    decisions: int = 0
+    decision_seconds: list[float] = field(default_factory=list)
 
 
 def arrival_times(
@@ -118,6 +147,7 @@ def simulate(
     work = workload.select(order)
     n, ranks_n, per_node = len(work), topology.num_gpus, topology.gpus_per_node
     dest_gpu = static_dispatch_table(placement)
+    codes = locality_codes(dest_gpu, per_node)
     infos = [
         RequestInfo(rid, label, hist, int(p))
         for rid, label, hist, p in zip(
@@ -137,33 +167,65 @@ def simulate(
     run_req = np.zeros(0, dtype=np.int64)  # running requests, their positions (steps done)
     run_pos = np.zeros(0, dtype=np.int64)
     clock, next_arrival = 0.0, 0
+    window_s = config.window_ms / 1e3
+    next_window = 0.0
     step_max_bytes: list[float] = []
     step_us: list[float] = []
     layer_us: list[float] = []
     rank_imbalance: list[float] = []
+    decision_s: list[float] = []
     remote_hits = node_copies = token_layers = 0
+    gpu_load = np.zeros((placement.num_layers, ranks_n), dtype=np.int64)
+    rank_tokens = np.zeros(ranks_n, dtype=np.int64)
+
+    def admit(i: int, rank: int) -> None:
+        if not (0 <= rank < ranks_n and running[rank] < config.capacity):
+            raise AssertionError(f"policy {policy.name} broke its contract: rank {rank}")
+        rank_of[i], start[i] = rank, clock
+        running[rank] += 1
 
     while next_arrival < n or queue or run_req.size:
         if not queue and not run_req.size:
             clock = max(clock, float(times[next_arrival]))
+        if window_s and not run_req.size and clock < next_window:
+            clock = next_window  # idle: the next decision is at the window boundary
         while next_arrival < n and times[next_arrival] <= clock:
             queue.append(next_arrival)
             next_arrival += 1
-        # FIFO admission: the head waits until the policy finds it a rank.
-        admitted = []
-        while queue:
-            state = RankState(
-                running.copy(), np.zeros(ranks_n, np.int64), config.capacity, per_node
-            )
-            rank = policy.choose_rank(infos[queue[0]], state)
-            if rank is None:
-                break
-            if not (0 <= rank < ranks_n and running[rank] < config.capacity):
-                raise AssertionError(f"policy {policy.name} broke its contract: rank {rank}")
-            i = queue.popleft()
-            rank_of[i], start[i] = rank, clock
-            running[rank] += 1
-            admitted.append(i)
+        admitted: list[int] = []
+        if not window_s:
+            # FIFO admission: the head waits until the policy finds it a rank.
+            while queue:
+                state = RankState(
+                    running.copy(), np.zeros(ranks_n, np.int64), config.capacity, per_node
+                )
+                tic = time.perf_counter()
+                rank = policy.choose_rank(infos[queue[0]], state)
+                decision_s.append(time.perf_counter() - tic)
+                if rank is None:
+                    break
+                i = queue.popleft()
+                admit(i, rank)
+                admitted.append(i)
+        elif clock >= next_window:
+            next_window = (math.floor(clock / window_s) + 1) * window_s
+            if queue:
+                waiting = list(queue)
+                state = RankState(
+                    running.copy(), np.zeros(ranks_n, np.int64), config.capacity, per_node
+                )
+                tic = time.perf_counter()
+                ranks = policy.choose_ranks([infos[i] for i in waiting], state)
+                decision_s.append(time.perf_counter() - tic)
+                if len(ranks) != len(waiting):
+                    raise AssertionError(f"policy {policy.name} answered {len(ranks)} ranks")
+                queue.clear()
+                for i, rank in zip(waiting, ranks, strict=True):
+                    if rank is None:
+                        queue.append(i)  # stays queued, order kept
+                    else:
+                        admit(i, rank)
+                        admitted.append(i)
         if admitted:
             run_req = np.concatenate([run_req, admitted])
             run_pos = np.concatenate([run_pos, np.zeros(len(admitted), np.int64)])
@@ -180,13 +242,22 @@ def simulate(
         token_index = np.repeat(first - cum, lengths) + np.arange(int(lengths.sum()))
         token_rank = np.repeat(rank_of[run_req], lengths)
         acc = account(
-            placement, topology, model, token_rank, work.token_ids[token_index], dest_gpu=dest_gpu
+            placement,
+            topology,
+            model,
+            token_rank,
+            work.token_ids[token_index],
+            dest_gpu=dest_gpu,
+            codes=codes,
+            per_layer=True,
         )
-        layer = cost.mean_layer_time(acc, model)
+        layer = cost.padded_layer_time(acc, model)
         seconds = layer.total_us * model.num_moe_layers / 1e6
         remote_hits += acc.remote_hits
         node_copies += acc.node_copies
         token_layers += acc.token_layers
+        gpu_load += acc.gpu_load
+        rank_tokens += acc.rank_tokens
         step_max_bytes.append(float(acc.max_rank_inter_node_bytes))
         step_us.append(layer.total_us * model.num_moe_layers)
         layer_us.append(layer.total_us)
@@ -205,6 +276,9 @@ def simulate(
 
     latency = finish - times
     wait = start - times
+    size = bytes_per_copy(model.hidden_size)
+    imbalance = max_over_mean(gpu_load.astype(np.float64))
+    imbalance = imbalance[~np.isnan(imbalance)]
     summary = SimulationSummary(
         policy=policy.name,
         arrivals=how,
@@ -216,11 +290,16 @@ def simulate(
         remote_hits_per_token_layer=remote_hits / token_layers if token_layers else 0.0,
         node_copies=node_copies,
         node_copies_per_token_layer=node_copies / token_layers if token_layers else 0.0,
+        inter_node_bytes=node_copies * size.total,
         max_rank_inter_node_bytes_mean=_stat(step_max_bytes, None),
         max_rank_inter_node_bytes_p99=_stat(step_max_bytes, 99),
         step_time_us_mean=_stat(step_us, None),
         moe_layer_time_us_mean=_stat(layer_us, None),
         rank_load_imbalance_mean=_stat(rank_imbalance, None),
+        rank_token_imbalance=float(max_over_mean(rank_tokens.astype(np.float64))),
+        gpu_load_imbalance_mean=float(imbalance.mean()) if imbalance.size else float("nan"),
+        gpu_load_imbalance_worst=float(imbalance.max()) if imbalance.size else float("nan"),
+        window_ms=config.window_ms,
         latency_s_p50=_stat(latency, 50),
         latency_s_p99=_stat(latency, 99),
         queue_wait_s_mean=_stat(wait, None),
@@ -237,6 +316,9 @@ def simulate(
         rank_of[inverse],
         tokens_done[inverse],
         finished[inverse],
+        policy_seconds=float(sum(decision_s)),
+        decisions=len(decision_s),
+        decision_seconds=decision_s,
     )
 
 

@@ -1,0 +1,143 @@
+"""Ours: the locality_window policy (exactness, capacity, balance, determinism)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from scheduler.placement.placement import Placement
+from scheduler.policies import RankState, RequestInfo, make_policy
+from scheduler.policies.window import LocalityWindow, node_limits, solve_transport, water_fill
+
+
+def state(running: list[int], capacity: int, per_node: int) -> RankState:
+    run = np.array(running, dtype=np.int64)
+    return RankState(run, np.zeros_like(run), capacity, per_node)
+
+
+def brute_force(gain: np.ndarray, limit: np.ndarray) -> int:
+    """Best total gain over every assignment of rows to columns within the limits."""
+    best = None
+    for nodes in itertools.product(range(gain.shape[1]), repeat=gain.shape[0]):
+        if (np.bincount(nodes, minlength=limit.size) <= limit).all():
+            total = int(gain[np.arange(gain.shape[0]), nodes].sum())
+            best = total if best is None else max(best, total)
+    assert best is not None
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_transport_is_optimal_against_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    requests, nodes = int(rng.integers(1, 7)), int(rng.integers(1, 4))
+    gain = rng.integers(0, 6, (requests, nodes))
+    if seed % 3 == 0:
+        gain[1:] = gain[0]  # identical rows are merged into one supply node
+    limit = rng.integers(0, requests + 1, nodes)
+    limit[0] += max(0, requests - int(limit.sum()))
+    chosen = solve_transport(gain, limit, np.zeros(nodes, dtype=np.int64))
+    assert (np.bincount(chosen, minlength=nodes) <= limit).all()
+    assert int(gain[np.arange(requests), chosen].sum()) == brute_force(gain, limit)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_transport_matches_linear_sum_assignment_on_larger_cases(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    requests, nodes = 60, 4
+    gain = rng.integers(0, 1000, (requests, nodes))
+    limit = np.array([20, 10, 25, 15])
+    chosen = solve_transport(gain, limit, np.zeros(nodes, dtype=np.int64))
+    slots = np.repeat(np.arange(nodes), limit)  # one column per unit of capacity
+    rows, cols = linear_sum_assignment(-gain[:, slots])
+    assert int(gain[np.arange(requests), chosen].sum()) == int(gain[rows, slots[cols]].sum())
+
+
+def test_ties_go_to_the_less_loaded_node() -> None:
+    chosen = solve_transport(
+        np.ones((1, 3), dtype=np.int64), np.array([1, 1, 1]), np.array([2, 0, 1])
+    )
+    assert chosen.tolist() == [1]
+
+
+def test_node_limits_balance_and_always_fit_the_window() -> None:
+    # 2 nodes, node 0 already loaded: a window of 4 may not all go to node 0
+    limit = node_limits(np.array([6, 2]), np.array([10, 10]), 4, 0.0)
+    assert limit.tolist() == [0, 4]  # ceil((8 + 4) / 2) = 6 per node
+    limit = node_limits(np.array([6, 2]), np.array([10, 10]), 4, 0.5)
+    assert limit.tolist() == [3, 7]  # ceil(1.5 * 12 / 2) = 9
+    # capacity forces a node past its fair share: the water level rises instead
+    limit = node_limits(np.array([0, 0]), np.array([1, 10]), 8, 0.0)
+    assert limit.sum() >= 8 and limit.tolist() == [1, 7]
+
+
+def test_water_fill_picks_least_loaded_slots_per_group() -> None:
+    load = np.array([3, 1, 0, 0])
+    free = np.array([2, 2, 1, 0])
+    groups = np.array([0, 0, 1, 1])
+    assert water_fill(load, free, groups, np.array([3, 1])).tolist() == [1, 1, 0, 2]
+
+
+def placement_2x2() -> Placement:
+    """1 layer, 4 experts on 2 nodes x 2 GPUs: experts 0, 1 on node 0; 2, 3 on node 1."""
+    return Placement(np.array([[0, 1, 2, 3]]), num_experts=4, num_gpus=4, gpus_per_node=2)
+
+
+def test_window_assignment_is_optimal_within_capacity_and_balance() -> None:
+    rng = np.random.default_rng(7)
+    policy = LocalityWindow(placement_2x2(), slack=0.0)
+    for _ in range(20):
+        hists = [rng.integers(0, 5, (1, 4)).astype(float) for _ in range(5)]
+        requests = [RequestInfo(str(i), None, h, 1) for i, h in enumerate(hists)]
+        ranks = state(list(rng.integers(0, 3, 4)), capacity=3, per_node=2)
+        chosen = policy.choose_ranks(requests, ranks)
+        free = int((3 - ranks.running).sum())
+        assert sum(c is not None for c in chosen) == min(5, free)
+        assert all(c is None for c in chosen[min(5, free) :])  # the oldest are admitted
+        after = ranks.running + np.bincount([c for c in chosen if c is not None], minlength=4)
+        assert (after <= 3).all()
+        admitted = [i for i, c in enumerate(chosen) if c is not None]
+        gains = np.stack([policy.node_gains(hists[i]) for i in admitted])
+        limit = node_limits(
+            ranks.running.reshape(2, 2).sum(1),
+            (3 - ranks.running).reshape(2, 2).sum(1),
+            len(admitted),
+            0.0,
+        )
+        got = sum(gains[k, chosen[i] // 2] for k, i in enumerate(admitted))  # type: ignore[operator]
+        assert got == pytest.approx(brute_force(gains.astype(np.int64), limit))
+
+
+def test_window_of_one_and_fallbacks() -> None:
+    policy = make_policy("locality_window", placement=placement_2x2())
+    on_node1 = RequestInfo("a", None, np.array([[0, 1, 5, 4]]), 3)
+    assert policy.choose_rank(on_node1, state([0, 0, 1, 0], 2, 2)) == 3
+    assert policy.choose_rank(on_node1, state([0, 0, 2, 2], 2, 2)) == 0  # node 1 full
+    assert policy.choose_rank(RequestInfo("b"), state([1, 1, 0, 1], 2, 2)) == 2  # no histogram
+    assert policy.choose_rank(on_node1, state([2, 2, 2, 2], 2, 2)) is None
+    # a uniform histogram goes to the less-loaded node
+    even = RequestInfo("c", None, np.array([[1, 1, 1, 1]]), 3)
+    assert policy.choose_rank(even, state([1, 1, 0, 1], 2, 2)) == 2
+
+
+def test_balance_bounds_a_one_sided_window() -> None:
+    policy = make_policy("locality_window", placement=placement_2x2(), slack=0.25)
+    hist = np.array([[0, 0, 3, 3]])  # every request prefers node 1
+    requests = [RequestInfo(str(i), None, hist, 1) for i in range(8)]
+    chosen = policy.choose_ranks(requests, state([0, 0, 0, 0], 8, 2))
+    nodes = np.bincount(np.array(chosen) // 2, minlength=2)
+    assert nodes.tolist() == [3, 5]  # ceil(1.25 * 8 / 2) = 5 on node 1
+    again = make_policy("locality_window", placement=placement_2x2(), slack=0.25)
+    assert again.choose_ranks(requests, state([0, 0, 0, 0], 8, 2)) == chosen  # deterministic
+
+
+def test_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="slack"):
+        LocalityWindow(placement_2x2(), slack=-1)
+    policy = LocalityWindow(placement_2x2())
+    with pytest.raises(ValueError, match="cells"):
+        policy.choose_ranks([RequestInfo("x", None, np.ones((2, 4)), 1)], state([0] * 4, 2, 2))
+    with pytest.raises(ValueError, match="GPUs"):
+        policy.choose_ranks([RequestInfo("x")], state([0] * 4, 2, 1))
