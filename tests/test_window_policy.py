@@ -141,3 +141,20 @@ def test_rejects_bad_inputs() -> None:
         policy.choose_ranks([RequestInfo("x", None, np.ones((2, 4)), 1)], state([0] * 4, 2, 2))
     with pytest.raises(ValueError, match="GPUs"):
         policy.choose_ranks([RequestInfo("x")], state([0] * 4, 2, 1))
+
+
+def test_finished_requests_leave_the_score_cache() -> None:
+    from scheduler.emulator.expert_location import trivial_location
+    from scheduler.model_shape import PRESETS
+    from scheduler.policies import RankState, RequestInfo, make_policy
+
+    model = PRESETS["deepseek-v2-lite"]
+    policy = make_policy("locality_window", placement=trivial_location(model, 4, 2))
+    ranks = RankState(np.zeros(4, np.int64), np.zeros(4, np.int64), 1000, 2)
+    for i in range(50):
+        hist = np.ones((model.num_moe_layers, model.num_experts))
+        request = RequestInfo(str(i), None, hist, 10)
+        rank = policy.choose_rank(request, ranks)
+        assert rank is not None
+        policy.on_finish(request, rank)
+    assert len(policy._cache) == 0  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from renderers.accounting import render_accounting
 from renderers.common import Renderer
 from renderers.emulator import render_emulator
+from renderers.frontend import render_frontend
 from renderers.placement import render_placement
 from renderers.policy_grid import render_policy_grid
 from renderers.predictors import render_predictors
@@ -18,4 +19,5 @@ RENDERERS: dict[str, Renderer] = {
     "placement": render_placement,
     "accounting": render_accounting,
     "policy_grid": render_policy_grid,
+    "frontend": render_frontend,
 }

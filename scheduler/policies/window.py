@@ -178,6 +178,14 @@ class LocalityWindow(RoutingPolicy):
     def choose_rank(self, request: RequestInfo, ranks: RankState) -> int | None:
         return self.choose_ranks([request], ranks)[0]
 
+    def on_finish(self, request: RequestInfo, rank: int) -> None:
+        """A finished request's histogram is not scored again: drop it from the cache (so a
+        server's per-request histograms do not pile up to CACHE_ENTRIES)."""
+        hist = request.expert_histogram
+        hit = self._cache.get(id(hist))
+        if hit is not None and hit[0] is hist:
+            del self._cache[id(hist)]
+
     def choose_ranks(self, requests: Sequence[RequestInfo], ranks: RankState) -> list[int | None]:
         per_node, nodes = ranks.gpus_per_node, ranks.num_nodes
         if per_node != self.gpus_per_node or nodes != self.present.shape[1]:

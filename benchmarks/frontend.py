@@ -1,0 +1,1030 @@
+"""Benchmark: the gRPC scheduler front-end (issue 7) against the emulator, directly and
+behind SGLang's own router.
+
+Every server is its own process on 127.0.0.1 (ports read back from their startup lines):
+``moe-scheduler emulate`` (4 nodes x 2 GPUs of DeepSeek-V2-Lite with a placement solved by
+``moe-scheduler place`` from the ESFT per-label profile), ``moe-scheduler serve`` and,
+where ``sglang-router`` is installed, ``python -m sglang_router.launch_router``. This
+process is the load generator, so all of them share the machine's cores as they would in
+reality; each run records every process's CPU time per request.
+
+Three parts, every comparison on the same emulator process in the same run:
+
+1. ``latency``: open loop at ``--rate`` requests/s (evenly spaced arrivals by default,
+   or Poisson with a fixed seed), non-streaming, ``--max-new-tokens`` 4, real prompts:
+   end-to-end latency of HTTP ``POST /generate`` straight to the emulator (one aiohttp
+   session, keep-alive, ``routed_dp_rank`` round robin) vs gRPC unary ``Generate``
+   through the scheduler (``scheduler.client.SchedulerClient``), under several policies,
+   scheduling windows and prediction modes. Added latency = scheduler percentile minus
+   the direct percentile (the mean of the direct runs measured before and after).
+   Targets: added p50 <= 0.5 ms, p99 <= 2 ms at 500 requests/s. The emulator answers at
+   once (``--time-scale 0``); one pair of runs repeats it at time scale 1.
+2. ``throughput``: closed loop, N clients each sending its next request when the previous
+   answer is in, through the emulator directly, the scheduler, and SGLang's router
+   (round robin) in front of the same emulator.
+3. ``prediction``: the same real prompts replayed (``scheduler.server.cli.replay``) with
+   prediction none / text / probe under ``locality_window`` and ``locality_band`` at
+   time scale 1: latency, throughput, and the inter-node bytes per token and local
+   fraction measured from the routed experts the emulator returns (drawn from real
+   per-class profiles, not measured on GPUs).
+
+Usage::
+
+    python benchmarks/frontend.py [--data ../shared/data] [--quick]
+        [--out benchmarks/results/frontend.json] [--work benchmarks/work/frontend]
+
+Setup (profile, placement, predictor bundle from ``moe-scheduler fit``) is cached under
+``--work``. ``--quick`` runs a few seconds per part with a small bundle (for the smoke
+test). Failures are recorded in the JSON (status "error" and a message), not raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gzip
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from machine import machine_facts  # benchmarks/machine.py (this directory)
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(ROOT))
+
+NODES, GPUS_PER_NODE = 4, 2
+NUM_RANKS = NODES * GPUS_PER_NODE
+MODEL = "deepseek-v2-lite"
+TARGET_ADDED_P50_MS = 0.5
+TARGET_ADDED_P99_MS = 2.0
+TARGET_RATE = 500.0
+MAX_PROMPT_CHARS = 1000
+STARTUP_TIMEOUT_S = 60.0
+#: Our policy: the windowed one where the registry has it.
+OUR_POLICY_PREFERENCE = ("locality_window", "locality_band")
+
+Send = Callable[[int], Awaitable[None]]
+
+
+def _eprint(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process, from /proc (None where unavailable)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _loadavg() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _ms(seconds: float) -> float:
+    return round(1e3 * seconds, 3)
+
+
+def _percentiles_ms(latencies: list[float]) -> dict[str, float | None]:
+    if not latencies:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    a = np.asarray(latencies)
+    return {
+        "p50": _ms(float(np.percentile(a, 50))),
+        "p90": _ms(float(np.percentile(a, 90))),
+        "p99": _ms(float(np.percentile(a, 99))),
+        "mean": _ms(float(a.mean())),
+    }
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def load_prompts(data: Path, count: int, seed: int) -> list[str]:
+    """``count`` real prompts (at most MAX_PROMPT_CHARS characters), a seeded sample
+    spread over the corpus's four domains."""
+    pool: list[str] = []
+    for domain in ("code", "math", "chat", "general"):
+        path = data / "prompts" / domain / f"{domain}_prompts.jsonl.gz"
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            pool += [
+                text
+                for text in (json.loads(line)["prompt"] for line in f)
+                if text.strip() and len(text) <= MAX_PROMPT_CHARS
+            ]
+    rng = random.Random(seed)
+    return rng.sample(pool, min(count, len(pool)))
+
+
+def _run(command: list[str], log: Path) -> None:
+    with log.open("w") as f:
+        subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
+
+
+def prepare(data: Path, work: Path, quick: bool) -> dict[str, Any]:
+    """Profile, placement and predictor bundle under ``work`` (reused when present)."""
+    work.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "scheduler"]
+    profile = work / "esft.profile.json"
+    if not profile.is_file():
+        traces = data / "traces" / "esft-deepseek-v2-lite"
+        _run(
+            [*cli, "profile", str(traces), "--by", "label", "--out", str(profile)],
+            work / "profile.log",
+        )
+    placement = work / ("placement-4x2-quick" if quick else "placement-4x2")
+    if not (placement / "plan.json").is_file():
+        topology = ROOT / "deploy" / "topologies" / "4x2.toml"
+        _run(
+            [
+                *cli,
+                "place",
+                "--profile",
+                str(profile),
+                "--topology",
+                str(topology),
+                "--method",
+                "ours",
+                "--time-limit",
+                "1" if quick else "5",
+                "--out",
+                str(placement),
+            ],
+            work / "place.log",
+        )
+    if quick:
+        bundle = work / "predictors-quick.npz"
+        how = "small classifier on 2,000 corpus prompts (quick mode)"
+        if not bundle.is_file():
+            _quick_bundle(data, bundle)
+    else:
+        bundle = work / "predictors.npz"
+        how = "`moe-scheduler fit --data DATA` (cached)"
+        if not bundle.is_file():
+            _eprint("frontend benchmark: fitting the predictor bundle (about a minute, cached)")
+            _run([*cli, "fit", "--data", str(data), "--out", str(bundle)], work / "fit.log")
+    return {"profile": profile, "placement": placement, "bundle": bundle, "bundle_from": how}
+
+
+def _quick_bundle(data: Path, path: Path) -> None:
+    from scheduler.prediction.bundle import PredictorBundle, save_bundle
+    from scheduler.prediction.text_classifier import TextClassifier
+
+    texts, labels = [], []
+    for domain in ("code", "math", "chat", "general"):
+        with gzip.open(data / "prompts" / domain / f"{domain}_prompts.jsonl.gz", "rt") as f:
+            for n, line in enumerate(f):
+                if n == 500:
+                    break
+                texts.append(json.loads(line)["prompt"])
+                labels.append(domain)
+    save_bundle(PredictorBundle(domain=TextClassifier().fit(texts, labels)), path)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_dir: Path
+    address: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> Any:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                return "killed"
+        return self.process.returncode
+
+
+def _spawn(name: str, command: list[str], log_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out, err = log_dir / f"{name}.out", log_dir / f"{name}.err"
+    with out.open("wb") as o, err.open("wb") as e:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=o, stderr=e)
+    return process, out
+
+
+def _wait_for_line(process: subprocess.Popen[bytes], out: Path, pattern: str, name: str) -> str:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        match = re.search(pattern, out.read_text(errors="replace"))
+        if match:
+            return match.group(1)
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    err = out.with_suffix(".err").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"{name} did not start: {err}")
+
+
+def start_emulator(time_scale: float, placement: Path, data: Path, log_dir: Path) -> Proc:
+    command = [
+        sys.executable, "-m", "scheduler", "emulate", "--nodes", str(NODES),
+        "--gpus-per-node", str(GPUS_PER_NODE), "--model", MODEL,
+        "--init-expert-location", str(placement / "expert_location.json"),
+        "--port", "0", "--time-scale", str(time_scale), "--capacity", "64",
+        "--data", str(data), "--shutdown-grace", "1",
+    ]  # fmt: skip
+    process, out = _spawn(f"emulator-ts{time_scale:g}", command, log_dir)
+    port = _wait_for_line(process, out, r"listening on http://127\.0\.0\.1:(\d+)", "emulator")
+    return Proc("emulator", process, log_dir, f"http://127.0.0.1:{port}")
+
+
+def write_config(
+    path: Path, backend: str, setup: dict[str, Any], policy: str, window_ms: float,
+    mode: str, *, routed: bool = True, probe_min_new_tokens: int = 256,
+) -> Path:  # fmt: skip
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "max_queue": 4096},
+        "backend": {"url": backend, "return_routed_experts": routed, "retries": 2},
+        "cluster": {"placement": str(setup["placement"])},
+        "policy": {"name": policy, "capacity": 32, "window_ms": window_ms},
+        "prediction": {
+            "mode": mode,
+            "bundle": str(setup["bundle"]),
+            "profile": str(setup["profile"]),
+            "probe_min_new_tokens": probe_min_new_tokens,
+        },
+    }
+    lines = []
+    for name, keys in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def start_scheduler(config: Path, log_dir: Path) -> Proc:
+    command = [sys.executable, "-m", "scheduler", "serve", "--config", str(config)]
+    process, out = _spawn(config.stem, command, log_dir)
+    target = _wait_for_line(process, out, r"grpc listening on (\S+)\n", "scheduler")
+    proc = Proc("scheduler", process, log_dir, target)
+    asyncio.run(_wait_scheduler_ready(target))
+    return proc
+
+
+async def _wait_scheduler_ready(target: str) -> None:
+    """The first Generate that succeeds (the scheduler must have seen the backend)."""
+    import grpc
+
+    from scheduler.client import SchedulerClient
+
+    async with SchedulerClient(target) as client:
+        await client.wait_ready(STARTUP_TIMEOUT_S)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            try:
+                await client.generate("hello", max_new_tokens=1, timeout=5)
+                return
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def router_available() -> str | None:
+    """None when sglang_router can be launched, else why not."""
+    try:
+        import sglang_router  # noqa: F401
+    except ImportError as e:
+        return f"sglang_router is not importable ({e}); install the `bench` extra"
+    return None
+
+
+def start_router(backend: str, log_dir: Path) -> Proc:
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", backend,
+        "--policy", "round_robin", "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warn",
+    ]  # fmt: skip
+    process, _ = _spawn("sglang-router", command, log_dir)
+    proc = Proc("sglang_router", process, log_dir, f"http://127.0.0.1:{port}")
+    asyncio.run(_wait_http_generate(proc))
+    return proc
+
+
+async def _wait_http_generate(proc: Proc) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    body = {"text": "hello", "sampling_params": {"max_new_tokens": 1}}
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if proc.process.poll() is not None:
+                err = (proc.log_dir / "sglang-router.err").read_text(errors="replace")
+                raise RuntimeError(f"sglang-router exited: {err[-2000:]}")
+            try:
+                async with session.post(f"{proc.address}/generate", json=body) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("sglang-router did not answer /generate with 200")
+            await asyncio.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- load generators
+
+
+class Target:
+    """One way to send a request: ``send(i)`` serves prompt ``i`` and raises on failure."""
+
+    name = ""
+
+    async def __aenter__(self) -> Target:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def send(self, i: int) -> None:
+        raise NotImplementedError
+
+
+class HttpTarget(Target):
+    """POST /generate over one keep-alive aiohttp session; ``rank``: set routed_dp_rank
+    round robin (the emulator directly), else leave the rank to the server (a router)."""
+
+    def __init__(
+        self, url: str, prompts: list[str], max_new_tokens: int, routed: bool, rank: bool
+    ) -> None:
+        self.url, self.prompts, self.max_new_tokens = url, prompts, max_new_tokens
+        self.routed, self.rank = routed, rank
+        self.session: Any = None
+
+    async def __aenter__(self) -> HttpTarget:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=60),
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+
+    async def send(self, i: int) -> None:
+        body: dict[str, Any] = {
+            "text": self.prompts[i % len(self.prompts)],
+            "sampling_params": {"max_new_tokens": self.max_new_tokens},
+        }
+        if self.routed:
+            body["return_routed_experts"] = True
+        if self.rank:
+            body["routed_dp_rank"] = i % NUM_RANKS
+        async with self.session.post(f"{self.url}/generate", json=body) as response:
+            payload = await response.json(content_type=None)
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {str(payload)[:200]}")
+            if payload["meta_info"]["completion_tokens"] != self.max_new_tokens:
+                raise RuntimeError("short answer")
+
+
+class GrpcTarget(Target):
+    def __init__(self, address: str, prompts: list[str], max_new_tokens: int) -> None:
+        self.address, self.prompts, self.max_new_tokens = address, prompts, max_new_tokens
+        self.client: Any = None
+
+    async def __aenter__(self) -> GrpcTarget:
+        from scheduler.client import SchedulerClient
+
+        self.client = SchedulerClient(self.address)
+        await self.client.wait_ready(STARTUP_TIMEOUT_S)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+
+    async def send(self, i: int) -> None:
+        reply = await self.client.generate(
+            self.prompts[i % len(self.prompts)], max_new_tokens=self.max_new_tokens, timeout=60
+        )
+        if reply.info.completion_tokens != self.max_new_tokens:
+            raise RuntimeError("short answer")
+
+
+def _error_text(e: BaseException) -> str:
+    code = getattr(e, "code", None)
+    if callable(code) and callable(getattr(e, "details", None)):  # grpc.aio.AioRpcError
+        return f"gRPC {code().name}: {e.details()}"  # type: ignore[attr-defined]
+    return f"{type(e).__name__}: {e}".replace("\n", " ")
+
+
+def arrival_offsets(rate: float, seconds: float, arrivals: str, seed: int) -> np.ndarray:
+    n = max(1, int(round(rate * seconds)))
+    if arrivals == "even":
+        return np.arange(n) / rate
+    gaps = np.random.default_rng(seed).exponential(1 / rate, size=n)
+    return np.cumsum(gaps) - gaps[0]
+
+
+async def open_loop(target: Target, offsets: np.ndarray, first: int = 0) -> dict[str, Any]:
+    """Send request ``first + k`` at ``offsets[k]`` seconds whatever the answers; latency
+    from the moment it is sent; ``send_lag``: how late the generator sent it."""
+    latencies: list[float] = []
+    lags: list[float] = []
+    errors: list[str] = []
+
+    async def one(i: int) -> None:
+        sent = time.perf_counter()
+        try:
+            await target.send(i)
+            latencies.append(time.perf_counter() - sent)
+        except Exception as e:  # counted, not raised
+            errors.append(_error_text(e))
+
+    tasks = []
+    cpu0 = time.process_time()
+    start = time.perf_counter() + 0.01
+    for k, offset in enumerate(offsets):
+        due = start + float(offset)
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        lags.append(max(0.0, time.perf_counter() - due))
+        tasks.append(asyncio.create_task(one(first + k)))
+    sending = time.perf_counter() - start
+    await asyncio.gather(*tasks)
+    return {
+        "latencies": latencies,
+        "errors": errors,
+        "send_seconds": sending,
+        "seconds": time.perf_counter() - start,
+        "lags": lags,
+        "client_cpu_s": time.process_time() - cpu0,
+    }
+
+
+async def closed_loop(target: Target, concurrency: int, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    stop_at = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            sent = time.perf_counter()
+            try:
+                await target.send(next(counter))
+                latencies.append(time.perf_counter() - sent)
+            except Exception as e:
+                errors.append(_error_text(e))
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {
+        "latencies": latencies,
+        "errors": errors,
+        "seconds": time.perf_counter() - wall0,
+        "client_cpu_s": time.process_time() - cpu0,
+    }
+
+
+def _cpu_fields(servers: dict[str, Proc], before: dict[str, float | None], n: int
+                ) -> dict[str, Any]:  # fmt: skip
+    out: dict[str, Any] = {}
+    for name, proc in servers.items():
+        after = _cpu_seconds(proc.pid)
+        b = before.get(name)
+        if after is not None and b is not None and n:
+            out[f"{name}_cpu_us_per_request"] = round(1e6 * (after - b) / n, 1)
+    return out
+
+
+def measure(
+    kind: str, make_target: Callable[[], Target], servers: dict[str, Proc], *,
+    rate: float = 0.0, seconds: float, warmup_s: float, arrivals: str = "even",
+    seed: int = 0, concurrency: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """One run (open loop at ``rate`` or closed loop with ``concurrency`` clients) after a
+    warm-up; a record with latency percentiles, achieved rate and CPU per request."""
+
+    async def go() -> tuple[dict[str, Any], dict[str, float | None]]:
+        async with make_target() as target:
+            if kind == "open":
+                await open_loop(target, arrival_offsets(rate, warmup_s, "even", seed), 10**6)
+                before = {name: _cpu_seconds(p.pid) for name, p in servers.items()}
+                offsets = arrival_offsets(rate, seconds, arrivals, seed)
+                return await open_loop(target, offsets), before
+            await closed_loop(target, concurrency, warmup_s)
+            before = {name: _cpu_seconds(p.pid) for name, p in servers.items()}
+            return await closed_loop(target, concurrency, seconds), before
+
+    load = _loadavg()
+    result, before = asyncio.run(go())
+    n = len(result["latencies"])
+    record: dict[str, Any] = {
+        "status": "ok" if not result["errors"] and n else "error",
+        "requests": n,
+        "errors": len(result["errors"]),
+        "seconds": round(result["seconds"], 3),
+        "latency_ms": _percentiles_ms(result["latencies"]),
+        "client_cpu_us_per_request": round(1e6 * result["client_cpu_s"] / max(n, 1), 1),
+        "load_average_before": load,
+    }
+    if kind == "open":
+        sent = n + len(result["errors"])
+        record.update(
+            offered_rate=rate,
+            achieved_send_rate=round(sent / max(result["send_seconds"], 1e-9), 1),
+            achieved_completion_rate=round(n / max(result["seconds"], 1e-9), 1),
+            send_lag_ms={
+                "p50": _ms(float(np.percentile(result["lags"], 50))),
+                "p99": _ms(float(np.percentile(result["lags"], 99))),
+            },
+        )
+    else:
+        record.update(
+            concurrency=concurrency, requests_per_s=round(n / max(result["seconds"], 1e-9), 1)
+        )
+    record |= _cpu_fields(servers, before, n)
+    if result["errors"]:
+        record["message"] = f"{len(result['errors'])} failed, e.g. {result['errors'][0]}"
+    lat = record["latency_ms"]
+    _eprint(
+        f"    {n} ok, {len(result['errors'])} failed, p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
+        f"{record.get('achieved_completion_rate', record.get('requests_per_s'))} requests/s, "
+        f"load {load}"
+    )
+    return record
+
+
+# --------------------------------------------------------------------------- parts
+
+
+@dataclass
+class Ctx:
+    data: Path
+    setup: dict[str, Any]
+    prompts: list[str]
+    args: argparse.Namespace
+    log_dir: Path
+    our_policy: str
+
+
+def _with_scheduler(
+    ctx: Ctx, emulator: Proc, name: str, policy: str, window_ms: float, mode: str,
+    run: Callable[[Proc], dict[str, Any]], **config: Any,
+) -> dict[str, Any]:  # fmt: skip
+    record: dict[str, Any] = {"policy": policy, "window_ms": window_ms, "prediction": mode}
+    record |= {k: v for k, v in config.items()}
+    scheduler = None
+    try:
+        path = write_config(
+            ctx.log_dir / f"{name}.toml", emulator.address, ctx.setup, policy, window_ms, mode,
+            **config,
+        )  # fmt: skip
+        scheduler = start_scheduler(path, ctx.log_dir)
+        record |= run(scheduler)
+    except Exception as e:  # recorded as data
+        traceback.print_exc()
+        record.update(status="error", message=f"{type(e).__name__}: {e}")
+    finally:
+        if scheduler is not None:
+            record["scheduler_peak_rss_mib"] = _peak_rss_mib(scheduler.pid)
+            record["scheduler_exit_code"] = scheduler.stop()
+    return record
+
+
+def _peak_rss_mib(pid: int) -> float | None:
+    """VmHWM of a running process (None where /proc is unavailable)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def part_latency(ctx: Ctx, emulator: Proc, time_scale: float) -> list[dict[str, Any]]:
+    """Groups of scheduler runs, each bracketed by direct runs (same flags and rate)
+    before and after it on the same emulator."""
+    a, prompts, mnt = ctx.args, ctx.prompts, ctx.args.max_new_tokens
+    ours = ctx.our_policy
+    # (name, policy, window ms, prediction mode); no routed experts: the request path
+    request_path = [
+        ("fast_path", "total_requests", 0.0, "none"),
+        ("fast_path_text", "total_requests", 0.0, "text"),
+        ("ours_w0_text", ours, 0.0, "text"),
+        ("ours_w2_text", ours, 2.0, "text"),
+        ("ours_w0_none", ours, 0.0, "none"),
+    ]
+    # with return_routed_experts (the feedback path) at a rate these 2 cores sustain
+    routed = [("fast_path_routed", "total_requests", 0.0, "none"),
+              ("ours_w2_text_routed", ours, 2.0, "text")]  # fmt: skip
+    groups: list[tuple[bool, float, list[tuple[str, str, float, str]]]]
+    if time_scale != 0:
+        groups = [(False, a.rate, request_path[:1])]
+    elif a.quick:
+        groups = [(False, a.rate, [request_path[0], request_path[3]])]
+    else:
+        groups = [(False, a.rate, request_path), (True, a.routed_rate, routed)]
+    records: list[dict[str, Any]] = []
+
+    def common(rate: float) -> dict[str, Any]:
+        return {"rate": rate, "seconds": a.seconds, "warmup_s": a.warmup,
+                "arrivals": a.arrivals, "seed": a.seed}  # fmt: skip
+
+    def direct(with_experts: bool, rate: float, when: str) -> None:
+        label = "direct_routed" if with_experts else "direct"
+        _eprint(f"  latency ts={time_scale:g}: {label} ({when}, {rate:g}/s)")
+        rec: dict[str, Any] = {
+            "scenario": label, "path": "direct", "run": when,
+            "return_routed_experts": with_experts,
+        }  # fmt: skip
+        try:
+            rec |= measure(
+                "open",
+                lambda: HttpTarget(emulator.address, prompts, mnt, with_experts, rank=True),
+                {"emulator": emulator},
+                **common(rate),
+            )
+        except Exception as e:
+            traceback.print_exc()
+            rec.update(status="error", message=f"{type(e).__name__}: {e}")
+        records.append(rec | {"time_scale": time_scale})
+
+    def scheduled(
+        with_experts: bool, rate: float, name: str, policy: str, window: float, mode: str
+    ) -> None:
+        _eprint(f"  latency ts={time_scale:g}: {name} ({policy}, window {window:g} ms, {mode})")
+
+        def run(s: Proc) -> dict[str, Any]:
+            return measure(
+                "open",
+                lambda: GrpcTarget(s.address, prompts, mnt),
+                {"emulator": emulator, "scheduler": s},
+                **common(rate),
+            )
+
+        rec = _with_scheduler(
+            ctx, emulator, f"lat-ts{time_scale:g}-{name}", policy, window, mode, run,
+            routed=with_experts,
+        )  # fmt: skip
+        records.append(
+            {"scenario": name, "path": "scheduler", "return_routed_experts": with_experts}
+            | rec
+            | {"time_scale": time_scale}
+        )
+
+    for with_experts, rate, configs in groups:
+        direct(with_experts, rate, "before")
+        for c in configs:
+            scheduled(with_experts, rate, *c)
+        direct(with_experts, rate, "after")
+    _added(records)
+    return records
+
+
+def _added(records: list[dict[str, Any]]) -> None:
+    """Scheduler percentile minus the mean of the direct runs with the same flags."""
+    for rec in records:
+        if rec["path"] != "scheduler" or rec.get("status") != "ok":
+            continue
+        base = [
+            r for r in records
+            if r["path"] == "direct" and r.get("status") == "ok"
+            and r["return_routed_experts"] == rec["return_routed_experts"]
+            and r["offered_rate"] == rec["offered_rate"]
+        ]  # fmt: skip
+        if not base:
+            continue
+        added = {}
+        for q in ("p50", "p99"):
+            ref = float(np.mean([r["latency_ms"][q] for r in base]))
+            added[q] = round(rec["latency_ms"][q] - ref, 3)
+            added[f"direct_{q}_spread"] = round(
+                max(r["latency_ms"][q] for r in base) - min(r["latency_ms"][q] for r in base), 3
+            )
+        rec["added_ms"] = added
+        rec["meets_target"] = (
+            added["p50"] <= TARGET_ADDED_P50_MS and added["p99"] <= TARGET_ADDED_P99_MS
+            if rec["offered_rate"] >= TARGET_RATE
+            else None  # the target is stated at TARGET_RATE requests/s
+        )
+
+
+def part_throughput(ctx: Ctx, emulator: Proc) -> tuple[list[dict[str, Any]], str | None]:
+    a, prompts, mnt = ctx.args, ctx.prompts, ctx.args.max_new_tokens
+    common = {"seconds": a.tp_seconds, "warmup_s": min(1.0, a.warmup)}
+    records: list[dict[str, Any]] = []
+    router_note = router_available()
+    router = None
+    if router_note is None:
+        try:
+            router = start_router(emulator.address, ctx.log_dir)
+        except Exception as e:
+            traceback.print_exc()
+            router_note = f"sglang-router did not start: {type(e).__name__}: {e}"
+    try:
+        for concurrency in a.concurrency:
+            _eprint(f"  throughput: {concurrency} clients")
+            label = {"concurrency": concurrency, "time_scale": 0.0}
+            rec: dict[str, Any] = {"path": "direct"} | label
+            try:
+                rec |= measure(
+                    "closed",
+                    lambda: HttpTarget(emulator.address, prompts, mnt, False, rank=True),
+                    {"emulator": emulator},
+                    concurrency=concurrency,
+                    **common,
+                )
+            except Exception as e:
+                rec.update(status="error", message=f"{type(e).__name__}: {e}")
+            records.append(rec)
+
+            def run(s: Proc, c: int = concurrency) -> dict[str, Any]:
+                return measure(
+                    "closed",
+                    lambda: GrpcTarget(s.address, prompts, mnt),
+                    {"emulator": emulator, "scheduler": s},
+                    concurrency=c,
+                    **common,
+                )
+
+            variants = [("total_requests", 0.0, "none"), (ctx.our_policy, 2.0, "text")]
+            for policy, window, mode in variants[: 1 if a.quick else 2]:
+                rec = _with_scheduler(
+                    ctx, emulator, f"tp-{concurrency}-{policy}-{mode}", policy, window, mode,
+                    run, routed=False,
+                )  # fmt: skip
+                records.append({"path": "scheduler"} | label | rec)
+            if router is not None:
+                rec = {"path": "sglang_router", "policy": "round_robin"} | label
+                try:
+                    rec |= measure(
+                        "closed",
+                        lambda: HttpTarget(router.address, prompts, mnt, False, rank=False),
+                        {"emulator": emulator, "sglang_router": router},
+                        concurrency=concurrency,
+                        **common,
+                    )
+                except Exception as e:
+                    rec.update(status="error", message=f"{type(e).__name__}: {e}")
+                records.append(rec)
+    finally:
+        if router is not None:
+            router.stop()
+    return records, router_note
+
+
+def _backend_finished(emulator: Proc) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{emulator.address}/v1/loads", timeout=10) as r:
+        loads = json.loads(r.read())
+    entries = loads if isinstance(loads, list) else loads.get("loads", loads.get("data", []))
+    return int(sum(e["emulator"]["finished_reqs"] for e in entries))
+
+
+def part_prediction(ctx: Ctx, emulator: Proc) -> list[dict[str, Any]]:
+    from scheduler.server.cli import replay
+
+    a = ctx.args
+    rows = [{"id": str(i), "prompt": p} for i, p in enumerate(ctx.prompts[: a.replay_prompts])]
+    runs: list[tuple[str, str]] = [("total_requests", "none")]
+    policies = [p for p in ("locality_window", "locality_band") if p in _policies()]
+    modes = ("none", "text", "probe")
+    runs += [(p, m) for p in policies for m in modes]
+    if a.quick:
+        runs = [(ctx.our_policy, "none"), (ctx.our_policy, "probe")]
+    records: list[dict[str, Any]] = []
+    for policy, mode in runs:
+        _eprint(f"  prediction: {policy}, {mode}")
+        window = 2.0 if policy == "locality_window" else 0.0
+
+        def run(s: Proc) -> dict[str, Any]:
+            before = {"emulator": _cpu_seconds(emulator.pid), "scheduler": _cpu_seconds(s.pid)}
+            finished0 = _backend_finished(emulator)
+            result = asyncio.run(
+                replay(
+                    s.address, rows, rate=a.replay_rate, max_new_tokens=a.replay_new_tokens,
+                    timeout=60, progress=False,
+                )
+            )  # fmt: skip
+            backend_requests = _backend_finished(emulator) - finished0
+            records_ = result.pop("records")
+            stats = result.pop("server_stats")
+            ok = result["statuses"].get("OK", 0)
+            out: dict[str, Any] = {
+                "status": "ok" if ok == len(records_) else "error",
+                "requests": len(records_),
+                "statuses": result["statuses"],
+                "throughput_rps": round(result["throughput_rps"], 1),
+                "latency_ms": {
+                    "p50": _ms(result["latency_p50_s"]),
+                    "p99": _ms(result["latency_p99_s"]),
+                },
+                "queue_ms_mean": _ms(
+                    float(np.mean([r["queue_s"] for r in records_ if r["status"] == "OK"]))
+                ),
+                "inter_node_bytes_per_token": result["inter_node_bytes_per_token"],
+                "local_fraction_mean": result["local_fraction_mean"],
+                "rank_requests_max_over_mean": result["rank_requests_max_over_mean"],
+                "prediction_hit_rate": stats.get("prediction_hit_rate"),
+                "prediction_checks": int(stats.get("prediction_checks", 0)),
+                "backend_requests_per_request": round(backend_requests / max(ok, 1), 3),
+            }
+            out |= _cpu_fields({"emulator": emulator, "scheduler": s}, before, ok)
+            if out["status"] != "ok":
+                bad = next(r for r in records_ if r["status"] != "OK")
+                out["message"] = f"{bad['status']}: {bad.get('error', '')}"
+            return out
+
+        rec = _with_scheduler(
+            ctx, emulator, f"pred-{policy}-{mode}", policy, window, mode, run,
+            probe_min_new_tokens=0,
+        )  # fmt: skip
+        records.append(rec | {"time_scale": a.replay_time_scale})
+    base = next((r for r in records if r.get("status") == "ok" and r["prediction"] == "none"), None)
+    for rec in records:
+        if base is None or rec.get("status") != "ok" or not base.get("inter_node_bytes_per_token"):
+            continue
+        rec["inter_node_bytes_vs_first_none"] = round(
+            rec["inter_node_bytes_per_token"] / base["inter_node_bytes_per_token"] - 1, 4
+        )
+    return records
+
+
+def _policies() -> list[str]:
+    from scheduler.policies import POLICIES
+
+    return list(POLICIES)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _default_data() -> Path:
+    env = os.environ.get("MOE_SCHEDULER_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="real data (../shared/data)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "frontend.json")
+    parser.add_argument("--work", type=Path, default=BENCH_DIR / "work" / "frontend",
+                        help="cached setup and server logs")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="a few seconds per part")
+    parser.add_argument("--rate", type=float, default=500.0, help="open-loop requests/s")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured s per latency run")
+    parser.add_argument("--routed-rate", type=float, default=200.0,
+                        help="open-loop rate of the runs with return_routed_experts")  # fmt: skip
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up s before each run")
+    parser.add_argument("--arrivals", choices=["even", "poisson"], default="even")
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--tp-seconds", type=float, default=5.0, help="s per throughput run")
+    parser.add_argument("--replay-prompts", type=int, default=300)
+    parser.add_argument("--replay-rate", type=float, default=60.0)
+    parser.add_argument("--replay-new-tokens", type=int, default=32)
+    parser.add_argument("--replay-time-scale", type=float, default=1.0)
+    parser.add_argument("--no-time-scale-1", action="store_true",
+                        help="skip the latency pair at time scale 1")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--part", action="append",
+                        choices=["latency", "throughput", "prediction"])  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rate, args.seconds, args.warmup = 200.0, 1.0, 0.3
+        args.concurrency, args.tp_seconds = [8], 1.0
+        args.replay_prompts, args.replay_rate = 24, 40.0
+        args.replay_time_scale = 0.0  # reuses the first emulator
+        args.no_time_scale_1 = True
+    data = (args.data or _default_data()).resolve()
+    if not (data / "prompts").is_dir() or not (data / "traces").is_dir():
+        _eprint(f"frontend benchmark: real data not found at {data} (pass --data)")
+        return 2
+    parts = args.part or ["latency", "throughput", "prediction"]
+    started = time.perf_counter()
+    load_at_start = _loadavg()
+    setup = prepare(data, args.work, args.quick)
+    log_dir = args.work / "logs"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    policies = _policies()
+    our = next((p for p in OUR_POLICY_PREFERENCE if p in policies), "total_requests")
+    prompts = load_prompts(data, 2000, args.seed)
+    ctx = Ctx(data, setup, prompts, args, log_dir, our)
+    result: dict[str, Any] = {
+        "benchmark": "frontend",
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(
+            ["python benchmarks/frontend.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "quick": args.quick,
+        "cluster": f"emulator {NODES} nodes x {GPUS_PER_NODE} GPUs, {MODEL}, placement "
+        "`moe-scheduler place --method ours` from the ESFT per-label profile",
+        "prompts": f"{len(prompts)} real corpus prompts (<= {MAX_PROMPT_CHARS} characters, "
+        f"seeded sample over the four domains, seed {args.seed})",
+        "bundle": setup["bundle_from"],
+        "our_policy": our,
+        "targets": {
+            "added_p50_ms": TARGET_ADDED_P50_MS,
+            "added_p99_ms": TARGET_ADDED_P99_MS,
+            "rate": 500.0,
+        },  # fmt: skip
+        "settings": {
+            "rate": args.rate,
+            "routed_rate": args.routed_rate,
+            "seconds": args.seconds,
+            "warmup_s": args.warmup,
+            "arrivals": args.arrivals,
+            "max_new_tokens": args.max_new_tokens,
+            "concurrency": args.concurrency,
+            "throughput_seconds": args.tp_seconds,
+            "replay_prompts": args.replay_prompts,
+            "replay_rate": args.replay_rate,
+            "replay_new_tokens": args.replay_new_tokens,
+            "replay_time_scale": args.replay_time_scale,
+        },  # fmt: skip
+        "load_generator": "this process (asyncio): aiohttp keep-alive session for HTTP, one "
+        "grpc.aio channel (scheduler.client.SchedulerClient) for the scheduler; the servers "
+        "are separate processes sharing the same cores",
+        "machine": machine_facts("numpy", "aiohttp", "grpcio", "sglang-router"),
+        "load_average_at_start": load_at_start,
+    }
+    emulators: dict[float, Proc] = {}  # one emulator process per time scale, reused
+
+    def emulator(time_scale: float) -> Proc:
+        if time_scale not in emulators:
+            emulators[time_scale] = start_emulator(time_scale, setup["placement"], data, log_dir)
+        return emulators[time_scale]
+
+    try:
+        if "latency" in parts:
+            _eprint("frontend benchmark: latency (time scale 0)")
+            result["latency"] = part_latency(ctx, emulator(0.0), 0.0)
+        if "throughput" in parts:
+            _eprint("frontend benchmark: throughput (time scale 0)")
+            result["throughput"], result["router_note"] = part_throughput(ctx, emulator(0.0))
+        if "latency" in parts and not args.no_time_scale_1:
+            _eprint("frontend benchmark: latency (time scale 1)")
+            result["latency"] += part_latency(ctx, emulator(1.0), 1.0)
+        if "prediction" in parts:
+            _eprint("frontend benchmark: prediction modes")
+            result["prediction"] = part_prediction(ctx, emulator(args.replay_time_scale))
+    finally:
+        for proc in emulators.values():
+            proc.stop()
+    if "router_note" in result and result["router_note"] is None:
+        result["router_note"] = (
+            "sglang-router started with --policy round_robin in front of the emulator; it "
+            "probes /model_info (the emulator answers 404) and falls back to the deprecated "
+            "/get_model_info, and cannot load a tokenizer for the model name offline (only a "
+            "warning: /generate with text passes through)"
+        )
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    _eprint(f"wrote {args.out} ({result['wall_seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -1,0 +1,59 @@
+"""Smoke test of benchmarks/frontend.py: its quick mode runs end to end against real
+servers (emulator and scheduler processes, and SGLang's router where installed) and its
+result renders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_frontend_benchmark_quick(shared_data, tmp_path):
+    out = tmp_path / "results" / "frontend.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "frontend.py"), "--quick",
+        "--data", str(shared_data), "--out", str(out), "--work", str(tmp_path / "work"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "frontend" and result["quick"] is True
+
+    latency = result["latency"]
+    assert {r["path"] for r in latency} == {"direct", "scheduler"}
+    for r in latency:
+        assert r["status"] == "ok", r
+        assert r["requests"] > 0 and r["latency_ms"]["p50"] > 0
+    scheduled = [r for r in latency if r["path"] == "scheduler"]
+    assert all("added_ms" in r and "meets_target" in r for r in scheduled)
+
+    paths = {r["path"] for r in result["throughput"]}
+    if importlib.util.find_spec("sglang_router") is None:
+        # CI installs only the dev and torch extras: the router part is skipped, with why
+        assert "sglang_router" not in paths
+        assert "not importable" in result["router_note"]
+    else:
+        assert "sglang_router" in paths
+    assert {"direct", "scheduler"} <= paths
+    assert all(r["status"] == "ok" and r["requests_per_s"] > 0 for r in result["throughput"])
+
+    prediction = {r["prediction"]: r for r in result["prediction"]}
+    assert {"none", "probe"} <= set(prediction)
+    assert all(r["status"] == "ok" for r in prediction.values())
+    # a probe is one extra backend request per request; none sends just the request
+    assert prediction["none"]["backend_requests_per_request"] == 1.0
+    assert prediction["probe"]["backend_requests_per_request"] == 2.0
+    assert prediction["probe"]["inter_node_bytes_per_token"] > 0
+
+    md = tmp_path / "RESULTS.md"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "render.py"), "--results", str(out.parent),
+         "--out", str(md)],
+        cwd=REPO, check=True, timeout=60,
+    )  # fmt: skip
+    text = md.read_text()
+    assert "## Scheduler front-end (`frontend`)" in text and "Quick mode" in text
