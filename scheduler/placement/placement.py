@@ -87,6 +87,11 @@ class Placement:
         per_gpu = self.replicas_per_gpu()
         return per_gpu.reshape(*per_gpu.shape[:2], self.num_nodes, self.gpus_per_node).sum(-1)
 
+    def node_presence(self) -> np.ndarray:
+        """[layers * experts, nodes] float 1.0 where the node holds a replica of the expert
+        (row ``l * experts + e``): a histogram's flat counts times this give per-node hits."""
+        return (self.replicas_per_node() > 0).reshape(-1, self.num_nodes).astype(np.float64)
+
     def replica_counts(self) -> np.ndarray:
         """[layers, experts] replicas of every logical expert."""
         counts = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)

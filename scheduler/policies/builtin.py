@@ -111,8 +111,7 @@ class LocalityBand(RoutingPolicy):
         self.band = band
         self.gpus_per_node = placement.gpus_per_node
         #: [layers * experts, nodes] 1 where the node holds a replica of the expert.
-        present = placement.replicas_per_node() > 0
-        self.present = present.reshape(-1, placement.num_nodes).astype(np.float64)
+        self.present = placement.node_presence()
 
     def node_scores(self, histogram: np.ndarray) -> np.ndarray:
         """[nodes] share of ``histogram [layers, experts]``'s pairs served on each node."""

@@ -143,8 +143,7 @@ class LocalityWindow(RoutingPolicy):
             raise ValueError(f"slack must be >= 0, got {slack}")
         self.slack = float(slack)
         self.gpus_per_node = placement.gpus_per_node
-        present = placement.replicas_per_node() > 0  # [layers, experts, nodes]
-        self.present = present.reshape(-1, placement.num_nodes).astype(np.float64)
+        self.present = placement.node_presence()  # [layers * experts, nodes]
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def node_gains(self, histogram: np.ndarray) -> np.ndarray:

@@ -152,7 +152,7 @@ async def replay(
             records.append(rec)
             done += 1
 
-        _progress.last = -1  # type: ignore[attr-defined]
+        show_progress = _Progress(len(prompts))
         start = time.perf_counter()
         tasks = []
         last_print = 0.0
@@ -164,32 +164,39 @@ async def replay(
             now = time.perf_counter()
             if progress and now - last_print > 0.5:
                 last_print = now
-                _progress(done, len(prompts))
+                show_progress(done)
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
         if progress:
-            _progress(done, len(prompts))
+            show_progress(done)
             if sys.stderr.isatty():
                 print(file=sys.stderr)
         stats = await client.stats()
     return summarize(records, wall) | {"server_stats": _stats_dict(stats), "records": records}
 
 
-def _progress(done: int, total: int) -> None:
+class _Progress:
     """A bar redrawn in place on a terminal; elsewhere (logs, make) a line per quarter."""
-    if sys.stderr.isatty():
-        width = 30
-        filled = int(width * done / total) if total else width
-        bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-        print(f"\r{bar}", end="", file=sys.stderr)
-        return
-    quarter = 4 * done // total if total else 4
-    if quarter > _progress.last:  # type: ignore[attr-defined]
-        _progress.last = quarter  # type: ignore[attr-defined]
-        print(f"  {done}/{total} done", file=sys.stderr)
 
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.quarter = -1
 
-_progress.last = -1  # type: ignore[attr-defined]
+    def __call__(self, done: int) -> None:
+        total = self.total
+        if sys.stderr.isatty():
+            width = 30
+            filled = int(width * done / total) if total else width
+            print(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+                end="",
+                file=sys.stderr,
+            )
+            return
+        quarter = 4 * done // total if total else 4
+        if quarter > self.quarter:
+            self.quarter = quarter
+            print(f"  {done}/{total} done", file=sys.stderr)
 
 
 def summarize(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from scheduler.accounting import static_dispatch_table
+from scheduler.accounting.metrics import bytes_per_copy
 from scheduler.emulator.workload import default_class_map
 from scheduler.errors import ConfigError, InputError
 from scheduler.model_shape import ModelShape, resolve_model
@@ -48,6 +49,8 @@ class ClusterState:
     bundle: PredictorBundle | None
     node_present: np.ndarray
     dest_gpu: np.ndarray
+    #: Inter-node bytes of one token copy (FP8 dispatch + BF16 combine).
+    bytes_per_copy: int
 
     @property
     def num_ranks(self) -> int:
@@ -126,7 +129,6 @@ def load_cluster(config: ServerConfig) -> ClusterState:
             f"cluster.placement {directory} has version {version}, but {expected} is expected "
             f"(cluster.placement_version / {PLACEMENT_VERSION_ENV}); refusing to serve it"
         )
-    present = placement.replicas_per_node() > 0
     return ClusterState(
         model=model,
         topology=topology,
@@ -139,6 +141,7 @@ def load_cluster(config: ServerConfig) -> ClusterState:
         class_shares=class_shares,
         class_map=class_map,
         bundle=bundle,
-        node_present=present.reshape(-1, placement.num_nodes).astype(np.float64),
+        node_present=placement.node_presence(),
+        bytes_per_copy=bytes_per_copy(model.hidden_size).total,
         dest_gpu=static_dispatch_table(placement),
     )

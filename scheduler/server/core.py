@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from scheduler.accounting.metrics import bytes_per_copy
 from scheduler.errors import MoeSchedulerError
 from scheduler.policies import POLICIES, RequestInfo, RoutingPolicy, make_policy
 from scheduler.server.backend import BackendError, SGLangBackend
@@ -482,7 +481,7 @@ class SchedulerCore:
         if prediction.histogram is not None:
             far = 1.0 - self.cluster.node_present[:, out.node]
             remote = float(np.asarray(prediction.histogram).ravel() @ far)
-            estimate = remote * bytes_per_copy(self.cluster.model.hidden_size).total
+            estimate = remote * self.cluster.bytes_per_copy
             self.estimated_inter_node_bytes += estimate
             self.metrics.estimated_inter_node_bytes.inc(estimate)
         encoded = meta.get("routed_experts")

@@ -46,13 +46,9 @@ class Dispatcher:
         max_queue: int,
         cooldown_s: float,
     ) -> None:
-        self.policy = policy
         self.gpus_per_node = gpus_per_node
-        self.capacity = capacity
-        self.window_s = window_s
-        self.max_window = max_window
-        self.max_queue = max_queue
-        self.cooldown_s = cooldown_s
+        self._wake = asyncio.Event()
+        self.replace_policy(policy, capacity, window_s, max_window, max_queue, cooldown_s)
         self.in_flight = np.zeros(num_ranks, dtype=np.int64)
         self.dispatched = np.zeros(num_ranks, dtype=np.int64)
         self.failed_until = np.zeros(num_ranks)  # monotonic time a failed rank returns
@@ -60,7 +56,6 @@ class Dispatcher:
         self.backend_waiting = np.zeros(num_ranks, dtype=np.int64)
         self.reroutes = 0
         self._queue: deque[_Ticket] = deque()
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ state
@@ -100,7 +95,8 @@ class Dispatcher:
         max_queue: int,
         cooldown_s: float,
     ) -> None:
-        """A reloaded configuration (same cluster shape); slots in flight stay counted."""
+        """Set the policy and its parameters (at start and on reload, same cluster shape);
+        slots in flight stay counted."""
         self.policy = policy
         self.capacity, self.window_s, self.max_window = capacity, window_s, max_window
         self.max_queue, self.cooldown_s = max_queue, cooldown_s

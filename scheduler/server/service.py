@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -181,8 +182,6 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def GetFeedback(  # noqa: N802
         self, request: pb.GetFeedbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetFeedbackResponse:
-        import json
-
         fb = self.core.feedback
         profile = fb.profile()
         return pb.GetFeedbackResponse(
