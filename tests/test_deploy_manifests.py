@@ -5,6 +5,7 @@ health probe against a real gRPC health server."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -91,7 +92,7 @@ def test_every_builtin_manifest_validates_against_the_kubernetes_schema():
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']}: {e.message}")
         kinds.add(doc["kind"])
-    assert {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"} <= kinds
+    assert {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
 
 
 def test_schema_validation_catches_mistakes():
@@ -194,7 +195,7 @@ def test_leaderworkerset_args_are_what_sglang_args_prints(capsys):
             "/etc/moe-scheduler/placement",
             "--dist-init-addr",
             "$(LWS_LEADER_ADDRESS):5000",
-            "--extra-args=--trust-remote-code --enable-metrics",
+            "--extra-args=--enable-metrics",
             "--format",
             "json",
         ]
@@ -207,6 +208,9 @@ def test_leaderworkerset_args_are_what_sglang_args_prints(capsys):
     worker[worker.index("--node-rank") + 1] = "$(LWS_WORKER_INDEX)"
     assert lws_args("workerTemplate") == worker
     assert "--enable-eplb" not in lws_args("leaderTemplate")
+    # DeepSeek-V2/V3 run on SGLang's own model code: no model-repository Python is run.
+    for role in ("leaderTemplate", "workerTemplate"):
+        assert "--trust-remote-code" not in lws_args(role)
 
 
 def test_sglang_pods_mount_the_placement_and_shared_memory():
@@ -297,6 +301,244 @@ def test_kustomization_lists_every_manifest():
     assert used <= images
 
 
+def pod_templates() -> dict[str, dict[str, Any]]:
+    """Every pod template: the scheduler's and the LWS leader's and worker's."""
+    template = find("LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    return {
+        "scheduler": find("Deployment", "moe-scheduler")["spec"]["template"],
+        "sglang-leader": template["leaderTemplate"],
+        "sglang-worker": template["workerTemplate"],
+    }
+
+
+# --------------------------------------------------------------------- NetworkPolicy
+
+CLIENT_LABEL = {"moe-scheduler/client": "true"}
+MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
+PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
+#: The namespace the manifests are applied in (any: kustomization sets none).
+HOME_NS = {"kubernetes.io/metadata.name": "inference"}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels is evaluated here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+@functools.cache
+def network_policies() -> tuple[dict[str, Any], ...]:
+    return tuple(d["spec"] for _, d in manifests() if d["kind"] == "NetworkPolicy")
+
+
+def ingress_allowed(pod: dict[str, str], port: int, peer: dict[str, str], peer_ns=HOME_NS):
+    """NetworkPolicy semantics (ingress, TCP): may a pod labelled ``peer`` in a namespace
+    labelled ``peer_ns`` open ``port`` on a pod labelled ``pod`` in HOME_NS?"""
+    selecting = [p for p in network_policies() if selects(p["podSelector"], pod)]
+    if not selecting:
+        return True  # not isolated
+    for spec in selecting:
+        assert spec["policyTypes"] == ["Ingress"]
+        for rule in spec.get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and not any(
+                q.get("protocol", "TCP") == "TCP" and q["port"] == port for q in ports
+            ):
+                continue
+            for source in rule.get("from", []):
+                assert "ipBlock" not in source
+                ns = source.get("namespaceSelector")
+                ns_ok = peer_ns == HOME_NS if ns is None else selects(ns, peer_ns)
+                if ns_ok and selects(source.get("podSelector", {}), peer):
+                    return True
+    return False
+
+
+@functools.cache
+def _template_labels() -> dict[str, dict[str, str]]:
+    return {name: t["metadata"]["labels"] for name, t in pod_templates().items()}
+
+
+def template_labels(name: str) -> dict[str, str]:
+    return dict(_template_labels()[name])
+
+
+def test_only_the_schedulers_reach_sglangs_http_port():
+    scheduler = template_labels("scheduler")
+    for target in ("sglang-leader", "sglang-worker"):
+        sglang = template_labels(target)
+        assert ingress_allowed(sglang, 30000, scheduler)
+        assert not ingress_allowed(sglang, 30000, {"app": "anything"})
+        assert not ingress_allowed(sglang, 30000, CLIENT_LABEL)  # clients go via the scheduler
+        assert not ingress_allowed(sglang, 30000, PROMETHEUS, MONITORING)
+        assert not ingress_allowed(sglang, 30000, scheduler, MONITORING)  # other namespace
+        assert not ingress_allowed(sglang, 5000, scheduler)  # not torch.distributed
+        # The group's own traffic: dist-init, NCCL, Gloo, DeepEP bootstrap on any port.
+        for port in (5000, 30000, 29500, 41234):
+            assert ingress_allowed(sglang, port, template_labels("sglang-worker"))
+            assert ingress_allowed(sglang, port, template_labels("sglang-leader"))
+
+
+def test_only_labelled_clients_reach_the_scheduler_and_prometheus_its_metrics():
+    scheduler = template_labels("scheduler")
+    assert ingress_allowed(scheduler, 50051, CLIENT_LABEL)
+    assert ingress_allowed(scheduler, 50051, {**CLIENT_LABEL, "app": "envoy"})
+    assert not ingress_allowed(scheduler, 50051, {"moe-scheduler/client": "yes"})
+    assert not ingress_allowed(scheduler, 50051, {"app": "anything"})
+    assert not ingress_allowed(scheduler, 50051, template_labels("sglang-leader"))
+    other_ns = {"kubernetes.io/metadata.name": "tenant-a"}
+    assert not ingress_allowed(scheduler, 50051, CLIENT_LABEL, other_ns)
+    assert ingress_allowed(scheduler, 50051, CLIENT_LABEL, {**other_ns, **CLIENT_LABEL})
+    assert not ingress_allowed(scheduler, 50051, {"app": "x"}, {**other_ns, **CLIENT_LABEL})
+    assert ingress_allowed(scheduler, 9464, PROMETHEUS, MONITORING)
+    assert not ingress_allowed(scheduler, 50051, PROMETHEUS, MONITORING)
+    assert not ingress_allowed(scheduler, 9464, PROMETHEUS, other_ns)
+    assert not ingress_allowed(scheduler, 9464, CLIENT_LABEL)  # metrics are Prometheus's
+    for port in (50051, 9464):  # the selectors match the Services' ports
+        service = find("Service", "moe-scheduler")["spec"]
+        assert port in {q["port"] for q in service["ports"]}
+
+
+def test_network_policies_cover_every_pod_and_are_documented():
+    for name, template in pod_templates().items():
+        labels = template["metadata"]["labels"]
+        assert not ingress_allowed(labels, 30000, {"app": "stranger"}), name
+        assert not ingress_allowed(labels, 50051, {"app": "stranger"}), name
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    for text in (
+        'moe-scheduler/client: "true"',
+        "monitoring",
+        "app.kubernetes.io/name: prometheus",
+    ):
+        assert text in readme, text
+    prometheus = (DEPLOY / "monitoring" / "prometheus.yml").read_text(encoding="utf-8")
+    assert "networkpolicy.yaml" in prometheus
+
+
+# ------------------------------------------------------------------ pod security
+
+
+def test_every_pod_runs_as_non_root_without_privileges():
+    for name, template in pod_templates().items():
+        spec = template["spec"]
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, name
+        assert pod["runAsUser"] > 0 and pod["runAsGroup"] > 0, name
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert spec["automountServiceAccountToken"] is False, name
+        assert not spec.get("hostNetwork") and not spec.get("hostIPC"), name
+        assert not spec.get("hostPID") and not spec.get("shareProcessNamespace"), name
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"] == {"drop": ["ALL"]}, name
+            assert not context.get("privileged"), name
+            assert context.get("runAsUser", pod["runAsUser"]) != 0, name
+            for mount in container["volumeMounts"]:
+                assert not mount["mountPath"].startswith("/root"), (name, mount)
+
+
+def test_sglang_pods_have_a_writable_home_and_model_cache_for_a_non_root_user():
+    for name in ("sglang-leader", "sglang-worker"):
+        spec = pod_templates()[name]["spec"]
+        (container,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for variable in ("HOME", "HF_HOME"):
+            path = env[variable]
+            mount = next(m for p, m in mounts.items() if path == p or path.startswith(p + "/"))
+            assert not mount.get("readOnly"), (name, variable)
+            assert "configMap" not in volumes[mount["name"]], (name, variable)
+        assert env["USER"]  # getpass.getuser() without a passwd entry
+
+
+# ------------------------------------------------------------------------ secrets
+
+SECRET = "moe-scheduler-secrets"
+#: env var -> Secret key, per pod template; nothing else reads the Secret.
+SECRET_ENV = {
+    "scheduler": {
+        "MOE_SCHEDULER_BACKEND_API_KEY": "sglang-api-key",
+        "MOE_SCHEDULER_ADMIN_TOKEN": "admin-token",
+    },
+    "sglang-leader": {"SGLANG_API_KEY": "sglang-api-key"},
+    "sglang-worker": {},
+}
+
+
+def secret_env(container: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None and ref["name"] == SECRET:
+            assert not ref.get("optional"), e["name"]
+            out[e["name"]] = ref["key"]
+    return out
+
+
+def test_secrets_reach_sglang_and_the_scheduler_only_from_the_secret():
+    for name, template in pod_templates().items():
+        (container,) = template["spec"]["containers"]
+        assert secret_env(container) == SECRET_ENV[name], name
+        for e in container.get("env", []):
+            if re.search(r"KEY|TOKEN|SECRET|PASSWORD", e["name"]):
+                assert "value" not in e, f"{name}: {e['name']} has a literal value"
+    # SGLang's --api-key is the env reference Kubernetes expands, on the leader only.
+    leader = lws_args("leaderTemplate")
+    assert leader[leader.index("--api-key") + 1] == "$(SGLANG_API_KEY)"
+    assert leader.count("--api-key") == 1
+    assert "--api-key" not in lws_args("workerTemplate")
+    assert "--admin-api-key" not in leader
+
+
+def test_the_secret_is_generated_from_an_uncommitted_file():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+    (generator,) = kustomization["secretGenerator"]
+    assert generator["name"] == SECRET
+    assert generator["envs"] == ["secrets.env"]
+    # The LWS is a CRD kustomize cannot rewrite names in: the name must stay as written.
+    assert generator["options"]["disableNameSuffixHash"] is True
+    assert "secrets.env" in (K8S / ".gitignore").read_text(encoding="utf-8").split()
+    assert "secrets.env" not in git_files()
+    assert not any(d["kind"] == "Secret" for _, d in manifests())  # no values committed
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    for name in (SECRET, "sglang-api-key", "admin-token", "deploy/k8s/secrets.env"):
+        assert name in readme, name
+
+
+def git_files() -> set[str]:
+    import subprocess
+
+    done = subprocess.run(
+        ["git", "ls-files", "deploy"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    return {Path(line).name for line in done.stdout.split()}
+
+
+def test_kustomize_builds_valid_manifests_with_a_secrets_file(tmp_path):
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("secrets.env"))
+    build = [kubectl, "kustomize", str(copy)]
+    failed = subprocess.run(build, capture_output=True, text=True, check=False)
+    assert failed.returncode != 0 and "secrets.env" in failed.stderr  # fails closed
+    (copy / "secrets.env").write_text("sglang-api-key=k1\nadmin-token=t1\n", encoding="utf-8")
+    built = subprocess.run(build, capture_output=True, text=True, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(built) if d]
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == SECRET
+    assert set(secret["data"]) == {"sglang-api-key", "admin-token"}
+    for doc in docs:
+        if doc["kind"] != "LeaderWorkerSet":
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert {d["kind"] for d in docs} >= {"NetworkPolicy", "Secret", "LeaderWorkerSet"}
+
+
 def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     if doc["kind"] == "Deployment":
         return list(doc["spec"]["template"]["spec"]["containers"])
@@ -309,10 +551,28 @@ def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- compose
 
 
-def substitute(text: str) -> str:
-    """Compose interpolation with defaults (``${VAR:-default}``) and placeholders."""
-    text = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", text)
-    return re.sub(r"\$\{[A-Z_]+(:\?[^}]*)?\}", "http://placeholder:30000", text)
+#: Values for required variables (``${VAR:?message}``, ``${VAR}``) when none is given.
+PLACEHOLDERS = {"SGLANG_URL": "http://placeholder:30000"}
+
+
+def substitute(text: str, env: dict[str, str] | None = None) -> str:
+    """Compose interpolation: ``${VAR:-default}``, and ``${VAR:?message}`` / ``${VAR}`` from
+    ``env`` or a placeholder (``placeholder-<var>``, or PLACEHOLDERS)."""
+    env = env or {}
+
+    def value(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(3)
+        if name in env:
+            return env[name]
+        if match.group(2) == ":-":
+            return default
+        return PLACEHOLDERS.get(name, f"placeholder-{name.lower()}")
+
+    return re.sub(r"\$\{([A-Z_]+)(?:(:-|:\?)([^}]*))?\}", value, text)
+
+
+def compose(name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    return yaml.safe_load(substitute((DEPLOY / name).read_text(encoding="utf-8"), env))
 
 
 @pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
@@ -332,12 +592,53 @@ def test_compose_files_parse_and_reference_existing_files(name):
                 assert (DEPLOY / source).exists(), f"{name}: {source} does not exist"
         assert all(":" in p for p in service.get("ports", []))
     ports = compose["services"]["scheduler"]["ports"]
-    assert {"50051:50051", "9464:9464"} <= set(ports)
+    assert {"127.0.0.1:50051:50051", "127.0.0.1:9464:9464"} <= set(ports)
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
+def test_compose_publishes_every_port_on_loopback_by_default(name):
+    for service, spec in compose(name)["services"].items():
+        for port in spec.get("ports", []):
+            assert isinstance(port, str) and port.count(":") == 2, (service, port)
+            assert port.startswith("127.0.0.1:"), (service, port)
+    # The scheduler's ports can be published elsewhere on purpose; the emulator's cannot.
+    moved = compose(name, {"MOE_SCHEDULER_PUBLISH": "10.1.2.3"})["services"]
+    assert all(p.startswith("10.1.2.3:") for p in moved["scheduler"]["ports"])
+    if "emulator" in moved:
+        assert moved["emulator"]["ports"] == ["127.0.0.1:30000:30000"]
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
+def test_compose_takes_the_secrets_from_the_environment(name):
+    text = (DEPLOY / name).read_text(encoding="utf-8")
+    # Required (":?": unset or empty stops compose), never a literal.
+    assert re.search(r"MOE_SCHEDULER_BACKEND_API_KEY: \"\$\{SGLANG_API_KEY:\?", text)
+    assert 'MOE_SCHEDULER_ADMIN_TOKEN: "${MOE_SCHEDULER_ADMIN_TOKEN:-}"' in text
+    env = {"SGLANG_API_KEY": "k-123", "MOE_SCHEDULER_ADMIN_TOKEN": "t-456"}
+    services = compose(name, env)["services"]
+    assert services["scheduler"]["environment"] == {
+        "MOE_SCHEDULER_BACKEND_API_KEY": "k-123",
+        "MOE_SCHEDULER_ADMIN_TOKEN": "t-456",
+    }
+    if "emulator" in services:
+        args = build_parser().parse_args(services["emulator"]["command"])
+        assert args.api_key == "k-123"  # the emulator's (SGLang's) --api-key, same value
+
+
+def test_compose_secrets_file_is_a_template_and_ignored():
+    assert ".env" in (DEPLOY / ".gitignore").read_text(encoding="utf-8").split()
+    assert ".env" not in git_files()
+    example = (DEPLOY / "env.example").read_text(encoding="utf-8")
+    values = dict(
+        line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#")
+    )
+    assert values == {"SGLANG_API_KEY": "", "MOE_SCHEDULER_ADMIN_TOKEN": ""}  # no real values
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "deploy/.env" in readme and "MOE_SCHEDULER_PUBLISH" in readme
 
 
 def test_compose_emulator_command_is_accepted_and_matches_the_placement():
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))
-    command = compose["services"]["emulator"]["command"]
+    command = compose("compose.yaml")["services"]["emulator"]["command"]
     args = build_parser().parse_args(command)
     assert (args.host, args.port, args.no_data) == ("0.0.0.0", 30000, True)
     plan = json.loads((EXAMPLES / "placement" / "plan.json").read_text(encoding="utf-8"))

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -44,12 +45,45 @@ def test_emulate_prints_its_port_serves_and_stops_on_sigterm():
             process.communicate()
 
 
+def test_emulate_api_key_is_required_on_the_api_and_never_printed():
+    key = "s3cret-k3y-for-the-cli-test"
+    options = f"--init-expert-location trivial --port 0 --no-data --api-key {key}"
+    command = [sys.executable, "-m", "scheduler", *BASE, *options.split()]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        match = re.fullmatch(r"listening on (http://127\.0\.0\.1:\d+)\n", line)
+        assert match, line
+        url = match.group(1)
+        assert get(url + "/health")[0] == 200
+        assert post(url + "/generate", {"text": "hi"}) == (401, {"error": "Unauthorized"})
+        assert get(url + "/admin/ranks") == (401, {"error": "Unauthorized"})
+        request = urllib.request.Request(
+            url + "/generate",
+            data=json.dumps({"text": "hi"}).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=STARTUP_TIMEOUT_S) as response:
+            assert response.status == 200
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=STARTUP_TIMEOUT_S)
+        assert process.returncode == 0, err
+        assert "API key required" in err
+        assert key not in line + out + err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def test_emulate_has_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["emulate", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--init-expert-location" in out and "DRAWN" in out
+    assert "--api-key" in out and "Bearer" in out
 
 
 @pytest.mark.parametrize(
@@ -63,6 +97,7 @@ def test_emulate_has_help(capsys):
         (["--init-expert-location", "trivial", "--rank-mode", "5=fail"], "--rank-mode"),
         (["--init-expert-location", "trivial", "--default-class", "poetry"], "--default-class"),
         (["--init-expert-location", "trivial", "--model", "deepseek-v3"], "--profile"),
+        (["--init-expert-location", "trivial", "--api-key", "has space"], "--api-key"),
     ],
 )
 def test_emulate_input_errors_are_one_line_exit_2(tmp_path, capsys, extra, message):

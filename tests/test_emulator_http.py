@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import http.client
 import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from scheduler.emulator.core import estimate_prompt_tokens
+from scheduler.emulator.core import Emulator, estimate_prompt_tokens
 from scheduler.emulator.workload import DEFAULT_PROFILE
 from scheduler.profile import load_profile
 from scheduler.traces.importers import sglang_generate
@@ -290,3 +292,150 @@ def test_emulated_histograms_match_the_class_profiles(server):
         for other, distance in tv.items():
             if other != prompt_class:
                 assert distance.mean() > 2 * tv[prompt_class].mean(), other
+
+
+# ----------------------------------------------------------------------------- --api-key
+
+API_KEY = "k3y-0f-the-3mulator"
+UNAUTHORIZED = {"error": "Unauthorized"}
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    plain = make_emulator()
+    config = dataclasses.replace(plain.config, api_key=API_KEY)
+    emulator = Emulator(config, plain.model, plain.placement, plain.workload, profile_source="t")
+    with EmulatorServer(emulator) as s:
+        yield s
+
+
+def request(
+    server, method: str, path: str, authorization: str | None = None, body: object = None
+) -> tuple[int, str, bytes]:
+    """One raw HTTP/1.1 request (path sent as given): status, Content-Type, body bytes."""
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Content-Type": "application/json"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        connection.request(method, path, body=data, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        connection.close()
+
+
+def unauthorized(server, method: str, path: str, authorization: str | None = None) -> bool:
+    status, ctype, raw = request(server, method, path, authorization, body={"text": "x"})
+    return (
+        status == 401 and ctype.startswith("application/json") and json.loads(raw) == UNAUTHORIZED
+    )
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("POST", "/generate"),
+        ("GET", "/server_info"),
+        ("GET", "/get_server_info"),
+        ("GET", "/get_model_info"),
+        ("GET", "/v1/loads"),
+        ("GET", "/admin/ranks"),
+        ("POST", "/admin/ranks/0"),
+        ("GET", "/admin/config"),
+        ("POST", "/admin/config"),
+        ("GET", "/no/such/path"),  # 401 before 404, as SGLang's middleware runs first
+        ("GET", "/generate"),  # and before 405
+        ("GET", "//health"),
+        ("GET", "/v1/loads/../../health"),
+    ],
+)
+def test_api_key_guards_every_endpoint_but_health(keyed_server, method, path):
+    assert unauthorized(keyed_server, method, path)
+    assert unauthorized(keyed_server, method, path, "Bearer wrong-key")
+
+
+@pytest.mark.parametrize(
+    "path", ["/health/../v1/loads", "/health/%2e%2e/v1/loads", "/health%2F..%2Fv1/loads"]
+)
+def test_an_exempt_prefix_does_not_reach_a_guarded_endpoint(keyed_server, path):
+    # Exempt by prefix, as in SGLang, but routed as written (no dot-segment folding): 404.
+    assert request(keyed_server, "GET", path)[0] == 404
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "",
+        API_KEY,
+        f"Basic {API_KEY}",
+        f"Bearer  {API_KEY}",  # SGLang splits on the first space: the key gets a leading one
+        f"Bearer\t{API_KEY}",
+        f"Bearer {API_KEY}x",
+        f"Bearer {API_KEY[:-1]}",
+        f"Token {API_KEY}",
+        "Bearer k3y-0f-the-3mulat\u00f6r",  # non-ASCII: SGLang answers 500, the emulator 401
+    ],
+)
+def test_only_a_bearer_header_with_the_exact_key_passes(keyed_server, authorization):
+    assert unauthorized(keyed_server, "GET", "/v1/loads", authorization)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_right_key_opens_every_endpoint(keyed_server, scheme):
+    auth = f"{scheme} {API_KEY}"
+    status, _, raw = request(keyed_server, "POST", "/generate", auth, {"text": "hello"})
+    assert status == 200 and json.loads(raw)["meta_info"]["completion_tokens"] > 0
+    for path in ("/server_info", "/get_model_info", "/v1/loads", "/admin/ranks"):
+        assert request(keyed_server, "GET", path, auth)[0] == 200, path
+    status, _, raw = request(keyed_server, "POST", "/admin/config", auth, {"time_scale": 0})
+    assert status == 200 and json.loads(raw) == {"time_scale": 0.0}
+    assert request(keyed_server, "GET", "/no/such/path", auth)[0] == 404
+    info = json.loads(request(keyed_server, "GET", "/server_info", auth)[2])
+    assert info["emulator"]["api_key_required"] is True
+    assert API_KEY not in json.dumps(info)
+
+
+def test_streaming_needs_the_key_too(keyed_server):
+    body = {"text": "hi", "stream": True, "sampling_params": {"max_new_tokens": 3}}
+    status, ctype, raw = request(keyed_server, "POST", "/generate", None, body)
+    assert (status, json.loads(raw)) == (401, UNAUTHORIZED)
+    status, ctype, raw = request(keyed_server, "POST", "/generate", f"Bearer {API_KEY}", body)
+    assert status == 200 and ctype.startswith("text/event-stream")
+    assert raw.decode().endswith("data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("GET", "/health", 200),
+        ("GET", "/health_generate", 200),
+        ("OPTIONS", "/generate", 405),  # passes the check; the emulator has no CORS preflight
+        ("GET", "/ready", 404),  # exempt in SGLang; the emulator serves neither
+        ("GET", "/metrics", 404),
+    ],
+)
+def test_health_ready_metrics_and_options_need_no_key(keyed_server, method, path, status):
+    answered, _, raw = request(keyed_server, method, path)
+    assert answered == status and b"Unauthorized" not in raw
+
+
+def test_without_a_key_nothing_asks_for_one(server):
+    status, _, raw = request(server, "GET", "/v1/loads", "Bearer anything")
+    assert status == 200
+    info = get(server.url + "/server_info")[1]
+    assert info["emulator"]["api_key_required"] is False
+
+
+@pytest.mark.parametrize("key", ["two words", "tab\tkey", "\u00e9t\u00e9", " lead"])
+def test_keys_no_client_could_send_are_refused(key):
+    with pytest.raises(ValueError, match="visible ASCII"):
+        dataclasses.replace(make_emulator().config, api_key=key)
+
+
+def test_an_empty_key_means_no_key_as_in_sglang():
+    config = dataclasses.replace(make_emulator().config, api_key="")
+    assert config.api_key is None
+    assert API_KEY not in repr(dataclasses.replace(config, api_key=API_KEY))

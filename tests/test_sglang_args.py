@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,12 @@ def test_single_node_needs_no_dist_init_addr():
         (dict(model_path=" "), "--model-path"),
         (dict(extra_args=("--enable-eplb",)), "overwrite the placement"),
         (dict(extra_args=("--tp-size=4",)), "set by sglang-args"),
+        (dict(extra_args=("--api-key", "hunter2")), "--api-key-env NAME"),
+        (dict(extra_args=("--api-key=hunter2",)), "would write the key itself"),
+        (dict(api_key_env="1KEY"), "environment variable name"),
+        (dict(api_key_env="MY-KEY"), "environment variable name"),
+        (dict(api_key_env="$KEY"), "environment variable name"),
+        (dict(api_key_env=""), "environment variable name"),
     ],
 )
 def test_bad_launch_values_are_refused(kw, message):
@@ -187,6 +194,45 @@ def test_shell_listing_quotes_values_and_round_trips():
         shlex.split(block.replace("\\\n", " "), comments=True) for block in text.split("\n\n")[1:]
     ]
     assert commands == all_node_argv(spec)
+
+
+def test_api_key_is_an_environment_reference_on_node_0_only():
+    assert "--api-key" not in flags(node_argv(launch(), 0))  # off unless asked for
+    spec = launch(api_key_env="SGLANG_API_KEY")
+    commands = all_node_argv(spec)
+    assert flags(commands[0])["--api-key"] == "$(SGLANG_API_KEY)"  # Kubernetes' $(VAR)
+    assert all("--api-key" not in flags(argv) for argv in commands[1:])
+    # The flag comes after --port, before the extra arguments.
+    spec = launch(api_key_env="K", extra_args=("--enable-metrics",))
+    argv = node_argv(spec, 0)
+    assert argv[-3:] == ["--api-key", "$(K)", "--enable-metrics"]
+
+
+def node0_argv_through_sh(text: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Node 0's command of a shell listing run by sh, printing its argv one per line."""
+    block = text.split("\n\n")[1]
+    command = block.replace("python3 -m sglang.launch_server", "printf '%s\\n'", 1)
+    return subprocess.run(
+        ["sh", "-c", command], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True
+    )
+
+
+def test_shell_listing_takes_the_key_from_the_environment_and_stops_without_it():
+    spec = launch(api_key_env="SGLANG_API_KEY")
+    text = render_shell(spec)
+    assert '    --api-key "${SGLANG_API_KEY:?set SGLANG_API_KEY to the SGLang API key}"' in text
+    assert text.count("\n    --api-key ") == 1  # node 0 only
+    key = "a b$c'd\"e`f"  # survives word splitting, $, quotes and backquotes
+    done = node0_argv_through_sh(text, {"SGLANG_API_KEY": key})
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.split("\n")
+    assert printed[printed.index("--api-key") + 1] == key
+    assert printed[: printed.index("--api-key")] == node_argv(spec, 0)[3:-2]
+    for env in ({}, {"SGLANG_API_KEY": ""}):  # SGLang would run without a key: refuse
+        done = node0_argv_through_sh(text, env)
+        assert done.returncode != 0 and done.stdout == ""
+        assert "set SGLANG_API_KEY to the SGLang API key" in done.stderr
+    assert "\n    --api-key" not in render_shell(launch())
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -364,9 +410,39 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, case, message):
     assert "Traceback" not in err
 
 
+def test_cli_asks_sglang_for_an_api_key_from_the_environment_by_default(tmp_path, capsys):
+    topo = write_topology(tmp_path / "t.toml", 2, 2)
+    place = write_placement(tmp_path / "p", 2, 2, redundant=0)
+    base = ["--topology", str(topo), "--placement", str(place), "--model-path", "M"]
+    base += ["--dist-init-addr", "n0:5000"]
+    code, out, _ = run(capsys, *base)
+    assert code == 0
+    assert out.count('--api-key "${SGLANG_API_KEY:?') == 1
+    assert "set SGLANG_API_KEY on node 0" in out
+    code, out, _ = run(capsys, *base, "--format", "json")
+    data = json.loads(out)
+    assert data["api_key_env"] == "SGLANG_API_KEY"
+    assert flags(data["nodes"][0]["argv"])["--api-key"] == "$(SGLANG_API_KEY)"
+    assert "--api-key" not in data["nodes"][1]["argv"]
+    code, out, _ = run(capsys, *base, "--api-key-env", "MY_KEY", "--format", "json")
+    assert flags(json.loads(out)["nodes"][0]["argv"])["--api-key"] == "$(MY_KEY)"
+    code, out, _ = run(capsys, *base, "--no-api-key")
+    assert code == 0 and "No --api-key" in out
+    assert "--api-key " not in out and "--api-key\n" not in out
+    code, out, err = run(capsys, *base, "--api-key-env", "bad-name")
+    assert code == 2 and "environment variable name" in err and err.count("\n") == 1
+    code, out, err = run(capsys, *base, "--extra-args=--api-key=hunter2")
+    assert code == 2 and "hunter2" not in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["sglang-args", *base, "--no-api-key", "--api-key-env", "K"])
+    assert exit_.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
 def test_cli_has_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["sglang-args", "--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--sglang-version" in out and "eplb stays off" in out.replace("- ", "-")
+    assert "--api-key-env" in out and "--no-api-key" in out

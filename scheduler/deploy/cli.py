@@ -12,7 +12,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from scheduler.deploy.sglang_args import DEFAULT_SGLANG_VERSION, SglangLaunch, SglangVersion
+from scheduler.deploy.sglang_args import (
+    DEFAULT_API_KEY_ENV,
+    DEFAULT_SGLANG_VERSION,
+    SglangLaunch,
+    SglangVersion,
+)
 from scheduler.errors import ConfigError, InputError
 from scheduler.model_shape import PRESETS, ModelShape
 
@@ -26,7 +31,8 @@ def add_commands(sub: Any) -> None:
         "`moe-scheduler place`): multi-node, TP = EP = attention DP over all GPUs, "
         "--init-expert-location DIR/expert_location.json, the matching "
         "--ep-num-redundant-experts, static dispatch, DeepEP, routed experts returned, "
-        "routing-key scheduling; --enable-eplb stays off (it would overwrite the placement).",
+        "routing-key scheduling, --api-key from $SGLANG_API_KEY on node 0; --enable-eplb "
+        "stays off (it would overwrite the placement).",
     )
     p.add_argument("--topology", type=Path, required=True, help="topology TOML")
     p.add_argument(
@@ -72,7 +78,21 @@ def add_commands(sub: Any) -> None:
         default="",
         metavar="'ARGS'",
         help="more SGLang arguments for every node, one shell-quoted string given with '=' "
-        "(e.g. --extra-args='--trust-remote-code --mem-fraction-static 0.8')",
+        "(e.g. --extra-args='--enable-metrics --mem-fraction-static 0.8')",
+    )
+    key = p.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key-env",
+        default=DEFAULT_API_KEY_ENV,
+        metavar="NAME",
+        help='node 0 gets --api-key "$NAME" (a reference to the environment variable, '
+        f"never the key itself; default {DEFAULT_API_KEY_ENV}): the key the scheduler sends "
+        "as MOE_SCHEDULER_BACKEND_API_KEY",
+    )
+    key.add_argument(
+        "--no-api-key",
+        action="store_true",
+        help="no --api-key: SGLang's HTTP API is then open to whoever reaches node 0",
     )
     p.add_argument(
         "--format",
@@ -163,6 +183,7 @@ def load_launch(args: argparse.Namespace) -> SglangLaunch:
         host=args.host,
         port=args.port,
         extra_args=extra,
+        api_key_env=None if args.no_api_key else args.api_key_env,
     )
 
 

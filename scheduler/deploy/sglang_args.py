@@ -12,7 +12,11 @@ semantics are those of SGLang 0.5.23 (``../shared/docs/sglang-integration.md`` Â
 Layout (attention TP 1, ``ep_size == tp_size`` = every GPU): DP rank ``r`` runs on GPU
 ``r``, which is EP rank ``r`` and holds physical slots ``[r * L, (r + 1) * L)`` with
 ``L = slots / GPUs``; node ``n`` hosts ranks ``[n * G, (n + 1) * G)``. Only node 0 serves
-HTTP, so only node 0 gets ``--host``/``--port``.
+HTTP, so only node 0 gets ``--host``/``--port`` and, when ``api_key_env`` names an
+environment variable, ``--api-key`` from it: a reference, never the key (``"${NAME:?...}"``
+in the shell listing, which stops when it is unset or empty; ``$(NAME)``, Kubernetes'
+syntax, in argv). The other nodes only run a key-less health server
+(``sglang/srt/utils/common.py:launch_dummy_health_check_server``).
 """
 
 from __future__ import annotations
@@ -112,6 +116,16 @@ ATTN_DP_SIZE_SINCE = SglangVersion.parse("0.5.23")
 ROUTED_EXPERTS_SINCE = SglangVersion.parse("0.5.7")
 
 _HOST_PORT = re.compile(r"(?P<host>\S+):(?P<port>\d{1,5})")
+#: An environment variable name a shell and Kubernetes both expand.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: The variable ``--api-key`` is read from by default.
+DEFAULT_API_KEY_ENV = "SGLANG_API_KEY"
+
+
+def env_reference(name: str) -> str:
+    """How argv refers to environment variable ``name``: ``$(NAME)``, which Kubernetes
+    expands in container args (the shell listing writes ``"$NAME"`` instead)."""
+    return f"$({name})"
 
 
 def node_of_dp_rank(dp_rank: int, tp_size: int, attn_dp_size: int, nnodes: int) -> int:
@@ -141,7 +155,8 @@ class SglangLaunch:
     ``expert_location`` is the path of ``expert_location.json`` as the nodes see it.
     ``dist_init_addr`` (``HOST:PORT`` of node 0) is required for more than one node.
     ``extra_args`` are appended to every node's command (for instance
-    ``--trust-remote-code``); they may not repeat a flag this class sets.
+    ``--enable-metrics``); they may not repeat a flag this class sets.
+    ``api_key_env``: node 0 gets ``--api-key`` from this environment variable (None: no key).
     """
 
     model_path: str
@@ -157,8 +172,14 @@ class SglangLaunch:
     host: str = "0.0.0.0"
     port: int = 30000
     extra_args: tuple[str, ...] = ()
+    api_key_env: str | None = None
 
     def __post_init__(self) -> None:
+        if self.api_key_env is not None and _ENV_NAME.fullmatch(self.api_key_env) is None:
+            raise ConfigError(
+                f"--api-key-env {self.api_key_env!r} must be an environment variable name "
+                "(letters, digits and '_', not starting with a digit), e.g. SGLANG_API_KEY"
+            )
         if not self.model_path.strip():
             raise ConfigError("--model-path must name the model (HF id or local directory)")
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -196,6 +217,11 @@ class SglangLaunch:
             raise ConfigError("--host must not be empty (0.0.0.0 listens on every interface)")
         for arg in self.extra_args:
             flag = arg.split("=", 1)[0]
+            if flag == "--api-key":
+                raise ConfigError(
+                    "--api-key in --extra-args would write the key itself into the command: "
+                    "use --api-key-env NAME (default SGLANG_API_KEY) and set NAME on node 0"
+                )
             if flag == "--enable-eplb":
                 raise ConfigError(
                     "--enable-eplb is refused: SGLang's online EPLB would overwrite the "
@@ -257,6 +283,8 @@ def node_argv(launch: SglangLaunch, node_rank: int) -> list[str]:
     argv += ["--schedule-policy", "routing-key"]
     if node_rank == 0:
         argv += ["--host", launch.host, "--port", str(launch.port)]
+        if launch.api_key_env is not None:
+            argv += ["--api-key", env_reference(launch.api_key_env)]
     argv += list(launch.extra_args)
     return argv
 
@@ -275,6 +303,17 @@ def launch_notes(launch: SglangLaunch) -> list[str]:
         f"only node 0 serves HTTP, on {launch.host}:{launch.port}: point the scheduler's "
         "[backend] url at it.",
     ]
+    if launch.api_key_env is not None:
+        notes.append(
+            f"Node 0 takes --api-key from ${launch.api_key_env} (the key is never written "
+            f"here): set {launch.api_key_env} on node 0 to the key the scheduler sends "
+            "(MOE_SCHEDULER_BACKEND_API_KEY); /health, /ready and /metrics stay open."
+        )
+    else:
+        notes.append(
+            "No --api-key: SGLang's HTTP API (including /generate and its admin endpoints) "
+            "is open to whoever reaches node 0's port."
+        )
     if not launch.uses_attn_dp_size:
         notes.append(
             f"SGLang {launch.version} predates --attn-dp-size (0.5.23): attention DP uses "
@@ -291,6 +330,18 @@ def launch_notes(launch: SglangLaunch) -> list[str]:
 
 def _rank_span(ranks: range) -> str:
     return f"{ranks.start}" if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
+
+
+def _render_group(launch: SglangLaunch, group: list[str]) -> str:
+    """One flag and its values, shell-quoted; the API key as a double-quoted variable
+    that must be set and non-empty (SGLang treats an empty --api-key as no key)."""
+    if launch.api_key_env is not None and group == [
+        "--api-key",
+        env_reference(launch.api_key_env),
+    ]:
+        name = launch.api_key_env  # unset or empty: the shell stops (SGLang would run open)
+        return f'--api-key "${{{name}:?set {name} to the SGLang API key}}"'
+    return " ".join(shlex.quote(a) for a in group)
 
 
 def render_shell(launch: SglangLaunch, header: list[str] | None = None) -> str:
@@ -310,14 +361,14 @@ def render_shell(launch: SglangLaunch, header: list[str] | None = None) -> str:
                 groups.append([arg])
             else:
                 groups[-1].append(arg)
-        rendered = [" ".join(shlex.quote(a) for a in g) for g in groups]
+        rendered = [_render_group(launch, g) for g in groups]
         lines.append(" \\\n    ".join(rendered))
     return "\n".join(lines) + "\n"
 
 
 def render_json(launch: SglangLaunch) -> dict[str, Any]:
     """The same as a JSON-able object: notes, and per node its rank, DP ranks, HTTP
-    address (node 0 only) and argv."""
+    address (node 0 only) and argv (the API key as ``$(NAME)``, for Kubernetes args)."""
     return {
         "format": "moe-scheduler-sglang-args",
         "version": 1,
@@ -326,6 +377,7 @@ def render_json(launch: SglangLaunch) -> dict[str, Any]:
         "ep_size": launch.tp_size,
         "attn_dp_size": launch.tp_size,
         "ep_num_redundant_experts": launch.redundant_experts,
+        "api_key_env": launch.api_key_env,
         "notes": launch_notes(launch),
         "nodes": [
             {

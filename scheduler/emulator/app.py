@@ -6,7 +6,10 @@ Endpoints: ``POST /generate`` (JSON, or SSE with ``"stream": true``), ``GET /hea
 ``POST /admin/ranks/{rank}`` with ``{"mode": "ok" | "fail" | "hang"}``; and
 ``GET|POST /admin/config`` with ``{"time_scale": x}`` (wall seconds per modelled second).
 Errors are ``{"error": {"message": ...}}`` with status 400 (bad request) or 503 (rank not
-active, shutting down), as SGLang answers them.
+active, shutting down), as SGLang answers them. With an API key (``EmulatorConfig.api_key``,
+SGLang's ``--api-key``) every path but ``/health*``, ``/ready*`` and ``/metrics*`` needs
+``Authorization: Bearer KEY`` and is otherwise answered 401 ``{"error":"Unauthorized"}``,
+``/admin`` included (:mod:`.auth`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
+from scheduler.emulator.auth import UNAUTHORIZED_BODY, UNAUTHORIZED_STATUS, is_authorized
 from scheduler.emulator.core import SGLANG_API_VERSION, BadRequest, Emulator, Plan
 from scheduler.emulator.ranks import RankUnavailable
 
@@ -218,8 +223,24 @@ async def admin_config(request: web.Request) -> web.Response:
     return _json({"time_scale": emulator.time_scale})
 
 
+def api_key_middleware(api_key: str) -> Middleware:
+    """SGLang's ``--api-key`` check in front of every route, unknown ones included (so a
+    wrong path without the key is 401, not 404, as in SGLang)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        authorization = request.headers.get("Authorization")
+        if not is_authorized(request.method, request.path, authorization, api_key):
+            return _json(UNAUTHORIZED_BODY, UNAUTHORIZED_STATUS)
+        return await handler(request)
+
+    return check
+
+
 def create_app(emulator: Emulator) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    api_key = emulator.config.api_key
+    middlewares = [api_key_middleware(api_key)] if api_key is not None else []
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[EMULATOR_KEY] = emulator
     app.router.add_post("/generate", generate)
     for path in ("/health", "/health_generate"):

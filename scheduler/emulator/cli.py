@@ -69,6 +69,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
             default_max_new_tokens=args.max_new_tokens,
             load_balance=args.load_balance_method,
             incremental_streaming_output=args.incremental_streaming_output,
+            api_key=args.api_key,
         )
         cost = CostModel(intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
     except ValueError as e:
@@ -121,7 +122,12 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         f"{shown_spec}; routing drawn from {profile_source} (classes "
         + ", ".join(f"{d}->{c}" for d, c in workload.domain_to_class.items())
         + f", default {workload.default}); prompt index: {len(index)} prompts"
-        + ("" if len(index) else " (no corpus: every prompt gets the default class)"),
+        + ("" if len(index) else " (no corpus: every prompt gets the default class)")
+        + (
+            "; API key required (Authorization: Bearer) except on /health*, /ready*, /metrics*"
+            if config.api_key is not None
+            else "; no API key: every endpoint, /admin included, is open to whoever reaches it"
+        ),
         file=sys.stderr,
         flush=True,
     )
@@ -189,6 +195,14 @@ def add_commands(subparsers: Any) -> None:
         type=int,
         default=30000,
         help="port (default 30000, as SGLang); 0 picks a free one, printed on startup",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="SGLang's --api-key: every endpoint but /health*, /ready* and /metrics* (/admin "
+        "included) then needs 'Authorization: Bearer KEY' and answers 401 without it; SGLang "
+        'reads no environment variable for it, so pass --api-key "$SGLANG_API_KEY"',
     )
     p.add_argument(
         "--capacity", type=int, default=32, help="running requests per DP rank (default 32)"

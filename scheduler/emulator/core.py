@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from scheduler import __version__
+from scheduler.emulator.auth import check_api_key
 from scheduler.emulator.expert_location import dispatch_locality
 from scheduler.emulator.ranks import LOAD_BALANCE_METHODS, RankPool, Ticket
 from scheduler.emulator.routing import (
@@ -72,8 +73,11 @@ class EmulatorConfig:
     default_max_new_tokens: int = 16
     load_balance: str = "round_robin"
     incremental_streaming_output: bool = False
+    #: SGLang's ``--api-key`` (None or empty: no key); never shown in repr or /server_info.
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "api_key", check_api_key(self.api_key))
         checks = [
             (self.nodes >= 1, f"--nodes must be >= 1, got {self.nodes}"),
             (self.gpus_per_node >= 1, f"--gpus-per-node must be >= 1, got {self.gpus_per_node}"),
@@ -432,6 +436,7 @@ class Emulator:
             "load_balance_method": c.load_balance,
             "incremental_streaming_output": c.incremental_streaming_output,
             "emulator": {
+                "api_key_required": c.api_key is not None,
                 "note": "moe-scheduler emulator: no model runs; routed experts are drawn "
                 "from real per-class routing profiles, latency comes from a cost model",
                 "gpus_per_node": c.gpus_per_node,
