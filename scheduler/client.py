@@ -3,6 +3,10 @@
 async with SchedulerClient("127.0.0.1:50051") as client:
     reply = await client.generate("Solve 2x + 3 = 7", max_new_tokens=32)
     print(reply.text, reply.info.dp_rank)
+
+TLS: ``tls_ca`` (PEM bytes of the CA that signed the server's certificate), and
+``tls_cert``/``tls_key`` for a client certificate. ``token``: the admin bearer token,
+sent with admin RPCs (ReloadConfig) only.
 """
 
 from __future__ import annotations
@@ -49,9 +53,22 @@ def make_request(
 class SchedulerClient:
     """An async client over one channel; use as ``async with``."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str = "",
+        tls_ca: bytes | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+    ) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target)
+        self.token = token
+        if tls_ca is None and tls_cert is None:
+            self.channel = grpc.aio.insecure_channel(target)
+        else:
+            credentials = grpc.ssl_channel_credentials(tls_ca, tls_key, tls_cert)
+            self.channel = grpc.aio.secure_channel(target, credentials)
         self.stub = pb_grpc.SchedulerStub(self.channel)
 
     async def __aenter__(self) -> SchedulerClient:
@@ -100,5 +117,8 @@ class SchedulerClient:
         return response
 
     async def reload(self) -> pb.ReloadConfigResponse:
-        response: pb.ReloadConfigResponse = await self.stub.ReloadConfig(pb.ReloadConfigRequest())
+        metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
+        response: pb.ReloadConfigResponse = await self.stub.ReloadConfig(
+            pb.ReloadConfigRequest(), metadata=metadata
+        )
         return response

@@ -226,18 +226,25 @@ def test_overload_is_resource_exhausted(tmp_path: Path) -> None:
 
 
 def test_reload_valid_and_invalid(tmp_path: Path) -> None:
+    (tmp_path / "admin.token").write_text("s3cret\n")
+    admin = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
+    admin["admin_token_file"] = str(tmp_path / "admin.token")
     with EmulatorServer(make_emulator()) as emu:
-        config = write_config(tmp_path, emu.url, policy={"name": "total_requests"})
+        config = write_config(tmp_path, emu.url, policy={"name": "total_requests"}, server=admin)
         with SchedulerServer(config) as s:
 
             async def go() -> None:
-                async with SchedulerClient(s.target) as client:
+                async with SchedulerClient(s.target, token="s3cret") as client:
                     assert (await client.placement()).policy == "total_requests"
-                    write_config(tmp_path, emu.url, policy={"name": "round_robin"})
+                    write_config(
+                        tmp_path, emu.url, policy={"name": "round_robin"}, server=admin
+                    )
                     reply = await client.reload()
                     assert reply.ok, reply.message
                     assert (await client.placement()).policy == "round_robin"
-                    write_config(tmp_path, emu.url, policy={"name": "no_such_policy"})
+                    write_config(
+                        tmp_path, emu.url, policy={"name": "no_such_policy"}, server=admin
+                    )
                     reply = await client.reload()
                     assert not reply.ok and "no_such_policy" in reply.message
                     assert (await client.placement()).policy == "round_robin"

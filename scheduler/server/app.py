@@ -1,13 +1,16 @@
 """Start and stop a scheduler server: gRPC (the API, health, reflection) and the
-Prometheus metrics endpoint on one asyncio loop; SIGHUP reloads the configuration."""
+Prometheus metrics endpoint on one asyncio loop (uvloop when installed); SIGHUP reloads
+the configuration. TLS and the admission bounds are set here (docs/server.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -16,16 +19,17 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from scheduler.api.v1 import scheduler_pb2_grpc as pb_grpc
 from scheduler.errors import ConfigError
 from scheduler.server.config import ServerConfig
 from scheduler.server.core import SchedulerCore
-from scheduler.server.service import SERVICE_NAME, SchedulerService
+from scheduler.server.service import SERVICE_NAME, SchedulerService, handlers
 
 log = logging.getLogger("moe_scheduler.server")
 
 #: gRPC message size limit (prompts are bounded by server.max_prompt_* well below it).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: Calls beyond the request path's own bound kept for statistics and admin RPCs.
+ADMIN_HEADROOM_RPCS = 256
 
 
 @dataclass
@@ -59,17 +63,50 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def max_concurrent_rpcs(config: ServerConfig, num_ranks: int) -> int:
+    """grpc-core's bound on calls admitted at once (``server.max_concurrent_rpcs``, or
+    the queue plus every rank slot plus headroom): beyond it calls are refused with
+    RESOURCE_EXHAUSTED before any handler runs, so open calls cannot pin memory."""
+    s = config.server
+    if s.max_concurrent_rpcs:
+        return s.max_concurrent_rpcs
+    return s.max_queue + num_ranks * SchedulerCore.capacity_share(config) + ADMIN_HEADROOM_RPCS
+
+
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"server.{key} {path}: {e}") from None
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from server.tls_* (None: plaintext)."""
+    s = config.server
+    if s.tls_cert is None or s.tls_key is None:
+        return None
+    pair = (_read(s.tls_key, "tls_key"), _read(s.tls_cert, "tls_cert"))
+    if s.tls_client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=_read(s.tls_client_ca, "tls_client_ca"), require_client_auth=True
+    )
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
     """Everything up and listening; ConfigError if a port cannot be bound."""
     core = SchedulerCore(config)
+    credentials = server_credentials(config)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+            ("grpc.max_concurrent_streams", config.server.max_streams_per_connection),
+        ],
+        maximum_concurrent_rpcs=max_concurrent_rpcs(config, core.cluster.num_ranks),
     )
-    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(core), server)
+    server.add_generic_rpc_handlers((handlers(SchedulerService(core)),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -82,7 +119,10 @@ async def start_server(config: ServerConfig) -> RunningServer:
     )
     host, _ = _split(config.server.listen)
     try:
-        port = server.add_insecure_port(config.server.listen)
+        if credentials is None:
+            port = server.add_insecure_port(config.server.listen)
+        else:
+            port = server.add_secure_port(config.server.listen, credentials)
     except RuntimeError as e:
         raise ConfigError(f"server.listen {config.server.listen}: cannot bind ({e})") from None
     if port == 0:
@@ -120,6 +160,21 @@ async def start_server(config: ServerConfig) -> RunningServer:
     return running
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed, else on asyncio's own loop."""
+    import os
+
+    try:
+        import uvloop
+
+        if os.environ.get("NOUV"):
+            raise ImportError
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 async def serve_forever(
     config: ServerConfig, on_ready: Callable[[RunningServer], None], grace_s: float = 5.0
 ) -> None:
@@ -129,7 +184,14 @@ async def serve_forever(
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, running.core.reload)
+    reloads: set[asyncio.Task[tuple[bool, str]]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(running.core.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     on_ready(running)
     try:
         await stop.wait()

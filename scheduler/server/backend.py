@@ -1,34 +1,67 @@
-"""SGLang's HTTP API as the scheduler uses it (sglang-integration.md §3-§4): ``/generate``
-(unary and server-sent events), ``/health`` and ``/v1/loads``."""
+"""SGLang's HTTP API as the scheduler uses it (docs/server.md): ``/generate`` (unary and
+server-sent events), ``/health`` and ``/v1/loads``.
+
+Responses are read as bytes (``wire.py``): the routed experts stay raw base64 for the
+telemetry worker, streamed chunks are decoded only where they are new, and no event is
+limited by aiohttp's line length.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
+
+from scheduler.server.wire import SSEEvents, StreamDelta, WireError, loads, split_routed
 
 
 class BackendError(Exception):
     """A failed backend call. ``retryable``: another attempt may succeed (before the
-    first token only); ``rank_failed``: the DP rank itself is out (SGLang's 503 "DP rank
-    R is not active."); ``invalid``: SGLang rejected the request (400)."""
+    first token only); ``unreachable``: no connection to SGLang at all (it is restarting
+    or down: worth retrying with backoff until the deadline); ``rank_failed``: the DP rank
+    itself is out (SGLang's 503 "DP rank R is not active."); ``invalid``: SGLang rejected
+    the request (400)."""
 
     def __init__(
-        self, message: str, *, retryable: bool, rank_failed: bool = False, invalid: bool = False
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        unreachable: bool = False,
+        rank_failed: bool = False,
+        invalid: bool = False,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.unreachable = unreachable
         self.rank_failed = rank_failed
         self.invalid = invalid
 
 
+@dataclass
+class Answer:
+    """A finished ``/generate``: its ``meta_info`` (without routed experts), the text and
+    ids (unary only; a stream relayed them), and the routed experts as base64 bytes."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    routed: bytes | None = None
+
+
 class SGLangBackend:
-    def __init__(self, url: str, connect_timeout_s: float) -> None:
+    """``api_key``: sent as ``Authorization: Bearer`` (SGLang ``--api-key``)."""
+
+    def __init__(self, url: str, connect_timeout_s: float, api_key: str = "") -> None:
         self.url = url.rstrip("/")
         self.connect_timeout_s = connect_timeout_s
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -36,6 +69,7 @@ class SGLangBackend:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                headers=self._headers,
             )
         return self._session
 
@@ -47,53 +81,71 @@ class SGLangBackend:
     def _timeout(self, total_s: float | None) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=total_s, sock_connect=self.connect_timeout_s)
 
-    async def generate(self, payload: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+    async def generate(self, payload: dict[str, Any], timeout_s: float | None) -> Answer:
         """One non-streaming ``/generate``; raises :class:`BackendError`."""
         try:
             async with self.session.post(
-                f"{self.url}/generate", json=payload, timeout=self._timeout(timeout_s)
+                f"{self.url}/generate", data=orjson.dumps(payload), timeout=self._timeout(timeout_s)
             ) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     raise _http_error(resp.status, body)
-                data = json.loads(body)
         except aiohttp.ClientError as e:
-            raise BackendError(f"backend unreachable: {e}", retryable=True) from None
-        except ValueError as e:
-            raise BackendError(f"backend answered non-JSON ({e})", retryable=True) from None
+            raise _client_error(e) from e
+        try:
+            rest, routed = split_routed(body)
+            data = loads(rest)
+        except WireError as e:
+            raise BackendError(f"backend answered {e}", retryable=True) from e
         if not isinstance(data, dict):
             raise BackendError("backend answered a non-object", retryable=True)
-        return data
+        meta = data.get("meta_info")
+        try:
+            ids = [int(i) for i in data.get("output_ids") or []]
+        except (TypeError, ValueError) as e:
+            raise BackendError("backend answered bad output_ids", retryable=True) from e
+        return Answer(
+            meta if isinstance(meta, dict) else {}, str(data.get("text") or ""), ids, routed
+        )
 
     async def generate_stream(
-        self, payload: dict[str, Any], timeout_s: float | None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The chunks of a streaming ``/generate`` (``data: {...}`` events up to
-        ``[DONE]``); an error event raises a non-retryable :class:`BackendError`."""
+        self, payload: dict[str, Any], timeout_s: float | None, max_event_bytes: int
+    ) -> AsyncIterator[tuple[str, list[int]] | Answer]:
+        """The new (text, ids) of each streamed chunk, then the :class:`Answer` of the
+        last one. An error event raises a non-retryable :class:`BackendError`."""
+        events = SSEEvents(max_event_bytes)
+        delta = StreamDelta()
+        last = b""
         try:
             async with self.session.post(
                 f"{self.url}/generate",
-                json={**payload, "stream": True},
+                data=orjson.dumps({**payload, "stream": True}),
                 timeout=self._timeout(timeout_s),
             ) as resp:
                 if resp.status != 200:
                     raise _http_error(resp.status, await resp.read())
-                async for raw in resp.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        return
-                    chunk = json.loads(data)
-                    if isinstance(chunk, dict) and "error" in chunk:
-                        message = chunk["error"].get("message", chunk["error"])
-                        raise BackendError(f"backend error: {message}", retryable=False)
-                    yield chunk
+                done = False
+                async for data in resp.content.iter_any():
+                    for raw in events.feed(data):
+                        if raw == b"[DONE]":
+                            done = True
+                            break
+                        if b'"error"' in raw[:16]:
+                            raise _event_error(raw)
+                        yield delta.feed(raw)
+                        last = raw
+                    if done:
+                        break
+                if not done:
+                    for raw in events.close():
+                        if raw != b"[DONE]":
+                            yield delta.feed(raw)
+                            last = raw
         except aiohttp.ClientError as e:
-            raise BackendError(f"backend unreachable: {e}", retryable=True) from None
-        except ValueError as e:
-            raise BackendError(f"backend sent a bad event ({e})", retryable=False) from None
+            raise _client_error(e) from e
+        except WireError as e:
+            raise BackendError(f"backend sent a bad event ({e})", retryable=False) from e
+        yield _final(last)
 
     async def health(self, timeout_s: float) -> bool:
         try:
@@ -111,28 +163,56 @@ class SGLangBackend:
             async with self.session.get(
                 f"{self.url}/v1/loads", timeout=self._timeout(timeout_s)
             ) as resp:
+                body = await resp.read()
                 if resp.status != 200:
-                    raise _http_error(resp.status, await resp.read())
-                data = json.loads(await resp.read())
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise BackendError(f"/v1/loads failed: {e}", retryable=True) from None
+                    raise _http_error(resp.status, body)
+                data = loads(body)
+        except (aiohttp.ClientError, TimeoutError, WireError) as e:
+            raise BackendError(f"/v1/loads failed: {e}", retryable=True) from e
         running = np.zeros(num_ranks, dtype=np.int64)
         waiting = np.zeros(num_ranks, dtype=np.int64)
         rows = data.get("loads", data) if isinstance(data, dict) else data
         for row in rows if isinstance(rows, list) else []:
-            rank = row.get("dp_rank")
+            rank = row.get("dp_rank") if isinstance(row, dict) else None
             if isinstance(rank, int) and 0 <= rank < num_ranks:
                 running[rank] = int(row.get("num_running_reqs", 0))
                 waiting[rank] = int(row.get("num_waiting_reqs", 0))
         return running, waiting
 
 
+def _final(raw: bytes) -> Answer:
+    """The :class:`Answer` of a stream's last event (its meta_info and routed experts)."""
+    if not raw:
+        return Answer()
+    rest, routed = split_routed(raw)
+    try:
+        chunk = loads(rest)
+    except WireError:
+        return Answer(routed=routed)
+    meta = chunk.get("meta_info") if isinstance(chunk, dict) else None
+    return Answer(meta if isinstance(meta, dict) else {}, routed=routed)
+
+
+def _event_error(raw: bytes) -> BackendError:
+    try:
+        error = loads(raw)["error"]
+        message = error.get("message", error) if isinstance(error, dict) else error
+    except (WireError, KeyError, TypeError):
+        message = raw[:200].decode("utf-8", "replace")
+    return BackendError(f"backend error: {message}", retryable=False)
+
+
+def _client_error(e: aiohttp.ClientError) -> BackendError:
+    unreachable = isinstance(e, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError)
+    return BackendError(f"backend unreachable: {e}", retryable=True, unreachable=unreachable)
+
+
 def _http_error(status: int, body: bytes) -> BackendError:
     try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
+        message = loads(body)["error"]["message"]
+    except (WireError, KeyError, TypeError):
         message = body[:200].decode("utf-8", "replace")
-    text = f"backend answered HTTP {status}: {message}"
+    text = f"backend answered HTTP {status}: {str(message)[:300]}"
     if status == 400:
         return BackendError(text, retryable=False, invalid=True)
     if status == 503 and "not active" in str(message):

@@ -42,7 +42,7 @@ def _setup_logging(level: str, fmt: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from scheduler.server.app import RunningServer, serve_forever
+    from scheduler.server.app import RunningServer, run_loop, serve_forever
     from scheduler.server.config import load_config
 
     _setup_logging(args.log_level, args.log_format)
@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    asyncio.run(serve_forever(config, ready, grace_s=args.shutdown_grace))
+    run_loop(serve_forever(config, ready, grace_s=args.shutdown_grace))
     return 0
 
 
@@ -238,6 +238,44 @@ def _stats_dict(stats: Any) -> dict[str, Any]:
     )
 
 
+def telemetry_line(stats: Any) -> str:
+    """What the traffic statistics rest on (routed experts are sampled)."""
+    ok, accounted = stats.requests_ok, stats.telemetry_accounted
+    share = f" ({100 * accounted / ok:.1f} %)" if ok else ""
+    return (
+        f"traffic statistics rest on {accounted} of {ok} finished requests{share} whose "
+        f"routed experts were accounted ({stats.telemetry_sampled} sampled, "
+        f"{stats.telemetry_dropped} dropped)"
+    )
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    """A SchedulerClient with the TLS files and admin token the arguments name."""
+    import os
+
+    from scheduler.client import SchedulerClient
+    from scheduler.server.config import ADMIN_TOKEN_ENV
+
+    def read(path: Path | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{what} {path}: {e}") from None
+
+    token = os.environ.get(ADMIN_TOKEN_ENV, "")
+    if args.token_file is not None:
+        token = (read(args.token_file, "--token-file") or b"").decode("utf-8", "replace").strip()
+    return SchedulerClient(
+        args.server,
+        token=token,
+        tls_ca=read(args.tls_ca, "--tls-ca"),
+        tls_cert=read(args.tls_cert, "--tls-cert"),
+        tls_key=read(args.tls_key, "--tls-key"),
+    )
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     return asyncio.run(_client(args))
 
@@ -245,8 +283,6 @@ def cmd_client(args: argparse.Namespace) -> int:
 async def _client(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
-
-    from scheduler.client import SchedulerClient
 
     def show(message: Any) -> None:
         print(
@@ -282,7 +318,7 @@ async def _client(args: argparse.Namespace) -> int:
             result.pop("server_stats")
             print(json.dumps(result, indent=2))
             return 0 if result["statuses"].get("OK", 0) == len(records) else 1
-        async with SchedulerClient(args.server) as client:
+        async with _connect(args) as client:
             if args.action == "generate":
                 if args.stream:
                     async for chunk in client.generate_stream(
@@ -306,7 +342,9 @@ async def _client(args: argparse.Namespace) -> int:
                         )
                     )
             elif args.action == "stats":
-                show(await client.stats())
+                stats = await client.stats()
+                show(stats)
+                print(telemetry_line(stats), file=sys.stderr)
             elif args.action == "placement":
                 show(await client.placement())
             elif args.action == "reload":
@@ -358,6 +396,15 @@ def add_commands(sub: Any) -> None:
         "--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)"
     )
     c.add_argument("--timeout", type=float, default=None, help="per-request deadline, seconds")
+    c.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of the server (TLS)")
+    c.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate")
+    c.add_argument("--tls-key", type=Path, default=None, help="PEM client key")
+    c.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="admin bearer token for reload (default: $MOE_SCHEDULER_ADMIN_TOKEN)",
+    )
     actions = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     g = actions.add_parser("generate", help="send one prompt and print the answer")
     g.add_argument("prompt")

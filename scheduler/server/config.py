@@ -4,6 +4,8 @@ checked in full before it replaces a running configuration."""
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -12,6 +14,10 @@ from typing import Any
 from scheduler.errors import ConfigError
 
 PREDICTION_MODES = ("none", "text", "probe", "conversation")
+WORKER_KINDS = ("process", "thread")
+#: Environment variables that override the secret files (Kubernetes Secrets).
+ADMIN_TOKEN_ENV = "MOE_SCHEDULER_ADMIN_TOKEN"
+BACKEND_API_KEY_ENV = "MOE_SCHEDULER_BACKEND_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -22,7 +28,27 @@ class ServerSection:
     max_prompt_chars: int = 200_000
     max_prompt_tokens: int = 32_768
     max_new_tokens: int = 8192
+    max_stop_strings: int = 32
+    max_stop_chars: int = 256
+    #: Longest request_id, conversation_id and class_hint.
+    max_id_chars: int = 128
     replicas: int = 1
+    #: Calls admitted at once (grpc-core refuses more, before any handler runs); 0: the
+    #: queue plus every rank's capacity plus 256 for statistics and admin calls.
+    max_concurrent_rpcs: int = 0
+    #: Streams: at most one message per this many ms after the first token (0: one per
+    #: SGLang chunk, merged only while a write is in flight). Trades CPU for smoothness.
+    stream_interval_ms: float = 0.0
+    #: HTTP/2 streams one client connection may hold open.
+    max_streams_per_connection: int = 1024
+    #: TLS: server certificate chain and key (PEM); with tls_client_ca, clients must
+    #: present a certificate signed by it.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    #: File holding the bearer token of the admin RPCs ($MOE_SCHEDULER_ADMIN_TOKEN
+    #: overrides it). Without one, admin RPCs answer PERMISSION_DENIED.
+    admin_token_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -31,10 +57,23 @@ class BackendSection:
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 600.0
     health_interval_s: float = 1.0
+    #: Re-dispatches after a rank answered an error, before the first token.
     retries: int = 2
+    #: Backoff between attempts (full jitter, doubling up to the max), within the deadline.
+    retry_backoff_s: float = 0.05
+    retry_backoff_max_s: float = 1.0
+    #: While SGLang cannot be reached at all (a restart), keep retrying this long.
+    unreachable_retry_s: float = 30.0
     return_routed_experts: bool = True
+    #: Ask for routed experts on at most this share of requests ...
+    routed_experts_fraction: float = 1.0
+    #: ... and only as often as decoding them costs at most this share of one core
+    #: (0: no CPU limit).
+    routed_experts_budget_cores: float = 0.1
     #: Seconds a failed rank stays out before it is tried again.
     failed_rank_cooldown_s: float = 5.0
+    #: File holding SGLang's --api-key ($MOE_SCHEDULER_BACKEND_API_KEY overrides it).
+    api_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +84,8 @@ class ClusterSection:
     #: Expected placement fingerprint (``serve`` prints it); empty: any. The environment
     #: variable MOE_SCHEDULER_PLACEMENT_VERSION sets it too (Kubernetes downward API).
     placement_version: str = ""
+    #: The model's vocabulary size: token-id prompts are checked against it (0: unknown).
+    vocab_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +106,8 @@ class PredictionSection:
     #: Predicted domain -> plan class; default: the emulator's convention (docs/emulator.md).
     class_map: dict[str, str] = field(default_factory=dict)
     probe_min_new_tokens: int = 256
+    #: The text classifier reads at most this many characters of a prompt.
+    max_text_chars: int = 4096
 
 
 @dataclass(frozen=True)
@@ -74,6 +117,11 @@ class FeedbackSection:
     flush_interval_s: float = 10.0
     #: Prompts kept for the predictors' training buffer.
     buffer_size: int = 10_000
+    #: Where routed experts are decoded and accounted: a worker process (default) or a
+    #: thread of the server's process.
+    worker: str = "process"
+    #: Requests waiting for the worker; beyond it their telemetry is dropped (counted).
+    max_pending: int = 64
 
 
 @dataclass(frozen=True)
@@ -97,6 +145,11 @@ _SECTIONS: dict[str, type] = {
     "feedback": FeedbackSection,
 }
 _PATH_KEYS = {
+    ("server", "tls_cert"),
+    ("server", "tls_key"),
+    ("server", "tls_client_ca"),
+    ("server", "admin_token_file"),
+    ("backend", "api_key_file"),
     ("cluster", "placement"),
     ("cluster", "topology"),
     ("prediction", "bundle"),
@@ -146,6 +199,8 @@ def _section(path: Path, name: str, cls: type, values: Any) -> Any:
                 raise ConfigError(f"{path}: {name}.{key} must be a number, got {value!r}")
             if isinstance(default, int) and not isinstance(value, int):
                 raise ConfigError(f"{path}: {name}.{key} must be an integer, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{path}: {name}.{key} must be a finite number, got {value!r}")
         elif isinstance(default, dict):
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                 raise ConfigError(f"{path}: {name}.{key} must be a table of strings")
@@ -181,6 +236,13 @@ def _check(c: ServerConfig) -> None:
         "policy.max_window": c.policy.max_window,
         "feedback.flush_interval_s": c.feedback.flush_interval_s,
         "feedback.buffer_size": c.feedback.buffer_size,
+        "feedback.max_pending": c.feedback.max_pending,
+        "server.max_stop_strings": c.server.max_stop_strings,
+        "server.max_stop_chars": c.server.max_stop_chars,
+        "server.max_id_chars": c.server.max_id_chars,
+        "server.max_streams_per_connection": c.server.max_streams_per_connection,
+        "backend.retry_backoff_max_s": c.backend.retry_backoff_max_s,
+        "prediction.max_text_chars": c.prediction.max_text_chars,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -190,6 +252,12 @@ def _check(c: ServerConfig) -> None:
         "backend.failed_rank_cooldown_s": c.backend.failed_rank_cooldown_s,
         "policy.window_ms": c.policy.window_ms,
         "prediction.probe_min_new_tokens": c.prediction.probe_min_new_tokens,
+        "server.max_concurrent_rpcs": c.server.max_concurrent_rpcs,
+        "server.stream_interval_ms": c.server.stream_interval_ms,
+        "backend.retry_backoff_s": c.backend.retry_backoff_s,
+        "backend.unreachable_retry_s": c.backend.unreachable_retry_s,
+        "backend.routed_experts_budget_cores": c.backend.routed_experts_budget_cores,
+        "cluster.vocab_size": c.cluster.vocab_size,
     }.items():
         if value < 0:
             fail(f"{key} must be >= 0, got {value}")
@@ -201,3 +269,23 @@ def _check(c: ServerConfig) -> None:
         fail(f"prediction.mode must be one of {', '.join(PREDICTION_MODES)}")
     if c.prediction.mode in ("text", "probe") and c.prediction.bundle is None:
         fail(f"prediction.mode {c.prediction.mode!r} needs prediction.bundle (moe-scheduler fit)")
+    if not 0 <= c.backend.routed_experts_fraction <= 1:
+        fail("backend.routed_experts_fraction must be in [0, 1]")
+    if c.feedback.worker not in WORKER_KINDS:
+        fail(f"feedback.worker must be one of {', '.join(WORKER_KINDS)}")
+    if (c.server.tls_cert is None) != (c.server.tls_key is None):
+        fail("server.tls_cert and server.tls_key go together")
+    if c.server.tls_client_ca is not None and c.server.tls_cert is None:
+        fail("server.tls_client_ca needs server.tls_cert and server.tls_key")
+
+
+def read_secret(path: Path | None, env: str, what: str) -> str:
+    """A secret from environment variable ``env``, else the first line of ``path``
+    ("" when neither is set); ConfigError when the file cannot be read."""
+    value = os.environ.get(env, "").strip()
+    if value or path is None:
+        return value
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path}: {e}") from None

@@ -6,6 +6,14 @@ when several scheduler replicas share the cluster). Failed ranks are taken out f
 cool-down and tried again after it; a rank SGLang reports as queueing (``/v1/loads``
 ``num_waiting_reqs > 0``: someone is oversubscribing it) takes no new requests.
 
+Admission is deadline-aware: a request whose remaining deadline cannot cover its
+expected wait for a slot plus the time it needs once dispatched (``need_s``: time to
+first token for a stream, to the answer for a unary call) is refused at once
+(:class:`DeadlineRefused`), and again at dispatch if its deadline ran short while it
+waited. Under overload the slots then go to requests that can still finish, instead of
+to requests that time out at the backend. The expected wait comes from the measured
+slot hold time (:class:`ServiceTimes`).
+
 Runs on one asyncio loop; the policy is called only from here.
 """
 
@@ -26,11 +34,44 @@ class Overloaded(Exception):
     """The queue is full."""
 
 
+class DeadlineRefused(Exception):
+    """The request's deadline cannot cover its expected wait and service."""
+
+
+class ServiceTimes:
+    """Exponentially weighted means of what requests took, for admission estimates."""
+
+    ALPHA = 0.05
+
+    def __init__(self) -> None:
+        self.hold_s = 0.0  # a rank slot, acquire to release
+        self.ttft_s = 0.0  # dispatch to first token (a unary answer counts as its first)
+        self.per_token_s = 0.0  # each further generated token
+        self.completion_ratio = 1.0  # completion tokens / max_new_tokens
+
+    def observe(self, hold_s: float, ttft_s: float, tokens: int, max_new_tokens: int) -> None:
+        a = self.ALPHA if self.hold_s else 1.0
+        self.hold_s += a * (hold_s - self.hold_s)
+        self.ttft_s += a * (ttft_s - self.ttft_s)
+        if tokens > 1:
+            self.per_token_s += a * ((hold_s - ttft_s) / (tokens - 1) - self.per_token_s)
+        if max_new_tokens > 0:
+            self.completion_ratio += a * (min(1.0, tokens / max_new_tokens) - self.completion_ratio)
+
+    def need_s(self, stream: bool, max_new_tokens: int) -> float:
+        """Expected seconds from dispatch to what the client waits for."""
+        if stream:
+            return self.ttft_s
+        return self.ttft_s + self.per_token_s * max_new_tokens * self.completion_ratio
+
+
 @dataclass
 class _Ticket:
     info: RequestInfo
     enqueued: float
     future: asyncio.Future[int] = field(repr=False)
+    deadline: float | None = None
+    need_s: float = 0.0
 
 
 class Dispatcher:
@@ -55,6 +96,7 @@ class Dispatcher:
         self.backend_running = np.zeros(num_ranks, dtype=np.int64)
         self.backend_waiting = np.zeros(num_ranks, dtype=np.int64)
         self.reroutes = 0
+        self.times = ServiceTimes()
         self._queue: deque[_Ticket] = deque()
         self._task: asyncio.Task[None] | None = None
 
@@ -104,10 +146,23 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ requests
 
-    async def acquire(self, info: RequestInfo) -> int:
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now should wait for a slot."""
+        slots = int(self.healthy().sum()) * self.capacity
+        if slots == 0:
+            return float(self.failed_until.min() - time.monotonic())
+        free = slots - int(self.in_flight.sum())
+        ahead = len(self._queue) + 1 - max(free, 0)
+        return max(0, ahead) * self.times.hold_s / slots + self.window_s
+
+    async def acquire(
+        self, info: RequestInfo, deadline: float | None = None, need_s: float = 0.0
+    ) -> int:
         """A rank slot for ``info``: immediately when the window is 0 and a rank is free,
-        else at the next window. Raises :class:`Overloaded` when the queue is full. A
-        cancelled waiter leaves the queue, or gives back the slot it was just given."""
+        else at the next window. Raises :class:`Overloaded` when the queue is full and
+        :class:`DeadlineRefused` when ``deadline`` (monotonic) cannot cover the expected
+        wait plus ``need_s``. A cancelled waiter leaves the queue, or gives back the slot
+        it was just given."""
         if self.window_s == 0 and not self._queue:
             rank = self.policy.choose_rank(info, self.rank_state())
             if rank is not None:
@@ -115,8 +170,16 @@ class Dispatcher:
                 return rank
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"{len(self._queue)} requests queued (server.max_queue)")
+        now = time.monotonic()
+        if deadline is not None:
+            wait = self.expected_wait()
+            if deadline - now < wait + need_s:
+                raise DeadlineRefused(
+                    f"the deadline ({max(0.0, deadline - now):.3g} s left) cannot cover the "
+                    f"expected wait of {wait:.3g} s plus {need_s:.3g} s of service"
+                )
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Ticket(info, time.monotonic(), future))
+        self._queue.append(_Ticket(info, now, future, deadline, need_s))
         self._wake.set()
         try:
             return await future
@@ -185,7 +248,25 @@ class Dispatcher:
         if any(t.future.done() for t in self._queue):
             self._queue = deque(t for t in self._queue if not t.future.done())
 
+    def _refuse_late(self) -> None:
+        """Refuse queued requests whose deadline no longer covers their service."""
+        now = time.monotonic()
+        late = [
+            t
+            for t in self._queue
+            if t.deadline is not None and t.deadline - now < t.need_s and not t.future.done()
+        ]
+        for t in late:
+            left = max(0.0, (t.deadline or now) - now)
+            t.future.set_exception(
+                DeadlineRefused(
+                    f"queued {now - t.enqueued:.3g} s; the {left:.3g} s left cannot cover "
+                    f"{t.need_s:.3g} s of service"
+                )
+            )
+
     def _decide(self) -> None:
+        self._refuse_late()
         self._drop_cancelled()
         window = [self._queue[i] for i in range(min(self.max_window, len(self._queue)))]
         if not window:

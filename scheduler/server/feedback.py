@@ -1,8 +1,10 @@
-"""Feedback from finished requests: the routed experts SGLang returned are accounted
-exactly (locality metrics), summed per class into a workload profile for the next
-placement, and kept as (prompt, measured class) rows for the predictors' training.
+"""Feedback from finished requests: the observations the telemetry worker measured from
+SGLang's routed experts (``telemetry.py``) summed into locality totals, a per-class
+workload profile for the next placement, and (prompt, measured class) rows for the
+predictors' training.
 
-Pure except :meth:`Feedback.flush`, which writes ``profile.json`` and ``buffer.jsonl``.
+Pure except :meth:`Feedback.flush`, which writes ``profile.json`` and ``buffer.jsonl``
+(owner-only: the buffer holds users' prompts).
 """
 
 from __future__ import annotations
@@ -10,32 +12,17 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from scheduler.accounting import account
 from scheduler.jsonio import write_json_atomic
 from scheduler.profile import ClassProfile, WorkloadProfile
 from scheduler.server.cluster import ClusterState
-from scheduler.traces.importers.sglang_generate import decode_routed_experts
+from scheduler.server.telemetry import Observation
 
 #: Class name for requests routed without a predicted class.
 UNCLASSIFIED = "unclassified"
-
-
-@dataclass(frozen=True)
-class Observation:
-    """One finished request's measured locality."""
-
-    token_layers: int
-    remote_hits: int
-    inter_node_bytes: int
-    local_fraction: float
-    best_node: int
-    prefill: np.ndarray  # [moe_layers, experts] counts of the prompt's tokens
-    decode: np.ndarray  # [moe_layers, experts] counts of generated tokens
 
 
 class Feedback:
@@ -51,34 +38,6 @@ class Feedback:
         self._requests: dict[str, int] = {}
         self._tokens: dict[str, dict[str, int]] = {}
         self.buffer: deque[dict[str, str]] = deque(maxlen=buffer_size)
-
-    def measure(self, encoded: str, rank: int, prompt_tokens: int) -> Observation:
-        """Account one request's ``meta_info.routed_experts`` served on ``rank``.
-        Raises ValueError for a malformed string."""
-        c = self.cluster
-        ids = decode_routed_experts(encoded, c.model)[:, list(c.model.moe_layer_ids), :]
-        if ids.size and (ids.max() >= c.model.num_experts or ids.min() < 0):
-            raise ValueError("routed_experts holds expert ids outside the model's range")
-        acc = account(
-            c.placement, c.topology, c.model, np.full(len(ids), rank), ids, dest_gpu=c.dest_gpu
-        )
-        layers, experts = c.model.num_moe_layers, c.model.num_experts
-        flat = ids + (np.arange(layers) * experts)[None, :, None]
-        split = min(prompt_tokens, len(ids))
-        prefill = np.bincount(flat[:split].ravel(), minlength=layers * experts)
-        decode = np.bincount(flat[split:].ravel(), minlength=layers * experts)
-        node_hits = (prefill + decode) @ c.node_present
-        total = float((prefill + decode).sum())
-        node = rank // c.topology.gpus_per_node
-        return Observation(
-            token_layers=acc.token_layers,
-            remote_hits=acc.remote_hits,
-            inter_node_bytes=acc.inter_node_bytes,
-            local_fraction=float(node_hits[node] / total) if total else 1.0,
-            best_node=int(np.argmax(node_hits)),
-            prefill=prefill.reshape(layers, experts),
-            decode=decode.reshape(layers, experts),
-        )
 
     def record(
         self, obs: Observation, cls: str | None, rank: int, prompt: str, predicted: bool
@@ -145,7 +104,9 @@ class Feedback:
         else:  # nothing observed under this placement yet: no stale profile of another
             (directory / "profile.json").unlink(missing_ok=True)
         tmp = directory / f".buffer.jsonl.tmp-{os.getpid()}"
-        with tmp.open("w", encoding="utf-8") as f:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in self.buffer:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, directory / "buffer.jsonl")

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-OUTCOMES = ("ok", "invalid", "overloaded", "backend_error", "cancelled", "deadline")
+#: How a Generate / GenerateStream call ended (docs/server.md, "Outcomes").
+OUTCOMES = (
+    "ok",
+    "invalid",
+    "overloaded",
+    "refused_deadline",
+    "deadline",
+    "client_deadline",
+    "cancelled",
+    "backend_error",
+    "internal",
+)
 _LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -32,7 +43,10 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "moe_scheduler_requests", "Finished requests by outcome", ["outcome"], registry=r
+            "moe_scheduler_requests",
+            "Finished calls by outcome, counted once after the last message",
+            ["outcome"],
+            registry=r,
         )
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
@@ -98,6 +112,18 @@ class ServerMetrics:
         )
         self.reroutes = Counter(
             "moe_scheduler_reroutes", "Requests re-dispatched after a rank failed", registry=r
+        )
+        self.in_progress = Gauge(
+            "moe_scheduler_requests_in_progress", "Calls admitted and not finished", registry=r
+        )
+        self.telemetry = Gauge(
+            "moe_scheduler_telemetry_requests",
+            "Requests on the learning path: routed experts sampled, accounted, dropped",
+            ["state"],
+            registry=r,
+        )
+        self.admin_calls = Counter(
+            "moe_scheduler_admin_calls", "Admin RPCs by result", ["method", "result"], registry=r
         )
         self.config_reloads = Counter(
             "moe_scheduler_config_reloads", "Configuration reloads", ["result"], registry=r

@@ -1,30 +1,59 @@
 """``moe_scheduler.v1.Scheduler`` over grpc.aio: messages in and out of
-:class:`~scheduler.server.core.SchedulerCore`, errors as status codes."""
+:class:`~scheduler.server.core.SchedulerCore`, outcomes as status codes.
+
+Every Generate / GenerateStream call ends in exactly one outcome (``metrics.OUTCOMES``),
+counted once when grpc reports the call done, that is after its last message and status
+went out: a client that cancelled or whose deadline passed is told apart from an answer
+it received. An unexpected error becomes INTERNAL with its cause logged, never UNKNOWN;
+an undecodable request message becomes INVALID_ARGUMENT.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from scheduler.api.v1 import scheduler_pb2 as pb
-from scheduler.api.v1 import scheduler_pb2_grpc as pb_grpc
-from scheduler.server.core import Outcome, RequestError, SchedulerCore
+from scheduler.server.core import Outcome, RequestError, SchedulerCore, quote
 
 log = logging.getLogger("moe_scheduler.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
-_CODES = {
-    "invalid": (grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
-    "overloaded": (grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
-    "unavailable": (grpc.StatusCode.UNAVAILABLE, "backend_error"),
-    "deadline": (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"),
+STATUS = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "refused_deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "client_deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "backend_error": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
 }
+
+
+@dataclass(frozen=True)
+class BadMessage:
+    """A request message that did not decode (invalid UTF-8, truncated, bad tag)."""
+
+    reason: str
+
+
+def _safe(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as e:  # protobuf's DecodeError and whatever else a parser raises
+            return BadMessage(str(e)[:200] or type(e).__name__)
+
+    return deserialize
 
 
 def request_fields(request: pb.GenerateRequest) -> dict[str, Any]:
@@ -68,69 +97,170 @@ def info_message(out: Outcome) -> pb.RequestInfo:
     return info
 
 
-class SchedulerService(pb_grpc.SchedulerServicer):
+class _Call:
+    """One Generate call's outcome, settled when grpc says the call is done."""
+
+    def __init__(self, core: SchedulerCore, context: grpc.aio.ServicerContext) -> None:
+        self.core = core
+        self.outcome: str | None = None
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else time.monotonic() + remaining
+        core.in_progress += 1
+        core.metrics.in_progress.inc()
+        context.add_done_callback(self._done)
+
+    def late(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline - 0.002
+
+    def cancelled(self) -> None:
+        """The handler was cancelled: grpc saw the client cancel or its deadline pass."""
+        self.outcome = "client_deadline" if self.late() else "cancelled"
+
+    def _done(self, context: grpc.aio.ServicerContext) -> None:
+        # grpc.aio does not say here whether the status reached the client; an answer
+        # finished after the client's deadline did not (the client saw DEADLINE_EXCEEDED).
+        core = self.core
+        core.in_progress -= 1
+        core.metrics.in_progress.dec()
+        outcome = self.outcome or "internal"
+        if outcome == "ok" and self.late():
+            outcome = "client_deadline"
+        core.count(outcome)
+
+
+class _Relay:
+    """Streamed tokens to the client, coalesced while a write is in flight: one message
+    per SGLang chunk while the client and this loop keep up, fewer and larger messages
+    when they do not (a gRPC write costs far more CPU than reading a chunk); and at most
+    one message per ``min_interval_s`` after the first (``server.stream_interval_ms``).
+    The reading side never waits for the client."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, min_interval_s: float = 0.0) -> None:
+        self._context = context
+        self._min_interval_s = min_interval_s
+        self.request_id = ""
+        self._text: list[str] = []
+        self._ids: list[int] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def push(self, text: str, ids: list[int]) -> None:
+        self._text.append(text)
+        self._ids += ids
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        elif self._task.done():
+            self._task.result()  # the writer's error, if any
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._text or self._ids:
+                text, ids = "".join(self._text), self._ids
+                self._text, self._ids = [], []
+                await self._context.write(
+                    pb.GenerateChunk(request_id=self.request_id, text=text, output_ids=ids)
+                )
+                if self._min_interval_s and not self._closing:
+                    await asyncio.sleep(self._min_interval_s)
+            if self._closing:
+                return
+
+    async def finish(self, last: pb.GenerateChunk) -> None:
+        """Write what is pending, then ``last``."""
+        if self._task is not None:
+            self._closing = True
+            self._wake.set()
+            await self._task
+        await self._context.write(last)
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class SchedulerService:
     def __init__(self, core: SchedulerCore) -> None:
         self.core = core
 
     async def _serve(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool
-    ) -> Outcome | None:
+        self,
+        request: pb.GenerateRequest | BadMessage,
+        context: grpc.aio.ServicerContext,
+        relay: _Relay | None,
+    ) -> tuple[_Call, Outcome]:
         core = self.core
+        call = _Call(core, context)
         try:
+            if isinstance(request, BadMessage):
+                log.info("request with an undecodable message: %s", request.reason)
+                raise RequestError(
+                    "invalid", f"the request message does not decode: {request.reason}"
+                )
             job = core.validate(request_fields(request))
         except RequestError as e:
-            core.count_failure("invalid")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
+            call.outcome = e.outcome
+            if not isinstance(request, BadMessage):
+                log.info("request %s: invalid: %s", quote(request.request_id), e)
+            await context.abort(STATUS[e.outcome], str(e))
 
-        async def on_chunk(text: str, ids: list[int]) -> None:
-            await context.write(
-                pb.GenerateChunk(request_id=job.request_id, text=text, output_ids=ids)
-            )
-
+        if relay is not None:
+            relay.request_id = job.request_id
         try:
-            out = await core.run(job, deadline, on_chunk if stream else None)
+            out = await core.run(job, call.deadline, None if relay is None else relay.push)
         except RequestError as e:
-            code, outcome = _CODES[e.code]
-            core.count_failure(outcome)
-            log.info("request %s: %s %s", job.request_id, code.name, e)
-            await context.abort(code, str(e))
+            call.outcome = e.outcome
+            log.info("request %s: %s: %s", job.request_id, e.outcome, e)
+            await context.abort(STATUS[e.outcome], str(e))
         except asyncio.CancelledError:
-            expired = deadline is not None and time.monotonic() >= deadline
-            core.count_failure("deadline" if expired else "cancelled")
-            log.info(
-                "request %s: %s by the client",
-                job.request_id,
-                "deadline passed" if expired else "cancelled",
-            )
+            call.cancelled()
+            log.info("request %s: %s by the client", job.request_id, call.outcome)
             raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # a bug: the client gets INTERNAL, the log the cause
+            call.outcome = "internal"
+            log.exception("request %s: internal error", job.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
         log.debug("request %s: rank %d, %s", job.request_id, out.rank, out.prediction_source)
-        return out
+        return call, out
 
-    async def Generate(  # noqa: N802 (gRPC method name)
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    async def generate(
+        self, request: pb.GenerateRequest | BadMessage, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        out = await self._serve(request, context, stream=False)
-        assert out is not None
-        return pb.GenerateResponse(
+        call, out = await self._serve(request, context, None)
+        response = pb.GenerateResponse(
             request_id=out.request_id,
             text=out.text,
             output_ids=out.output_ids,
             info=info_message(out),
         )
+        call.outcome = "ok"
+        return response
 
-    async def GenerateStream(  # noqa: N802
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    async def generate_stream(
+        self, request: pb.GenerateRequest | BadMessage, context: grpc.aio.ServicerContext
     ) -> None:
-        out = await self._serve(request, context, stream=True)
-        assert out is not None
-        await context.write(
-            pb.GenerateChunk(request_id=out.request_id, finished=True, info=info_message(out))
-        )
+        relay = _Relay(context, self.core.config.server.stream_interval_ms / 1000)
+        try:
+            call, out = await self._serve(request, context, relay)
+            last = pb.GenerateChunk(
+                request_id=out.request_id, finished=True, info=info_message(out)
+            )
+            try:
+                await relay.finish(last)
+            except asyncio.CancelledError:
+                call.cancelled()
+                raise
+            call.outcome = "ok"
+        finally:
+            relay.cancel()
 
-    async def GetPlacement(  # noqa: N802
-        self, request: pb.GetPlacementRequest, context: grpc.aio.ServicerContext
+    async def get_placement(
+        self, request: Any, context: grpc.aio.ServicerContext
     ) -> pb.GetPlacementResponse:
         c = self.core.cluster
         return pb.GetPlacementResponse(
@@ -143,8 +273,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             plan_json=c.plan_text,
         )
 
-    async def GetStats(  # noqa: N802
-        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    async def get_stats(
+        self, request: Any, context: grpc.aio.ServicerContext
     ) -> pb.GetStatsResponse:
         core, d, fb = self.core, self.core.dispatcher, self.core.feedback
         per_node = core.cluster.topology.gpus_per_node
@@ -162,6 +292,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             )
             for r in range(d.num_ranks)
         ]
+        t = core.telemetry
         return pb.GetStatsResponse(
             ranks=ranks,
             requests_ok=core.requests_ok,
@@ -177,10 +308,15 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             reroutes=d.reroutes,
             config_version=core.config.version,
             uptime_seconds=time.monotonic() - core.started,
+            outcomes=core.outcomes,
+            in_progress=core.in_progress,
+            telemetry_sampled=core.sampler.asked,
+            telemetry_accounted=t.accounted,
+            telemetry_dropped=t.dropped + t.failed,
         )
 
-    async def GetFeedback(  # noqa: N802
-        self, request: pb.GetFeedbackRequest, context: grpc.aio.ServicerContext
+    async def get_feedback(
+        self, request: Any, context: grpc.aio.ServicerContext
     ) -> pb.GetFeedbackResponse:
         fb = self.core.feedback
         profile = fb.profile()
@@ -191,10 +327,74 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             placement_version=self.core.cluster.version,
         )
 
-    async def ReloadConfig(  # noqa: N802
-        self, request: pb.ReloadConfigRequest, context: grpc.aio.ServicerContext
+    async def reload_config(
+        self, request: Any, context: grpc.aio.ServicerContext
     ) -> pb.ReloadConfigResponse:
-        ok, message = self.core.reload()
+        await self._authorize(context, "ReloadConfig")
+        ok, message = await self.core.reload()
         return pb.ReloadConfigResponse(
             ok=ok, message=message, config_version=self.core.config.version
         )
+
+    async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        """Admin RPCs need ``authorization: Bearer <server admin token>``."""
+        token, counter = self.core.admin_token, self.core.metrics.admin_calls
+        if not token:
+            counter.labels(method, "denied").inc()
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} is an admin RPC and no admin token is configured "
+                "(server.admin_token_file or $MOE_SCHEDULER_ADMIN_TOKEN); SIGHUP reloads locally",
+            )
+        sent = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                sent = value
+        scheme, _, given = sent.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            counter.labels(method, "unauthenticated").inc()
+            log.warning("%s refused: missing or wrong bearer token from %s", method, context.peer())
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, f"{method} needs the admin bearer token"
+            )
+        counter.labels(method, "ok").inc()
+
+
+def handlers(service: SchedulerService) -> grpc.GenericRpcHandler:
+    """The service's methods with request decoding that never raises."""
+    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
+    table = {
+        "Generate": unary(
+            service.generate,
+            _safe(pb.GenerateRequest.FromString),
+            pb.GenerateResponse.SerializeToString,
+        ),
+        "GenerateStream": stream(
+            service.generate_stream,
+            _safe(pb.GenerateRequest.FromString),
+            pb.GenerateChunk.SerializeToString,
+        ),
+        "GetPlacement": unary(
+            service.get_placement,
+            _safe(pb.GetPlacementRequest.FromString),
+            pb.GetPlacementResponse.SerializeToString,
+        ),
+        "GetStats": unary(
+            service.get_stats,
+            _safe(pb.GetStatsRequest.FromString),
+            pb.GetStatsResponse.SerializeToString,
+        ),
+        "GetFeedback": unary(
+            service.get_feedback,
+            _safe(pb.GetFeedbackRequest.FromString),
+            pb.GetFeedbackResponse.SerializeToString,
+        ),
+        "ReloadConfig": unary(
+            service.reload_config,
+            _safe(pb.ReloadConfigRequest.FromString),
+            pb.ReloadConfigResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, table)

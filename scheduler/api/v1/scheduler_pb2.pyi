@@ -147,7 +147,14 @@ class RankStats(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., node: _Optional[int] = ..., healthy: _Optional[bool] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., backend_running: _Optional[int] = ..., backend_waiting: _Optional[int] = ..., dispatched: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("ranks", "requests_ok", "requests_failed", "queued", "token_layers", "remote_hits", "inter_node_bytes", "inter_node_bytes_per_token", "estimated_inter_node_bytes", "prediction_hit_rate", "prediction_checks", "reroutes", "config_version", "uptime_seconds")
+    __slots__ = ("ranks", "requests_ok", "requests_failed", "queued", "token_layers", "remote_hits", "inter_node_bytes", "inter_node_bytes_per_token", "estimated_inter_node_bytes", "prediction_hit_rate", "prediction_checks", "reroutes", "config_version", "uptime_seconds", "outcomes", "in_progress", "telemetry_sampled", "telemetry_accounted", "telemetry_dropped")
+    class OutcomesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     RANKS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_OK_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +169,11 @@ class GetStatsResponse(_message.Message):
     REROUTES_FIELD_NUMBER: _ClassVar[int]
     CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_ACCOUNTED_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_DROPPED_FIELD_NUMBER: _ClassVar[int]
     ranks: _containers.RepeatedCompositeFieldContainer[RankStats]
     requests_ok: int
     requests_failed: int
@@ -176,7 +188,12 @@ class GetStatsResponse(_message.Message):
     reroutes: int
     config_version: str
     uptime_seconds: float
-    def __init__(self, ranks: _Optional[_Iterable[_Union[RankStats, _Mapping]]] = ..., requests_ok: _Optional[int] = ..., requests_failed: _Optional[int] = ..., queued: _Optional[int] = ..., token_layers: _Optional[int] = ..., remote_hits: _Optional[int] = ..., inter_node_bytes: _Optional[float] = ..., inter_node_bytes_per_token: _Optional[float] = ..., estimated_inter_node_bytes: _Optional[float] = ..., prediction_hit_rate: _Optional[float] = ..., prediction_checks: _Optional[int] = ..., reroutes: _Optional[int] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    outcomes: _containers.ScalarMap[str, int]
+    in_progress: int
+    telemetry_sampled: int
+    telemetry_accounted: int
+    telemetry_dropped: int
+    def __init__(self, ranks: _Optional[_Iterable[_Union[RankStats, _Mapping]]] = ..., requests_ok: _Optional[int] = ..., requests_failed: _Optional[int] = ..., queued: _Optional[int] = ..., token_layers: _Optional[int] = ..., remote_hits: _Optional[int] = ..., inter_node_bytes: _Optional[float] = ..., inter_node_bytes_per_token: _Optional[float] = ..., estimated_inter_node_bytes: _Optional[float] = ..., prediction_hit_rate: _Optional[float] = ..., prediction_checks: _Optional[int] = ..., reroutes: _Optional[int] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., outcomes: _Optional[_Mapping[str, int]] = ..., in_progress: _Optional[int] = ..., telemetry_sampled: _Optional[int] = ..., telemetry_accounted: _Optional[int] = ..., telemetry_dropped: _Optional[int] = ...) -> None: ...
 
 class GetFeedbackRequest(_message.Message):
     __slots__ = ()

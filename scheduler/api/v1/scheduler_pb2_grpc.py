@@ -109,6 +109,8 @@ class SchedulerServicer:
 
     def ReloadConfig(self, request, context):
         """Re-read the configuration file; an invalid file keeps the old configuration.
+        An admin RPC: needs `authorization: Bearer <server admin token>` metadata; without a
+        token configured it answers PERMISSION_DENIED (SIGHUP reloads locally).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

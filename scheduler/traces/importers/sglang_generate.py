@@ -71,7 +71,7 @@ def encode_routed_experts(ids: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(ids, dtype="<i4").tobytes()).decode("ascii")
 
 
-def decode_routed_experts(encoded: str, model: ModelShape) -> np.ndarray:
+def decode_routed_experts(encoded: str | bytes, model: ModelShape) -> np.ndarray:
     """``meta_info.routed_experts`` -> int32 [tokens, hidden_layers, top_k] (all layers).
 
     Raises ValueError (with the reason) for bad base64 or a size that is not a whole

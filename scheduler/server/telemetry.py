@@ -1,0 +1,229 @@
+"""The learning path, apart from serving: routed experts decoded and accounted in a
+worker process (or thread) behind a bounded queue, asked of SGLang only as often as a
+CPU budget allows.
+
+- :func:`measure` is the pure accounting of one request (base64 bytes in, an
+  :class:`Observation` out); :class:`TelemetryWorker` runs it off the serving loop.
+  When ``max_pending`` requests are already waiting the new one is dropped and counted,
+  never the request it came with.
+- :class:`RoutedSampler` decides per request whether to ask SGLang for routed experts
+  (``return_routed_experts``): a token bucket in CPU seconds that refills at
+  ``budget_cores`` (a share of one core) and charges each sampled request its expected
+  cost, learned from what the worker measured per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from scheduler.accounting import account
+from scheduler.model_shape import ModelShape
+from scheduler.placement.placement import Placement
+from scheduler.placement.topology import Topology
+from scheduler.traces.importers.sglang_generate import decode_routed_experts
+
+log = logging.getLogger("moe_scheduler.server")
+
+WORKER_KINDS = ("process", "thread")
+
+
+@dataclass(frozen=True)
+class MeasureContext:
+    """What the accounting of one request needs (picklable, sent to the worker once)."""
+
+    model: ModelShape
+    topology: Topology
+    placement: Placement
+    dest_gpu: np.ndarray
+    node_present: np.ndarray  # [moe_layers * experts, nodes]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One finished request's measured locality."""
+
+    token_layers: int
+    remote_hits: int
+    inter_node_bytes: int
+    local_fraction: float
+    best_node: int
+    prefill: np.ndarray  # [moe_layers, experts] counts of the prompt's tokens
+    decode: np.ndarray  # [moe_layers, experts] counts of generated tokens
+    #: CPU seconds the measurement took (thread or process time of the worker).
+    cpu_seconds: float = 0.0
+
+
+def measure(
+    ctx: MeasureContext, encoded: bytes | str, rank: int, prompt_tokens: int
+) -> Observation:
+    """Account one request's routed experts served on ``rank``; ValueError if malformed."""
+    started = time.thread_time()
+    model = ctx.model
+    ids = decode_routed_experts(encoded, model)[:, list(model.moe_layer_ids), :]
+    if ids.size and (ids.max() >= model.num_experts or ids.min() < 0):
+        raise ValueError("routed_experts holds expert ids outside the model's range")
+    acc = account(
+        ctx.placement, ctx.topology, model, np.full(len(ids), rank), ids, dest_gpu=ctx.dest_gpu
+    )
+    layers, experts = model.num_moe_layers, model.num_experts
+    flat = ids + (np.arange(layers, dtype=np.int32) * experts)[None, :, None]
+    split = min(prompt_tokens, len(ids))
+    prefill = np.bincount(flat[:split].ravel(), minlength=layers * experts)
+    decode = np.bincount(flat[split:].ravel(), minlength=layers * experts)
+    node_hits = (prefill + decode) @ ctx.node_present
+    total = float((prefill + decode).sum())
+    node = rank // ctx.topology.gpus_per_node
+    return Observation(
+        token_layers=acc.token_layers,
+        remote_hits=acc.remote_hits,
+        inter_node_bytes=acc.inter_node_bytes,
+        local_fraction=float(node_hits[node] / total) if total else 1.0,
+        best_node=int(np.argmax(node_hits)),
+        prefill=prefill.reshape(layers, experts),
+        decode=decode.reshape(layers, experts),
+        cpu_seconds=time.thread_time() - started,
+    )
+
+
+# The worker process's context, set once by its initializer.
+_CTX: MeasureContext | None = None
+
+
+def _init_worker(ctx: MeasureContext) -> None:
+    global _CTX
+    _CTX = ctx
+
+
+def _measure_in_worker(encoded: bytes, rank: int, prompt_tokens: int) -> Observation:
+    assert _CTX is not None, "worker not initialised"
+    return measure(_CTX, encoded, rank, prompt_tokens)
+
+
+class TelemetryWorker:
+    """Runs :func:`measure` off the loop; at most ``max_pending`` requests wait."""
+
+    def __init__(self, ctx: MeasureContext, kind: str = "process", max_pending: int = 64) -> None:
+        if kind not in WORKER_KINDS:
+            raise ValueError(f"worker kind must be one of {WORKER_KINDS}, got {kind!r}")
+        self.ctx, self.kind, self.max_pending = ctx, kind, max_pending
+        self.pending = 0
+        self.dropped = 0
+        self.failed = 0
+        self.accounted = 0
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> concurrent.futures.Executor:
+        if self.kind == "thread":
+            return concurrent.futures.ThreadPoolExecutor(1, "telemetry")
+        mp = multiprocessing.get_context("forkserver")
+        mp.set_forkserver_preload(["scheduler.server.telemetry"])
+        return concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=mp, initializer=_init_worker, initargs=(self.ctx,)
+        )
+
+    def submit(self, encoded: bytes, rank: int, prompt_tokens: int) -> asyncio.Future[Any] | None:
+        """The future :class:`Observation`, or None when the queue is full (counted)."""
+        if self.pending >= self.max_pending:
+            self.dropped += 1
+            return None
+        try:
+            if self.kind == "thread":
+                future = self._executor.submit(measure, self.ctx, encoded, rank, prompt_tokens)
+            else:
+                future = self._executor.submit(_measure_in_worker, encoded, rank, prompt_tokens)
+        except (BrokenProcessPool, RuntimeError) as e:
+            log.warning("telemetry worker unusable (%s); starting a new one", e)
+            self.dropped += 1
+            self._restart()
+            return None
+        self.pending += 1
+        wrapped = asyncio.wrap_future(future)
+        wrapped.add_done_callback(self._done)
+        return wrapped
+
+    def _done(self, future: asyncio.Future[Any]) -> None:
+        self.pending -= 1
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is None:
+            self.accounted += 1
+        elif isinstance(error, ValueError):
+            self.failed += 1
+        else:
+            self.failed += 1
+            log.warning("telemetry worker failed (%r); starting a new one", error)
+            if isinstance(error, BrokenProcessPool):
+                self._restart()
+
+    def _restart(self) -> None:
+        old = self._executor
+        self._executor = self._new_executor()
+        old.shutdown(wait=False, cancel_futures=True)
+
+    def warm(self) -> None:
+        """Start the worker now (blocking; call from a thread), not at the first request."""
+        self._executor.submit(int).result(timeout=120)
+
+    def close(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=True)
+
+
+class RoutedSampler:
+    """Whether to ask for a request's routed experts, within ``budget_cores`` of CPU.
+
+    ``fraction``: a fixed share of requests instead (1.0: every request). The bucket
+    holds at most one second of budget, so a quiet period cannot buy a burst.
+    """
+
+    #: CPU seconds per routed (token, hidden layer, k) entry before the first measurement;
+    #: conservative (measured here: 2-6 ns).
+    INITIAL_COST = 20e-9
+
+    def __init__(self, budget_cores: float, fraction: float | None = None) -> None:
+        self.budget_cores = budget_cores
+        self.fraction = fraction
+        self.cost_per_entry = self.INITIAL_COST
+        self._bucket = budget_cores
+        self._credit = 0.0
+        self._last = time.monotonic()
+        self.asked = 0
+        self.seen = 0
+
+    def want(self, entries: int) -> bool:
+        """One request with about ``entries`` routed ids (tokens x layers x top_k)."""
+        self.seen += 1
+        if self.fraction is not None:
+            self._credit += self.fraction
+            if self._credit >= 1.0:
+                self._credit -= 1.0
+                self.asked += 1
+                return True
+            return False
+        now = time.monotonic()
+        self._bucket = min(self.budget_cores, self._bucket + (now - self._last) * self.budget_cores)
+        self._last = now
+        cost = entries * self.cost_per_entry
+        if self._bucket < min(cost, self.budget_cores):
+            return False
+        self._bucket -= cost
+        self.asked += 1
+        return True
+
+    def observe(self, cpu_seconds: float, entries: int) -> None:
+        """What one measurement cost (EWMA of the cost per entry)."""
+        if entries > 0 and cpu_seconds > 0:
+            self.cost_per_entry = 0.8 * self.cost_per_entry + 0.2 * cpu_seconds / entries
+
+    @property
+    def share(self) -> float:
+        return self.asked / self.seen if self.seen else 0.0

@@ -1,0 +1,309 @@
+"""The data plane against a real emulator on loopback: long streams with routed experts,
+bad input answered with its code, admin RPCs behind a token, TLS, counters that equal
+what clients saw, and telemetry dropped (never requests) when the worker is full."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from scheduler.api.v1 import scheduler_pb2 as pb
+from scheduler.client import SchedulerClient, make_request
+from scheduler.errors import ConfigError
+from scheduler.server.config import load_config
+from scheduler.server.dispatcher import DeadlineRefused, Dispatcher
+from scheduler.server.telemetry import MeasureContext, TelemetryWorker
+from tests.emulator_harness import MODEL, EmulatorServer, make_emulator
+from tests.server_harness import SchedulerServer, write_config
+
+LISTEN = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_a_stream_of_4096_tokens_with_routed_experts_completes(tmp_path: Path) -> None:
+    with (
+        EmulatorServer(make_emulator()) as emu,
+        SchedulerServer(write_config(tmp_path, emu.url)) as s,
+    ):
+
+        async def go() -> None:
+            async with SchedulerClient(s.target) as client:
+                chunks = [c async for c in client.generate_stream("hello", max_new_tokens=4096)]
+                last = chunks[-1]
+                assert last.finished and last.info.completion_tokens == 4096
+                assert sum(len(c.output_ids) for c in chunks[:-1]) == 4096
+                assert last.info.HasField("local_fraction")  # 4096 x 27 x 6 routed ids read
+                stats = await client.stats()
+                assert stats.outcomes["ok"] == 1 and stats.telemetry_accounted == 1
+
+        run(go())
+
+
+def _raw_generate(target: str, payload: bytes) -> grpc.RpcError:
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            "/moe_scheduler.v1.Scheduler/Generate",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            call(payload, timeout=10)
+        return err.value
+
+
+def test_every_bad_input_gets_its_code_and_a_bounded_message(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, "http://127.0.0.1:9", server=LISTEN, cluster={"vocab_size": 1000}
+    )
+    with SchedulerServer(config) as s:
+        for payload in (
+            b"\x12\x02\xff\xfe",  # text = invalid UTF-8
+            b"\x12\x10abc",  # truncated
+            b"\x02\x01a",  # field number 0
+        ):
+            err = _raw_generate(s.target, payload)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+            assert "does not decode" in err.details()
+
+        async def go() -> None:
+            async with SchedulerClient(s.target) as client:
+                cases = [
+                    (make_request("hi", class_hint="x" * 1_000_000), "class_hint has"),
+                    (make_request("hi", request_id="a\nforged log line"), "control characters"),
+                    (make_request([1, 2, 5000]), "vocabulary has 1000"),
+                ]
+                many_stops = make_request("hi")
+                many_stops.sampling.stop.extend(["s"] * 10_000)
+                cases.append((many_stops, "10000 stop strings"))
+                for request, message in cases:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await client.stub.Generate(request, timeout=10)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert message in err.value.details()
+                    assert len(err.value.details()) < 300
+                stats = await client.stats()
+                assert stats.outcomes["invalid"] == 7
+
+        run(go())
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_config_floats_must_be_finite(tmp_path: Path, value: str) -> None:
+    path = write_config(tmp_path, "http://127.0.0.1:9")
+    path.write_text(path.read_text().replace("window_ms = 0.0", f"window_ms = {value}"))
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(path)
+
+
+def test_admin_rpcs_need_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with EmulatorServer(make_emulator()) as emu:
+        with SchedulerServer(write_config(tmp_path, emu.url)) as s:  # no token configured
+
+            async def denied() -> None:
+                async with SchedulerClient(s.target, token="anything") as client:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await client.reload()
+                    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+            run(denied())
+        monkeypatch.setenv("MOE_SCHEDULER_ADMIN_TOKEN", "t0ken")
+        with SchedulerServer(write_config(tmp_path, emu.url)) as s:
+
+            async def checked() -> None:
+                for token in ("", "wrong"):
+                    async with SchedulerClient(s.target, token=token) as client:
+                        with pytest.raises(grpc.aio.AioRpcError) as err:
+                            await client.reload()
+                        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                async with SchedulerClient(s.target, token="t0ken") as client:
+                    assert (await client.reload()).ok
+
+            run(checked())
+
+
+def test_tls(tmp_path: Path) -> None:
+    ca_key, ca, key, csr, cert = (
+        tmp_path / n for n in ("ca.key", "ca.pem", "s.key", "s.csr", "s.pem")
+    )
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName = IP:127.0.0.1\n")
+    commands = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca]
+        + ["-days", "1", "-subj", "/CN=test-ca"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr]
+        + ["-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"]
+        + ["-out", cert, "-days", "1", "-extfile", ext],
+    ]
+    for args in commands:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    with EmulatorServer(make_emulator()) as emu:
+        tls = {**LISTEN, "tls_cert": str(cert), "tls_key": str(key)}
+        with SchedulerServer(write_config(tmp_path, emu.url, server=tls)) as s:
+
+            async def go() -> None:
+                async with SchedulerClient(s.target, tls_ca=ca.read_bytes()) as client:
+                    reply = await client.generate("over TLS", max_new_tokens=2, timeout=10)
+                    assert reply.info.completion_tokens == 2
+                async with SchedulerClient(s.target) as plain:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await plain.generate("plaintext", max_new_tokens=2, timeout=2)
+                    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            run(go())
+
+
+def test_counters_equal_what_clients_saw(tmp_path: Path) -> None:
+    with EmulatorServer(make_emulator(time_scale=1.0)) as emu:
+        config = write_config(
+            tmp_path,
+            emu.url,
+            policy={"name": "total_requests", "capacity": 1, "window_ms": 0.0},
+            server={**LISTEN, "max_queue": 1},
+        )
+        with SchedulerServer(config) as s:
+
+            async def cancel_after_first_token(client: SchedulerClient) -> str:
+                call = client.stub.GenerateStream(make_request("cancel me", max_new_tokens=2000))
+                async for _ in call:
+                    break
+                call.cancel()
+                return "cancelled"
+
+            async def outcome(coro) -> str:  # type: ignore[no-untyped-def]
+                try:
+                    await coro
+                    return "ok"
+                except grpc.aio.AioRpcError as e:
+                    return e.code().name
+
+            async def go() -> None:
+                async with SchedulerClient(s.target) as client:
+                    seen = [
+                        await outcome(client.generate("short", max_new_tokens=2, timeout=30)),
+                        await outcome(client.generate("   ", max_new_tokens=2)),
+                        await cancel_after_first_token(client),
+                        await outcome(client.generate("slow", max_new_tokens=2000, timeout=0.3)),
+                    ]
+                    # 4 ranks x 1 slot + 1 queued: the 6th of 6 concurrent calls is refused
+                    burst = await asyncio.gather(
+                        *(
+                            outcome(client.generate(f"b{i}", max_new_tokens=40, timeout=30))
+                            for i in range(6)
+                        )
+                    )
+                    seen += burst
+                    deadline = time.monotonic() + 10
+                    while (stats := await client.stats()).in_progress:
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.05)
+                    assert seen[:4] == ["ok", "INVALID_ARGUMENT", "cancelled", "DEADLINE_EXCEEDED"]
+                    assert burst.count("RESOURCE_EXHAUSTED") == 1
+                    expected = {
+                        "ok": seen.count("ok"),
+                        "invalid": 1,
+                        "cancelled": 1,
+                        "client_deadline": 1,
+                        "overloaded": 1,
+                    }
+                    counted = {k: v for k, v in stats.outcomes.items() if v}
+                    assert counted == expected
+                    assert stats.requests_ok == expected["ok"]
+                    assert stats.requests_failed == 4
+
+            run(go())
+
+
+def _context() -> MeasureContext:
+    from scheduler.accounting import static_dispatch_table
+    from scheduler.emulator.expert_location import trivial_location
+    from scheduler.placement.topology import Topology
+
+    placement = trivial_location(MODEL, 4, 2)
+    return MeasureContext(
+        MODEL,
+        Topology(2, 2),
+        placement,
+        static_dispatch_table(placement),
+        placement.node_presence(),
+    )
+
+
+def test_a_full_worker_drops_telemetry_not_requests(tmp_path: Path) -> None:
+    from scheduler.traces.importers.sglang_generate import encode_routed_experts
+
+    ids = np.zeros((50, MODEL.num_hidden_layers, MODEL.top_k), dtype=np.int32)
+    encoded = encode_routed_experts(ids).encode()
+
+    async def go() -> None:
+        worker = TelemetryWorker(_context(), "thread", max_pending=1)
+        try:
+            first = worker.submit(encoded, 0, 10)
+            assert first is not None
+            assert worker.submit(encoded, 1, 10) is None  # full: dropped and counted
+            assert worker.dropped == 1
+            obs = await first
+            assert obs.token_layers == 50 * MODEL.num_moe_layers
+            assert worker.submit(b"not base64!", 0, 1) is not None
+            await asyncio.sleep(0.2)
+            assert worker.failed == 1 and worker.accounted == 1
+        finally:
+            worker.close()
+
+    run(go())
+    # and through a server: a one-slot worker queue under a burst serves every request
+    with EmulatorServer(make_emulator()) as emu:
+        config = write_config(tmp_path, emu.url, feedback={"max_pending": 1, "dir": str(tmp_path)})
+        with SchedulerServer(config) as s:
+
+            async def burst() -> None:
+                async with SchedulerClient(s.target) as client:
+                    replies = await asyncio.gather(
+                        *(client.generate(f"p{i}", max_new_tokens=64) for i in range(40))
+                    )
+                    assert len(replies) == 40
+                    stats = await client.stats()
+                    assert stats.outcomes["ok"] == 40
+                    assert stats.telemetry_accounted + stats.telemetry_dropped == 40
+
+            run(burst())
+
+
+def test_deadline_aware_admission_refuses_what_cannot_finish() -> None:
+    from scheduler.policies import RequestInfo, make_policy
+
+    async def go() -> None:
+        d = Dispatcher(
+            make_policy("total_requests"),
+            2,
+            1,
+            1,
+            window_s=0.0,
+            max_window=8,
+            max_queue=8,
+            cooldown_s=1.0,
+        )
+        d.start()
+        try:
+            d.times.observe(hold_s=1.0, ttft_s=0.1, tokens=10, max_new_tokens=10)
+            held = [await d.acquire(RequestInfo(f"r{i}", None, None, 1)) for i in range(2)]
+            now = time.monotonic()
+            with pytest.raises(DeadlineRefused, match="expected wait"):
+                await d.acquire(RequestInfo("late", None, None, 1), now + 0.3, 0.1)
+            waiter = asyncio.ensure_future(d.acquire(RequestInfo("ok", None, None, 1), now + 5))
+            await asyncio.sleep(0.01)
+            d.release(held[0], RequestInfo("r0", None, None, 1))
+            assert await waiter == held[0]
+        finally:
+            await d.stop()
+
+    run(go())
