@@ -188,6 +188,9 @@ def _section(path: Path, name: str, cls: type, values: Any) -> Any:
             raise ConfigError(f"{path}: unknown key {name}.{key}; known: {', '.join(known)}")
         default = getattr(cls(), key)
         if (name, key) in _PATH_KEYS:
+            if value == "" and default is None:  # an optional file, left unset
+                kwargs[key] = None
+                continue
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{path}: {name}.{key} must be a path string")
             value = (path.parent / value).resolve()

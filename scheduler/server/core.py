@@ -35,6 +35,7 @@ from scheduler.server.config import (
 )
 from scheduler.server.dispatcher import DeadlineRefused, Dispatcher, Overloaded
 from scheduler.server.feedback import Feedback
+from scheduler.server.feedback import write as write_feedback
 from scheduler.server.metrics import OUTCOMES, ServerMetrics
 from scheduler.server.predict import Prediction, RequestPredictor
 from scheduler.server.telemetry import (
@@ -313,7 +314,9 @@ class SchedulerCore:
         await self.dispatcher.stop()
         await asyncio.to_thread(self.telemetry.close)
         if self.config.feedback.dir is not None:
-            self.feedback.flush(self.config.feedback.dir)
+            await asyncio.to_thread(
+                write_feedback, self.config.feedback.dir, *self.feedback.snapshot()
+            )
         await self.backend.close()
 
     async def _poll_backend(self) -> None:
@@ -341,7 +344,7 @@ class SchedulerCore:
             directory = self.config.feedback.dir
             if directory is not None:
                 try:
-                    self.feedback.flush(directory)
+                    await asyncio.to_thread(write_feedback, directory, *self.feedback.snapshot())
                 except OSError as e:
                     log.warning("feedback: cannot write %s: %s", directory, e)
 

@@ -3,7 +3,7 @@ SGLang's routed experts (``telemetry.py``) summed into locality totals, a per-cl
 workload profile for the next placement, and (prompt, measured class) rows for the
 predictors' training.
 
-Pure except :meth:`Feedback.flush`, which writes ``profile.json`` and ``buffer.jsonl``
+Pure except :func:`write`, which writes ``profile.json`` and ``buffer.jsonl``
 (owner-only: the buffer holds users' prompts).
 """
 
@@ -95,18 +95,24 @@ class Feedback:
             },
         )
 
-    def flush(self, directory: Path) -> None:
-        """Write ``profile.json`` and ``buffer.jsonl`` into ``directory`` (atomically)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        profile = self.profile()
-        if profile is not None:
-            write_json_atomic(directory / "profile.json", profile.to_json())
-        else:  # nothing observed under this placement yet: no stale profile of another
-            (directory / "profile.json").unlink(missing_ok=True)
-        tmp = directory / f".buffer.jsonl.tmp-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in self.buffer:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, directory / "buffer.jsonl")
+    def snapshot(self) -> tuple[WorkloadProfile | None, list[dict[str, str]]]:
+        """What :func:`write` writes, taken at once (cheap: the per-class arrays are
+        replaced, never changed in place, so the snapshot stays as it was)."""
+        return self.profile(), list(self.buffer)
+
+
+def write(directory: Path, profile: WorkloadProfile | None, rows: list[dict[str, str]]) -> None:
+    """Write ``profile.json`` and ``buffer.jsonl`` into ``directory`` (atomically; the
+    buffer owner-only). Runs in a thread on the server: serialising is the slow part."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if profile is not None:
+        write_json_atomic(directory / "profile.json", profile.to_json())
+    else:  # nothing observed under this placement yet: no stale profile of another
+        (directory / "profile.json").unlink(missing_ok=True)
+    tmp = directory / f".buffer.jsonl.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, directory / "buffer.jsonl")
