@@ -55,10 +55,12 @@ def make_emulator(
 
 
 class EmulatorServer:
-    """``with EmulatorServer(emulator) as server:`` serves on ``server.url`` until exit."""
+    """``with EmulatorServer(emulator) as server:`` serves on ``server.url`` until exit
+    (on ``port``, or a free one)."""
 
-    def __init__(self, emulator: Emulator) -> None:
+    def __init__(self, emulator: Emulator, port: int = 0) -> None:
         self.emulator = emulator
+        self.port = port
         self.url = ""
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -73,7 +75,7 @@ class EmulatorServer:
             await serve(
                 self.emulator,
                 "127.0.0.1",
-                0,
+                self.port,
                 self._stop,
                 on_ready=self._on_ready,
                 shutdown_grace_s=5.0,

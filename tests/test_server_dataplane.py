@@ -307,3 +307,28 @@ def test_deadline_aware_admission_refuses_what_cannot_finish() -> None:
             await d.stop()
 
     run(go())
+
+
+def test_requests_survive_a_backend_restart_within_their_deadline(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a free port, with nothing listening yet
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = write_config(tmp_path, f"http://127.0.0.1:{port}")
+    with SchedulerServer(config) as s:
+
+        async def go() -> None:
+            async with SchedulerClient(s.target) as client:
+                calls = [
+                    asyncio.ensure_future(client.generate(f"p{i}", max_new_tokens=2, timeout=15))
+                    for i in range(5)
+                ]
+                await asyncio.sleep(1.5)  # SGLang "restarting": every attempt is refused
+                assert not any(c.done() for c in calls)
+                with EmulatorServer(make_emulator(), port=port):
+                    replies = await asyncio.gather(*calls)
+                assert all(r.info.attempts > 1 for r in replies)
+                assert (await client.stats()).outcomes["ok"] == 5
+
+        run(go())

@@ -203,7 +203,10 @@ def _event_error(raw: bytes) -> BackendError:
 
 
 def _client_error(e: aiohttp.ClientError) -> BackendError:
-    unreachable = isinstance(e, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError)
+    # Refused, reset or dropped connections: SGLang is down or restarting.
+    unreachable = isinstance(e, aiohttp.ClientConnectionError) and not isinstance(
+        e, aiohttp.ServerTimeoutError
+    )
     return BackendError(f"backend unreachable: {e}", retryable=True, unreachable=unreachable)
 
 
