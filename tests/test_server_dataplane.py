@@ -332,3 +332,32 @@ def test_requests_survive_a_backend_restart_within_their_deadline(tmp_path: Path
                 assert (await client.stats()).outcomes["ok"] == 5
 
         run(go())
+
+
+def test_the_scheduler_sends_sglangs_api_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    emulator = make_emulator()
+    emulator.config = replace(emulator.config, api_key="k3y")
+    with EmulatorServer(emulator) as emu:
+        with SchedulerServer(write_config(tmp_path, emu.url)) as s:  # no key: 401
+
+            async def refused() -> None:
+                async with SchedulerClient(s.target) as client:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await client.generate("hi", max_new_tokens=1, timeout=10)
+                    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert "401" in err.value.details()
+
+            run(refused())
+        monkeypatch.setenv("MOE_SCHEDULER_BACKEND_API_KEY", "k3y")
+        with SchedulerServer(write_config(tmp_path, emu.url)) as s:
+
+            async def served() -> None:
+                async with SchedulerClient(s.target) as client:
+                    reply = await client.generate("hi", max_new_tokens=1, timeout=10)
+                    assert reply.info.completion_tokens == 1
+
+            run(served())
