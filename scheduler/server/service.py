@@ -39,6 +39,12 @@ STATUS = {
 }
 
 
+#: How close to its deadline a client's cancel counts as the deadline passing, and an
+#: answer handed to grpc as too late (see _Call).
+CANCEL_MARGIN_S = 0.025
+ANSWER_MARGIN_S = 0.001
+
+
 @dataclass(frozen=True)
 class BadMessage:
     """A request message that did not decode (invalid UTF-8, truncated, bad tag)."""
@@ -109,23 +115,27 @@ class _Call:
         core.metrics.in_progress.inc()
         context.add_done_callback(self._done)
 
-    def late(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline - 0.002
+    def _late(self, margin_s: float) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline - margin_s
 
     def cancelled(self) -> None:
-        """The handler was cancelled: grpc saw the client cancel or its deadline pass."""
-        self.outcome = "client_deadline" if self.late() else "cancelled"
+        """The handler was cancelled: grpc saw the client cancel or its deadline pass.
+        The server's deadline is the client's plus the request's transit (longer when
+        this loop is busy), while the client's cancel arrives at once: a cancel this
+        close to the deadline is the client's deadline."""
+        self.outcome = "client_deadline" if self._late(CANCEL_MARGIN_S) else "cancelled"
+
+    def answered(self) -> None:
+        """The answer is written (a stream) or handed to grpc (unary). grpc.aio does not
+        say whether it reached the client: one handed over after the deadline did not
+        (the client saw DEADLINE_EXCEEDED)."""
+        self.outcome = "client_deadline" if self._late(ANSWER_MARGIN_S) else "ok"
 
     def _done(self, context: grpc.aio.ServicerContext) -> None:
-        # grpc.aio does not say here whether the status reached the client; an answer
-        # finished after the client's deadline did not (the client saw DEADLINE_EXCEEDED).
         core = self.core
         core.in_progress -= 1
         core.metrics.in_progress.dec()
-        outcome = self.outcome or "internal"
-        if outcome == "ok" and self.late():
-            outcome = "client_deadline"
-        core.count(outcome)
+        core.count(self.outcome or "internal")
 
 
 class _Relay:
@@ -238,7 +248,7 @@ class SchedulerService:
             output_ids=out.output_ids,
             info=info_message(out),
         )
-        call.outcome = "ok"
+        call.answered()
         return response
 
     async def generate_stream(
@@ -255,7 +265,7 @@ class SchedulerService:
             except asyncio.CancelledError:
                 call.cancelled()
                 raise
-            call.outcome = "ok"
+            call.answered()
         finally:
             relay.cancel()
 
