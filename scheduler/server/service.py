@@ -373,38 +373,25 @@ class SchedulerService:
 
 
 def handlers(service: SchedulerService) -> grpc.GenericRpcHandler:
-    """The service's methods with request decoding that never raises."""
-    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
-    table = {
-        "Generate": unary(
-            service.generate,
-            _safe(pb.GenerateRequest.FromString),
-            pb.GenerateResponse.SerializeToString,
-        ),
-        "GenerateStream": stream(
-            service.generate_stream,
-            _safe(pb.GenerateRequest.FromString),
-            pb.GenerateChunk.SerializeToString,
-        ),
-        "GetPlacement": unary(
-            service.get_placement,
-            _safe(pb.GetPlacementRequest.FromString),
-            pb.GetPlacementResponse.SerializeToString,
-        ),
-        "GetStats": unary(
-            service.get_stats,
-            _safe(pb.GetStatsRequest.FromString),
-            pb.GetStatsResponse.SerializeToString,
-        ),
-        "GetFeedback": unary(
-            service.get_feedback,
-            _safe(pb.GetFeedbackRequest.FromString),
-            pb.GetFeedbackResponse.SerializeToString,
-        ),
-        "ReloadConfig": unary(
-            service.reload_config,
-            _safe(pb.ReloadConfigRequest.FromString),
-            pb.ReloadConfigResponse.SerializeToString,
-        ),
+    """Every method of the proto service, with request decoding that never raises."""
+    implementations = {
+        "Generate": service.generate,
+        "GenerateStream": service.generate_stream,
+        "GetPlacement": service.get_placement,
+        "GetStats": service.get_stats,
+        "GetFeedback": service.get_feedback,
+        "ReloadConfig": service.reload_config,
     }
+    table = {}
+    for method in pb.DESCRIPTOR.services_by_name["Scheduler"].methods:
+        request = getattr(pb, method.input_type.name)
+        response = getattr(pb, method.output_type.name)
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        table[method.name] = kind(
+            implementations[method.name], _safe(request.FromString), response.SerializeToString
+        )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, table)
