@@ -30,6 +30,8 @@ log = logging.getLogger("moe_scheduler.server")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: Calls beyond the request path's own bound kept for statistics and admin RPCs.
 ADMIN_HEADROOM_RPCS = 256
+#: Seconds grpc-core may hold a call this loop has not taken yet (its default is 30).
+UNREQUESTED_WAIT_S = 3600
 
 
 @dataclass
@@ -63,14 +65,12 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def max_concurrent_rpcs(config: ServerConfig, num_ranks: int) -> int:
-    """grpc-core's bound on calls admitted at once (``server.max_concurrent_rpcs``, or
-    the queue plus every rank slot plus headroom): beyond it calls are refused with
-    RESOURCE_EXHAUSTED before any handler runs, so open calls cannot pin memory."""
-    s = config.server
-    if s.max_concurrent_rpcs:
-        return s.max_concurrent_rpcs
-    return s.max_queue + num_ranks * SchedulerCore.capacity_share(config) + ADMIN_HEADROOM_RPCS
+def grpc_call_bound(core: SchedulerCore) -> int:
+    """grpc.aio's own bound on open calls, a memory backstop far above the scheduler's
+    (``server.max_concurrent_rpcs``, refused with RESOURCE_EXHAUSTED and counted): past
+    it grpc.aio stops accepting calls, which then wait in grpc-core and end CANCELLED, so
+    only calls that never send their request (a flood of empty streams) should reach it."""
+    return 4 * core.max_in_progress() + ADMIN_HEADROOM_RPCS
 
 
 def _read(path: Path, key: str) -> bytes:
@@ -103,8 +103,15 @@ async def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", config.server.max_streams_per_connection),
+            # Calls grpc-core holds before this loop takes them: by default it rejects
+            # them at random past 1,000 and cancels them after 30 s, both as CANCELLED,
+            # which the client did not do. Let them wait (bounded) for the handler, whose
+            # admission answers each with its own status.
+            ("grpc.server.max_pending_requests", grpc_call_bound(core)),
+            ("grpc.server.max_pending_requests_hard_limit", grpc_call_bound(core)),
+            ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_WAIT_S),
         ],
-        maximum_concurrent_rpcs=max_concurrent_rpcs(config, core.cluster.num_ranks),
+        maximum_concurrent_rpcs=grpc_call_bound(core),
     )
     server.add_generic_rpc_handlers((handlers(SchedulerService(core)),))
     health = health_aio.HealthServicer()

@@ -101,7 +101,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def replay(
-    target: str,
+    target: Any,
     prompts: list[dict[str, Any]],
     *,
     rate: float,
@@ -110,7 +110,7 @@ async def replay(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Send ``prompts`` at ``rate`` per second (evenly spaced, open loop); summary dict
-    plus per-request ``records``."""
+    plus per-request ``records``. ``target``: HOST:PORT, or a SchedulerClient (TLS)."""
     import grpc
 
     from scheduler.client import SchedulerClient
@@ -118,7 +118,8 @@ async def replay(
     records: list[dict[str, Any]] = []
     done = 0
 
-    async with SchedulerClient(target) as client:
+    client = target if isinstance(target, SchedulerClient) else SchedulerClient(target)
+    async with client:
         await client.wait_ready(10)
 
         async def one(row: dict[str, Any]) -> None:
@@ -304,7 +305,7 @@ async def _client(args: argparse.Namespace) -> int:
             if not prompts:
                 raise InputError(args.prompts, "no prompts")
             result = await replay(
-                args.server,
+                _connect(args),
                 prompts,
                 rate=args.rate,
                 max_new_tokens=args.max_new_tokens,

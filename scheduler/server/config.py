@@ -33,9 +33,12 @@ class ServerSection:
     #: Longest request_id, conversation_id and class_hint.
     max_id_chars: int = 128
     replicas: int = 1
-    #: Calls admitted at once (grpc-core refuses more, before any handler runs); 0: the
-    #: queue plus every rank's capacity plus 256 for statistics and admin calls.
+    #: Generate calls admitted at once (more are RESOURCE_EXHAUSTED); 0: the queue plus
+    #: every rank's capacity.
     max_concurrent_rpcs: int = 0
+    #: New calls are RESOURCE_EXHAUSTED while the serving loop runs this late (it is out
+    #: of CPU: taking more would only delay everything already running).
+    max_loop_lag_ms: float = 250.0
     #: Streams: at most one message per this many ms after the first token (0: one per
     #: SGLang chunk, merged only while a write is in flight). Trades CPU for smoothness.
     stream_interval_ms: float = 0.0
@@ -244,6 +247,7 @@ def _check(c: ServerConfig) -> None:
         "server.max_stop_chars": c.server.max_stop_chars,
         "server.max_id_chars": c.server.max_id_chars,
         "server.max_streams_per_connection": c.server.max_streams_per_connection,
+        "server.max_loop_lag_ms": c.server.max_loop_lag_ms,
         "backend.retry_backoff_max_s": c.backend.retry_backoff_max_s,
         "prediction.max_text_chars": c.prediction.max_text_chars,
     }

@@ -249,6 +249,7 @@ class SchedulerCore:
         self.started = time.monotonic()
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.in_progress = 0
+        self.loop_lag_s = 0.0
         self.probes = 0
         self.estimated_inter_node_bytes = 0.0
         self._tasks: list[asyncio.Task[None]] = []
@@ -283,6 +284,23 @@ class SchedulerCore:
             return RoutedSampler(0.0, fraction)
         return RoutedSampler(b.routed_experts_budget_cores, fraction if fraction < 1 else None)
 
+    def max_in_progress(self) -> int:
+        s = self.config.server
+        if s.max_concurrent_rpcs:
+            return s.max_concurrent_rpcs
+        return s.max_queue + self.cluster.num_ranks * self.capacity_share(self.config)
+
+    def refuse_new_call(self) -> str | None:
+        """Why a new call cannot be admitted now, or None."""
+        if self.in_progress >= self.max_in_progress():
+            return f"{self.in_progress} calls in progress (server.max_concurrent_rpcs)"
+        lag_ms = 1000 * self.loop_lag_s
+        if lag_ms > self.config.server.max_loop_lag_ms:
+            return (
+                f"the serving loop runs {lag_ms:.0f} ms late (server.max_loop_lag_ms): out of CPU"
+            )
+        return None
+
     @property
     def requests_ok(self) -> int:
         return self.outcomes["ok"]
@@ -303,6 +321,7 @@ class SchedulerCore:
         self.dispatcher.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._poll_backend(), name="poll-backend"))
+        self._tasks.append(loop.create_task(self._watch_loop(), name="watch-loop"))
         if self.config.feedback.dir is not None:
             self._tasks.append(loop.create_task(self._flush_feedback(), name="flush-feedback"))
 
@@ -337,6 +356,16 @@ class SchedulerCore:
                     log.warning("%s", e)
             self._update_rank_gauges()
             await asyncio.sleep(interval)
+
+    async def _watch_loop(self, interval_s: float = 0.02) -> None:
+        """How late the loop runs: the overshoot of a short sleep, decaying by half per
+        interval (so one slow callback is seen, and forgotten within a few intervals)."""
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(interval_s)
+            late = time.monotonic() - started - interval_s
+            self.loop_lag_s = max(late, self.loop_lag_s / 2)
+            self.metrics.loop_lag.set(self.loop_lag_s)
 
     async def _flush_feedback(self) -> None:
         while True:
@@ -381,7 +410,6 @@ class SchedulerCore:
             "tls_cert",
             "tls_key",
             "tls_client_ca",
-            "max_concurrent_rpcs",
             "max_streams_per_connection",
         )
         changed = [k for k in restart_keys if getattr(s, k) != getattr(old, k)]

@@ -116,6 +116,11 @@ class ServerMetrics:
         self.in_progress = Gauge(
             "moe_scheduler_requests_in_progress", "Calls admitted and not finished", registry=r
         )
+        self.loop_lag = Gauge(
+            "moe_scheduler_loop_lag_seconds",
+            "How late the serving event loop runs (recent maximum)",
+            registry=r,
+        )
         self.telemetry = Gauge(
             "moe_scheduler_telemetry_requests",
             "Requests on the learning path: routed experts sampled, accounted, dropped",

@@ -203,7 +203,13 @@ class SchedulerService:
         relay: _Relay | None,
     ) -> tuple[_Call, Outcome]:
         core = self.core
+        refused = core.refuse_new_call()
         call = _Call(core, context)
+        if refused is not None:
+            call.outcome = "overloaded"
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"the scheduler is overloaded: {refused}"
+            )
         try:
             if isinstance(request, BadMessage):
                 log.info("request with an undecodable message: %s", request.reason)
