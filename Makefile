@@ -73,6 +73,7 @@ bench: setup
 	$(BIN)/python benchmarks/accounting_speed.py --data $(DATA)
 	$(BIN)/python benchmarks/policy_grid.py --data $(DATA)
 	$(BIN)/python benchmarks/frontend.py --data $(DATA)
+	$(BIN)/python benchmarks/dataplane.py --data $(DATA)
 	$(BIN)/python benchmarks/render.py
 
 clean:

@@ -250,28 +250,33 @@ def _wait_for_line(process: subprocess.Popen[bytes], out: Path, pattern: str, na
     raise RuntimeError(f"{name} did not start: {err}")
 
 
-def start_emulator(time_scale: float, placement: Path, data: Path, log_dir: Path) -> Proc:
+def start_emulator(
+    time_scale: float, placement: Path, data: Path, log_dir: Path, *,
+    capacity: int = 64, port: int = 0, log_name: str | None = None,
+) -> Proc:  # fmt: skip
+    """``moe-scheduler emulate`` on 127.0.0.1 (``port`` 0: a free one, read back)."""
     command = [
         sys.executable, "-m", "scheduler", "emulate", "--nodes", str(NODES),
         "--gpus-per-node", str(GPUS_PER_NODE), "--model", MODEL,
         "--init-expert-location", str(placement / "expert_location.json"),
-        "--port", "0", "--time-scale", str(time_scale), "--capacity", "64",
+        "--port", str(port), "--time-scale", str(time_scale), "--capacity", str(capacity),
         "--data", str(data), "--shutdown-grace", "1",
     ]  # fmt: skip
-    process, out = _spawn(f"emulator-ts{time_scale:g}", command, log_dir)
+    process, out = _spawn(log_name or f"emulator-ts{time_scale:g}", command, log_dir)
     port = _wait_for_line(process, out, r"listening on http://127\.0\.0\.1:(\d+)", "emulator")
     return Proc("emulator", process, log_dir, f"http://127.0.0.1:{port}")
 
 
 def write_config(
     path: Path, backend: str, setup: dict[str, Any], policy: str, window_ms: float,
-    mode: str, *, routed: bool = True, probe_min_new_tokens: int = 256,
+    mode: str, *, routed: bool = True, probe_min_new_tokens: int = 256, capacity: int = 32,
 ) -> Path:  # fmt: skip
+    """A scheduler.toml on free loopback ports; ``capacity``: policy.capacity per rank."""
     sections: dict[str, dict[str, Any]] = {
         "server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "max_queue": 4096},
         "backend": {"url": backend, "return_routed_experts": routed, "retries": 2},
         "cluster": {"placement": str(setup["placement"])},
-        "policy": {"name": policy, "capacity": 32, "window_ms": window_ms},
+        "policy": {"name": policy, "capacity": capacity, "window_ms": window_ms},
         "prediction": {
             "mode": mode,
             "bundle": str(setup["bundle"]),
@@ -292,7 +297,8 @@ def start_scheduler(config: Path, log_dir: Path) -> Proc:
     command = [sys.executable, "-m", "scheduler", "serve", "--config", str(config)]
     process, out = _spawn(config.stem, command, log_dir)
     target = _wait_for_line(process, out, r"grpc listening on (\S+)\n", "scheduler")
-    proc = Proc("scheduler", process, log_dir, target)
+    metrics = _wait_for_line(process, out, r"metrics on (\S+)\n", "scheduler")
+    proc = Proc("scheduler", process, log_dir, target, {"metrics_url": metrics})
     asyncio.run(_wait_scheduler_ready(target))
     return proc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from renderers.accounting import render_accounting
 from renderers.common import Renderer
+from renderers.dataplane import render_dataplane
 from renderers.emulator import render_emulator
 from renderers.frontend import render_frontend
 from renderers.placement import render_placement
@@ -20,4 +21,5 @@ RENDERERS: dict[str, Renderer] = {
     "accounting": render_accounting,
     "policy_grid": render_policy_grid,
     "frontend": render_frontend,
+    "dataplane": render_dataplane,
 }
