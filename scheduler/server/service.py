@@ -161,8 +161,14 @@ class _Relay:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
         elif self._task.done():
-            self._task.result()  # the writer's error, if any
+            self._gone()
         self._wake.set()
+
+    def _gone(self) -> None:
+        """A write failed: the call is over on grpc's side (the client went away)."""
+        error = None if self._task is None or self._task.cancelled() else self._task.exception()
+        if error is not None:
+            raise asyncio.CancelledError(f"the client went away ({error})") from error
 
     async def _run(self) -> None:
         while True:
@@ -184,11 +190,17 @@ class _Relay:
         if self._task is not None:
             self._closing = True
             self._wake.set()
-            await self._task
+            await asyncio.wait({self._task})
+            self._gone()
         await self._context.write(last)
 
     def cancel(self) -> None:
-        if self._task is not None:
+        if self._task is None:
+            return
+        if self._task.done():
+            if not self._task.cancelled():
+                self._task.exception()  # seen: the call's outcome already says why
+        else:
             self._task.cancel()
 
 
