@@ -361,3 +361,29 @@ def test_the_scheduler_sends_sglangs_api_key(
                     assert reply.info.completion_tokens == 1
 
             run(served())
+
+
+def test_a_bug_is_internal_with_its_cause_logged_never_unknown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with SchedulerServer(write_config(tmp_path, "http://127.0.0.1:9")) as s:
+
+        def broken(request: object) -> None:
+            raise ZeroDivisionError("injected")
+
+        assert s.running is not None
+        s.call(lambda: setattr(s.running.core, "validate", broken))  # type: ignore[union-attr]
+
+        async def go() -> None:
+            async with SchedulerClient(s.target) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as unary:
+                    await client.generate("hi", max_new_tokens=1, timeout=10)
+                with pytest.raises(grpc.aio.AioRpcError) as stream:
+                    _ = [c async for c in client.generate_stream("hi", timeout=10)]
+                for err in (unary, stream):
+                    assert err.value.code() == grpc.StatusCode.INTERNAL
+                    assert "ZeroDivisionError" in err.value.details()
+                assert (await client.stats()).outcomes["internal"] == 2
+
+        run(go())
+    assert "injected" in caplog.text

@@ -15,7 +15,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,12 +247,6 @@ class SchedulerService:
             call.cancelled()
             log.info("request %s: %s by the client", job.request_id, call.outcome)
             raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # a bug: the client gets INTERNAL, the log the cause
-            call.outcome = "internal"
-            log.exception("request %s: internal error", job.request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
         log.debug("request %s: rank %d, %s", job.request_id, out.rank, out.prediction_source)
         return call, out
 
@@ -390,6 +384,25 @@ class SchedulerService:
         counter.labels(method, "ok").inc()
 
 
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _internal_on_error(method: str, fn: Handler) -> Handler:
+    """``fn`` whose unexpected errors (bugs) become INTERNAL with the cause logged, never
+    UNKNOWN; a Generate call left without an outcome is counted ``internal``."""
+
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            log.exception("%s: internal error", method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+
+    return handler
+
+
 def handlers(service: SchedulerService) -> grpc.GenericRpcHandler:
     """Every method of the proto service, with request decoding that never raises."""
     implementations = {
@@ -410,6 +423,8 @@ def handlers(service: SchedulerService) -> grpc.GenericRpcHandler:
             else grpc.unary_unary_rpc_method_handler
         )
         table[method.name] = kind(
-            implementations[method.name], _safe(request.FromString), response.SerializeToString
+            _internal_on_error(method.name, implementations[method.name]),
+            _safe(request.FromString),
+            response.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, table)
