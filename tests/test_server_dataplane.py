@@ -387,3 +387,12 @@ def test_a_bug_is_internal_with_its_cause_logged_never_unknown(
 
         run(go())
     assert "injected" in caplog.text
+
+
+def test_optional_files_may_be_left_empty_but_tls_needs_both(tmp_path: Path) -> None:
+    empty = {**LISTEN, "tls_cert": "", "tls_key": "", "admin_token_file": ""}
+    config = load_config(write_config(tmp_path, "http://127.0.0.1:9", server=empty))
+    assert config.server.tls_cert is None and config.server.admin_token_file is None
+    half = {**LISTEN, "tls_cert": "server.pem"}
+    with pytest.raises(ConfigError, match="tls_cert and server.tls_key go together"):
+        load_config(write_config(tmp_path, "http://127.0.0.1:9", server=half))
