@@ -312,7 +312,7 @@ class SchedulerCore:
     def count(self, outcome: str) -> None:
         """One finished call (the service calls it once per call, after the reply)."""
         self.outcomes[outcome] += 1
-        self.metrics.requests.labels(outcome).inc()
+        self.metrics.outcome[outcome].inc()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -565,6 +565,9 @@ class SchedulerCore:
         return random.uniform(0, min(b.retry_backoff_max_s, b.retry_backoff_s * 2 ** (attempt - 1)))
 
     async def _acquire(self, info: RequestInfo, deadline: float | None, need_s: float) -> int:
+        rank = self.dispatcher.try_acquire(info)  # the fast path: no waiting, no task
+        if rank is not None:
+            return rank
         try:
             if deadline is None:
                 return await self.dispatcher.acquire(info)

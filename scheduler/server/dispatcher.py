@@ -155,6 +155,15 @@ class Dispatcher:
         ahead = len(self._queue) + 1 - max(free, 0)
         return max(0, ahead) * self.times.hold_s / slots + self.window_s
 
+    def try_acquire(self, info: RequestInfo) -> int | None:
+        """A rank slot at once (window 0, nobody queued, a rank free), or None."""
+        if self.window_s == 0 and not self._queue:
+            rank = self.policy.choose_rank(info, self.rank_state())
+            if rank is not None:
+                self._take(rank)
+                return rank
+        return None
+
     async def acquire(
         self, info: RequestInfo, deadline: float | None = None, need_s: float = 0.0
     ) -> int:
@@ -163,11 +172,9 @@ class Dispatcher:
         :class:`DeadlineRefused` when ``deadline`` (monotonic) cannot cover the expected
         wait plus ``need_s``. A cancelled waiter leaves the queue, or gives back the slot
         it was just given."""
-        if self.window_s == 0 and not self._queue:
-            rank = self.policy.choose_rank(info, self.rank_state())
-            if rank is not None:
-                self._take(rank)
-                return rank
+        rank = self.try_acquire(info)
+        if rank is not None:
+            return rank
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"{len(self._queue)} requests queued (server.max_queue)")
         now = time.monotonic()

@@ -48,8 +48,8 @@ class ServerMetrics:
             ["outcome"],
             registry=r,
         )
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome)
+        #: The counter of each outcome, looked up once (labels() takes a lock each time).
+        self.outcome = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}
         self.ttft = Histogram(
             "moe_scheduler_ttft_seconds",
             "Time to first token",
