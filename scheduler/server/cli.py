@@ -222,6 +222,7 @@ def summarize(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "inter_node_bytes_per_token": (
             sum(r["inter_node_bytes"] for r in measured) / tokens if tokens else None
         ),
+        "measured_requests": len(measured),
         "local_fraction_mean": (
             sum(r["local_fraction"] for r in measured) / len(measured) if measured else None
         ),

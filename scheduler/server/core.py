@@ -280,9 +280,7 @@ class SchedulerCore:
     def _sampler(config: ServerConfig) -> RoutedSampler:
         b = config.backend
         fraction = b.routed_experts_fraction if b.return_routed_experts else 0.0
-        if b.routed_experts_budget_cores == 0 or fraction == 0:
-            return RoutedSampler(0.0, fraction)
-        return RoutedSampler(b.routed_experts_budget_cores, fraction if fraction < 1 else None)
+        return RoutedSampler(b.routed_experts_budget_cores, fraction)
 
     def max_in_progress(self) -> int:
         s = self.config.server

@@ -7,9 +7,9 @@ CPU budget allows.
   When ``max_pending`` requests are already waiting the new one is dropped and counted,
   never the request it came with.
 - :class:`RoutedSampler` decides per request whether to ask SGLang for routed experts
-  (``return_routed_experts``): a token bucket in CPU seconds that refills at
-  ``budget_cores`` (a share of one core) and charges each sampled request its expected
-  cost, learned from what the worker measured per token.
+  (``return_routed_experts``): the same share of every request, as large as
+  ``budget_cores`` (a share of one core) allows at the recent demand, with the cost per
+  routed id learned from what the worker measured.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import multiprocessing
+import random
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -181,20 +183,26 @@ class TelemetryWorker:
 class RoutedSampler:
     """Whether to ask for a request's routed experts, within ``budget_cores`` of CPU.
 
-    ``fraction``: a fixed share of requests instead (1.0: every request). The bucket
-    holds at most one second of budget, so a quiet period cannot buy a burst.
+    The share asked for is the same for every request, whatever its size (a sample
+    that favoured cheap requests would bias the statistics towards short ones): at most
+    ``fraction``, and at most what the budget allows at the recent demand, the CPU
+    seconds per second that accounting every request would take (requests over the last
+    second or so, each at its expected cost), computed before the request is seen and
+    drawn at random (seeded). ``budget_cores`` 0: no CPU limit.
     """
 
     #: CPU seconds per routed (token, hidden layer, k) entry before the first measurement;
     #: conservative (measured here: 2-6 ns).
     INITIAL_COST = 20e-9
+    #: Seconds over which the demand is summed (exponential decay).
+    WINDOW_S = 1.0
 
-    def __init__(self, budget_cores: float, fraction: float | None = None) -> None:
+    def __init__(self, budget_cores: float, fraction: float = 1.0, seed: int = 0) -> None:
         self.budget_cores = budget_cores
         self.fraction = fraction
         self.cost_per_entry = self.INITIAL_COST
-        self._bucket = budget_cores
-        self._credit = 0.0
+        self._demand = 0.0
+        self._random = random.Random(seed)
         self._last = time.monotonic()
         self.asked = 0
         self.seen = 0
@@ -202,22 +210,18 @@ class RoutedSampler:
     def want(self, entries: int) -> bool:
         """One request with about ``entries`` routed ids (tokens x layers x top_k)."""
         self.seen += 1
-        if self.fraction is not None:
-            self._credit += self.fraction
-            if self._credit >= 1.0:
-                self._credit -= 1.0
-                self.asked += 1
-                return True
-            return False
-        now = time.monotonic()
-        self._bucket = min(self.budget_cores, self._bucket + (now - self._last) * self.budget_cores)
-        self._last = now
-        cost = entries * self.cost_per_entry
-        if self._bucket < min(cost, self.budget_cores):
-            return False
-        self._bucket -= cost
-        self.asked += 1
-        return True
+        share = self.fraction
+        if self.budget_cores > 0:  # the demand before this request: its size has no say
+            now = time.monotonic()
+            self._demand *= math.exp(-(now - self._last) / self.WINDOW_S)
+            self._last = now
+            if self._demand > 0:
+                share = min(share, self.budget_cores / self._demand)
+            self._demand += entries * self.cost_per_entry / self.WINDOW_S
+        if share >= 1.0 or self._random.random() < share:
+            self.asked += 1
+            return True
+        return False
 
     def observe(self, cpu_seconds: float, entries: int) -> None:
         """What one measurement cost (EWMA of the cost per entry)."""
