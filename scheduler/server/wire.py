@@ -41,6 +41,20 @@ def loads(raw: bytes | bytearray | memoryview | str) -> Any:
         raise WireError(f"not JSON ({e})") from None
 
 
+def _value_at(raw: bytes, key_end: int) -> int:
+    """Index of the value after a key ending at ``key_end`` (past ``:`` and blanks), or
+    -1 when no ``:`` follows."""
+    n, i = len(raw), key_end
+    while i < n and raw[i] in _SPACE:
+        i += 1
+    if i >= n or raw[i] != ord(":"):
+        return -1
+    i += 1
+    while i < n and raw[i] in _SPACE:
+        i += 1
+    return i
+
+
 def split_routed(raw: bytes) -> tuple[bytes, bytes | None]:
     """``raw`` with the value of its last ``"routed_experts"`` key replaced by ``null``,
     and that value's base64 bytes (None when absent or not a string).
@@ -51,16 +65,8 @@ def split_routed(raw: bytes) -> tuple[bytes, bytes | None]:
     key = raw.rfind(_ROUTED_KEY)
     if key < 0:
         return raw, None
-    i = key + len(_ROUTED_KEY)
-    n = len(raw)
-    while i < n and raw[i] in _SPACE:
-        i += 1
-    if i >= n or raw[i] != ord(":"):
-        return raw, None
-    i += 1
-    while i < n and raw[i] in _SPACE:
-        i += 1
-    if i >= n or raw[i] != ord('"'):
+    i = _value_at(raw, key + len(_ROUTED_KEY))
+    if i < 0 or i >= len(raw) or raw[i] != ord('"'):
         return raw, None
     end = raw.find(b'"', i + 1)
     if end < 0:
@@ -126,18 +132,8 @@ def _string_end(raw: bytes, start: int) -> int:
 def _value_start(raw: bytes, key: bytes, open_char: int, begin: int = 0) -> int:
     """Index just after the opening ``open_char`` of ``key``'s value, or -1."""
     k = raw.find(key, begin)
-    if k < 0:
-        return -1
-    i = k + len(key)
-    n = len(raw)
-    while i < n and raw[i] in _SPACE:
-        i += 1
-    if i >= n or raw[i] != ord(":"):
-        return -1
-    i += 1
-    while i < n and raw[i] in _SPACE:
-        i += 1
-    if i >= n or raw[i] != open_char:
+    i = -1 if k < 0 else _value_at(raw, k + len(key))
+    if i < 0 or i >= len(raw) or raw[i] != open_char:
         return -1
     return i + 1
 
@@ -233,18 +229,10 @@ _KEY_COMPLETION = b'"completion_tokens"'
 def _int_after(raw: bytes, key: bytes, begin: int) -> int | None:
     """The non-negative integer value of the first ``key`` after ``begin``, or None."""
     k = raw.find(key, begin)
-    if k < 0:
+    i = -1 if k < 0 else _value_at(raw, k + len(key))
+    if i < 0:
         return None
-    i = k + len(key)
-    n = len(raw)
-    while i < n and raw[i] in _SPACE:
-        i += 1
-    if i >= n or raw[i] != ord(":"):
-        return None
-    i += 1
-    while i < n and raw[i] in _SPACE:
-        i += 1
     j = i
-    while j < n and 0x30 <= raw[j] <= 0x39:
+    while j < len(raw) and 0x30 <= raw[j] <= 0x39:
         j += 1
     return int(raw[i:j]) if j > i else None
