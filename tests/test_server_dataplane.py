@@ -396,3 +396,70 @@ def test_optional_files_may_be_left_empty_but_tls_needs_both(tmp_path: Path) -> 
     half = {**LISTEN, "tls_cert": "server.pem"}
     with pytest.raises(ConfigError, match="tls_cert and server.tls_key go together"):
         load_config(write_config(tmp_path, "http://127.0.0.1:9", server=half))
+
+
+def test_an_unseen_model_shape_at_production_size() -> None:
+    """A JSON model (no preset): 48 layers, MoE every other one, 128 experts, top-1; the
+    first MoE layer sends 99.9 % of its tokens to one expert. A 16,384-token prefill chunk
+    with routed experts goes through the wire reader and the worker process."""
+    import orjson
+
+    from scheduler.accounting import static_dispatch_table
+    from scheduler.emulator.expert_location import trivial_location
+    from scheduler.model_shape import ModelShape
+    from scheduler.placement.topology import Topology
+    from scheduler.server.wire import SSEEvents, split_routed
+    from scheduler.traces.importers.sglang_generate import encode_routed_experts
+
+    model = ModelShape.from_dict(
+        {
+            "name": "top1-128",
+            "num_hidden_layers": 48,
+            "moe_layer_ids": list(range(1, 48, 2)),
+            "num_experts": 128,
+            "top_k": 1,
+            "hidden_size": 2048,
+        }
+    )
+    placement = trivial_location(model, 8, 2)
+    ctx = MeasureContext(
+        model, Topology(4, 2), placement, static_dispatch_table(placement),
+        placement.node_presence(),
+    )  # fmt: skip
+    tokens = 16_384
+    rng = np.random.default_rng(0)
+    ids = np.zeros((tokens, model.num_hidden_layers, 1), dtype=np.int32)  # dense rows: 0
+    for layer in model.moe_layer_ids:
+        ids[:, layer, 0] = rng.integers(0, 128, tokens)
+    hot = model.moe_layer_ids[0]
+    ids[:, hot, 0] = np.where(rng.random(tokens) < 0.999, 7, ids[:, hot, 0])
+    body = orjson.dumps(
+        {
+            "text": "x" * 100,
+            "output_ids": [1],
+            "meta_info": {
+                "prompt_tokens": tokens,
+                "completion_tokens": 1,
+                "routed_experts": encode_routed_experts(ids),
+            },
+        }
+    )
+    events = SSEEvents(max_event_bytes=len(body) + 1024)
+    (event,) = events.feed(b"data: " + body + b"\n\n")
+    _, routed = split_routed(event)
+    assert routed is not None
+
+    async def go() -> None:
+        worker = TelemetryWorker(ctx, "process", max_pending=4)
+        try:
+            future = worker.submit(routed, 0, tokens)
+            assert future is not None
+            obs = await future
+        finally:
+            worker.close()
+        assert obs.token_layers == tokens * model.num_moe_layers
+        assert obs.prefill.shape == (model.num_moe_layers, 128)
+        assert obs.prefill[0, 7] >= 0.998 * tokens and obs.decode.sum() == 0
+        assert 0 <= obs.local_fraction <= 1 and obs.inter_node_bytes > 0
+
+    run(go())
