@@ -5,7 +5,7 @@ Pure: no I/O beyond reading a JSON file in :func:`resolve_model`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,9 @@ class ModelShape:
     ``moe_layer_ids`` are model layer numbers (0-based, in ``[0, num_hidden_layers)``) of
     the MoE layers, in increasing order; index ``j`` of every ``[layers, ...]`` array in
     this package is MoE layer ``moe_layer_ids[j]``. Dense layers carry no routing.
+    ``moe_intermediate_size`` (optional; the HF config key of the same name): the routed
+    experts' FFN width, which sets their weight bytes and FLOPs in the cost model; it
+    does not take part in shape comparisons (a trace recorded without it still matches).
     """
 
     name: str
@@ -27,9 +30,16 @@ class ModelShape:
     num_experts: int
     top_k: int
     hidden_size: int
+    moe_intermediate_size: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         problems = []
+        if self.moe_intermediate_size is not None and not (
+            isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size >= 1
+        ):
+            problems.append(
+                f"moe_intermediate_size must be an integer >= 1, got {self.moe_intermediate_size}"
+            )
         if self.num_hidden_layers < 1:
             problems.append(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
         if not self.moe_layer_ids:
@@ -79,7 +89,17 @@ class ModelShape:
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise InputError(source, f"model.{key} must be an integer, got {value!r}")
                 ints[key] = value
-            return cls(name=str(d.get("name", "unnamed")), moe_layer_ids=tuple(ids), **ints)
+            width = d.get("moe_intermediate_size")
+            if width is not None and (not isinstance(width, int) or isinstance(width, bool)):
+                raise InputError(
+                    source, f"model.moe_intermediate_size must be an integer, got {width!r}"
+                )
+            return cls(
+                moe_intermediate_size=width,
+                name=str(d.get("name", "unnamed")),
+                moe_layer_ids=tuple(ids),
+                **ints,
+            )
         except KeyError as e:
             raise InputError(source, f"model is missing the key {e.args[0]!r}") from None
         except ValueError as e:
@@ -87,9 +107,9 @@ class ModelShape:
 
 
 def _dense_prefix(
-    name: str, layers: int, dense: int, experts: int, top_k: int, hidden: int
+    name: str, layers: int, dense: int, experts: int, top_k: int, hidden: int, width: int
 ) -> ModelShape:
-    return ModelShape(name, layers, tuple(range(dense, layers)), experts, top_k, hidden)
+    return ModelShape(name, layers, tuple(range(dense, layers)), experts, top_k, hidden, width)
 
 
 #: Shapes of models we have traces for or target. Routed experts only (shared experts
@@ -97,10 +117,10 @@ def _dense_prefix(
 PRESETS: dict[str, ModelShape] = {
     m.name: m
     for m in (
-        _dense_prefix("deepseek-v3", 61, 3, 256, 8, 7168),
-        _dense_prefix("deepseek-v2-lite", 27, 1, 64, 6, 2048),
-        _dense_prefix("mixtral-8x7b", 32, 0, 8, 2, 4096),
-        _dense_prefix("qwen3-235b-a22b", 94, 0, 128, 8, 4096),
+        _dense_prefix("deepseek-v3", 61, 3, 256, 8, 7168, 2048),
+        _dense_prefix("deepseek-v2-lite", 27, 1, 64, 6, 2048, 1408),
+        _dense_prefix("mixtral-8x7b", 32, 0, 8, 2, 4096, 14336),
+        _dense_prefix("qwen3-235b-a22b", 94, 0, 128, 8, 4096, 1536),
     )
 }
 

@@ -11,11 +11,15 @@ from scheduler.accounting import (
     bytes_per_copy,
     static_dispatch_table,
 )
-from scheduler.accounting.cost_model import deepep_low_latency_check, relative_errors
-from scheduler.model_shape import ModelShape
+from scheduler.accounting.cost_model import (
+    deepep_low_latency_check,
+    deepgemm_check,
+    relative_errors,
+)
+from scheduler.model_shape import PRESETS, ModelShape
 from scheduler.placement.metrics import remote_cost
 from scheduler.placement.placement import Placement
-from scheduler.placement.topology import Topology
+from scheduler.placement.topology import GPU_PRESETS, Topology, load_topology
 
 
 def _model(layers: int, experts: int, top_k: int, hidden: int = 128) -> ModelShape:
@@ -26,9 +30,11 @@ def _reference(
     placement: Placement, ranks: np.ndarray, token_ids: np.ndarray
 ) -> dict[str, np.ndarray | int]:
     """Slow, obviously-correct: loops over tokens, layers, experts, with dispatch from the
-    rules written out replica by replica."""
+    rules written out replica by replica (the fair random choice, which
+    tests/test_accounting_dispatch.py checks, is read from the table)."""
     g = placement.gpus_per_node
     gpu_of = placement.gpu_of_slot()
+    table = static_dispatch_table(placement)
     n_gpus = placement.num_gpus
     remote = node_copies = intra = 0
     rank_copies = np.zeros(n_gpus, dtype=np.int64)
@@ -43,19 +49,14 @@ def _reference(
                     continue
                 slots = [s for s in range(placement.num_slots) if placement.phy2log[layer, s] == e]
                 gpus = [int(gpu_of[s]) for s in slots]
+                on_node = [gpu for gpu in gpus if gpu // g == r // g]
                 if r in gpus:
                     dest = r
+                elif on_node and len(on_node) < len(gpus):
+                    dest = on_node[0]  # the lowest slot on the node
                 else:
-                    same = [
-                        (r // g) * g + (r % g + o) % g
-                        for o in range(g)
-                        if (r // g) * g + (r % g + o) % g in gpus
-                    ]
-                    if same:
-                        dest = same[0]
-                    else:
-                        pick = (r * 2654435761 + layer * 40503 + int(e)) % len(slots)
-                        dest = int(gpu_of[slots[pick]])
+                    dest = int(table[r, layer, e])
+                    assert dest in gpus
                 load[layer, dest] += 1
                 if dest // g != r // g:
                     remote += 1
@@ -74,29 +75,30 @@ def _reference(
     }
 
 
-def test_dispatch_prefers_same_gpu_then_same_node_then_fixed_choice() -> None:
+def test_dispatch_prefers_same_gpu_then_same_node_then_fair_choice() -> None:
     # 2 nodes x 2 GPUs, 2 slots per GPU, 1 layer, 4 experts.
     # GPU0: 0 1 | GPU1: 2 0 | GPU2: 3 1 | GPU3: 2 1
     placement = Placement(np.array([[0, 1, 2, 0, 3, 1, 2, 1]]), 4, 4, 2)
     dest = static_dispatch_table(placement)
     assert dest.shape == (4, 1, 4) and dest.dtype == np.int32
-    # expert 0 on GPUs 0 and 1 (node 0): ranks 0, 1 own it; ranks 2, 3 must cross nodes and
-    # pick among slots [0, 3] (GPUs 0, 1) by (r * 2654435761 + e) % 2.
+    # expert 0 on GPUs 0 and 1 (node 0): ranks 0, 1 own it; ranks 2, 3 must cross nodes
+    # and are dealt the two replicas fairly: one each.
     assert dest[0, 0, 0] == 0 and dest[1, 0, 0] == 1
-    assert dest[2, 0, 0] == [0, 1][(2 * 2654435761) % 2]
-    assert dest[3, 0, 0] == [0, 1][(3 * 2654435761) % 2]
+    assert sorted(dest[2:, 0, 0].tolist()) == [0, 1]
     # expert 1 on GPUs 0, 2, 3: rank 1 has none of its own and takes node 0's GPU 0.
     assert dest[:, 0, 1].tolist() == [0, 0, 2, 3]
     # expert 2 on GPUs 1 and 3: rank 0 -> GPU 1 (same node), rank 2 -> GPU 3 (same node).
     assert dest[:, 0, 2].tolist() == [1, 1, 3, 3]
-    # expert 3 only on GPU 2: node 1's rank 3 takes it on its node; node 0 crosses.
+    # expert 3 only on GPU 2: the only replica, for every rank.
     assert dest[:, 0, 3].tolist() == [2, 2, 2, 2]
 
 
-def test_same_node_choice_is_the_next_gpu_cyclically() -> None:
-    # 1 node x 4 GPUs, expert 0 on GPUs 1 and 3: rank 0 -> 1, rank 2 -> 3, ranks 1/3 own.
+def test_every_replica_on_the_node_is_a_fair_choice() -> None:
+    # 1 node x 4 GPUs, expert 0 on GPUs 1 and 3: the node filter does not narrow the
+    # choice, so ranks 0 and 2 are dealt one replica each (SGLang draws at random).
     placement = Placement(np.array([[1, 2, 0, 1, 2, 3, 0, 3]]), 4, 4, 4)
-    assert static_dispatch_table(placement)[:, 0, 0].tolist() == [1, 1, 3, 3]
+    dest = static_dispatch_table(placement)[:, 0, 0].tolist()
+    assert dest[1] == 1 and dest[3] == 3 and sorted([dest[0], dest[2]]) == [1, 3]
 
 
 def test_hand_computed_metrics() -> None:
@@ -218,12 +220,13 @@ def test_rejects_mismatched_inputs() -> None:
 def test_cost_model_is_monotone_in_bytes_and_load() -> None:
     cost = CostModel.from_topology(Topology(4, 8))
     size = bytes_per_copy(7168)
-    base = cost.layer_time(100, 100, 1000, size, 7168).total_us
-    assert cost.layer_time(200, 100, 1000, size, 7168).total_us > base
-    assert cost.layer_time(100, 100, 2000, size, 7168).total_us > base
-    assert cost.layer_time(100, 1000, 1000, size, 7168).total_us >= base
+    model = PRESETS["deepseek-v3"]
+    base = cost.layer_time(100, 100, 4000, size, model, 8).total_us
+    assert cost.layer_time(200, 100, 4000, size, model, 8).total_us > base
+    assert cost.layer_time(100, 100, 8000, size, model, 8).total_us > base
+    assert cost.layer_time(100, 1000, 4000, size, model, 8).total_us >= base
     slower = CostModel.from_topology(Topology(4, 8, inter_node_gbps=25.0))
-    assert slower.layer_time(100, 100, 1000, size, 7168).total_us > base
+    assert slower.layer_time(100, 100, 4000, size, model, 8).total_us > base
     assert cost.all_to_all_us(0, 0) == cost.latency_us
 
 
@@ -242,3 +245,84 @@ def test_mean_layer_time_from_an_accounting() -> None:
     time = CostModel().mean_layer_time(acc, model)
     assert time.dispatch_us > CostModel().latency_us and time.combine_us > time.dispatch_us
     assert time.total_us == pytest.approx(time.dispatch_us + time.compute_us + time.combine_us)
+
+
+def test_expert_time_is_the_slower_of_flops_and_weight_reads() -> None:
+    model = PRESETS["deepseek-v3"]  # 3 x 7168 x 2048 FP8 weights = 44 MB per expert
+    cost = CostModel()  # H100: 3,350 GB/s HBM, 1,979 FP8 TFLOPS dense
+    assert cost.expert_bytes(model) == 3 * 7168 * 2048
+    # Decode: 128 tokens x 8 experts over 8 distinct experts is bound by weight reads.
+    decode = cost.layer_time(0, 0, 128, bytes_per_copy(7168), model, 8)
+    assert decode.compute_us == pytest.approx(decode.weight_read_us) and decode.flop_us < (
+        decode.weight_read_us
+    )
+    assert decode.weight_read_us == pytest.approx(8 * 3 * 7168 * 2048 / (0.59 * 3350e3))
+    # Fewer distinct experts for the same pairs: less time (what ELDR optimises).
+    fewer = cost.layer_time(0, 0, 128, bytes_per_copy(7168), model, 4)
+    assert fewer.compute_us < decode.compute_us
+    # Prefill: 16k pairs over the same 8 experts is bound by FLOPs.
+    prefill = cost.layer_time(0, 0, 16384, bytes_per_copy(7168), model, 8)
+    assert prefill.compute_us == pytest.approx(prefill.flop_us)
+    assert prefill.flop_us > prefill.weight_read_us
+    # BF16 weights: twice the bytes, half the peak.
+    bf16 = CostModel(expert_weights="bf16")
+    assert bf16.weight_read_us(8, model) == pytest.approx(2 * cost.weight_read_us(8, model))
+    assert bf16.flop_us(16384, model) == pytest.approx(
+        cost.flop_us(16384, model)
+        * GPU_PRESETS["H100"].fp8_tflops
+        / GPU_PRESETS["H100"].bf16_tflops
+    )
+
+
+def test_cost_model_reproduces_deepgemm_times() -> None:
+    rows = deepgemm_check()
+    errors = np.array([r["modelled_us"] / r["published_us"] - 1 for r in rows])
+    assert len(rows) == 16 and np.abs(errors).max() < 0.2
+    assert {r["bound"] for r in rows if r["tokens"] <= 128} == {"weights"}
+
+
+def test_padded_layer_time_reads_distinct_experts_per_gpu() -> None:
+    model = _model(1, 8, 1, hidden=7168)
+    placement = Placement.trivial(1, 8, 8, 2, 2)  # GPU 0: experts 0-3, GPU 1: 4-7
+    topology = Topology(1, 2)
+    cost = CostModel()
+    same = account(
+        placement,
+        topology,
+        model,
+        np.zeros(4, np.int64),
+        np.zeros((4, 1, 1), np.int64),
+        per_layer=True,
+    )
+    spread = account(
+        placement,
+        topology,
+        model,
+        np.zeros(4, np.int64),
+        np.array([0, 1, 2, 3]).reshape(4, 1, 1),
+        per_layer=True,
+    )
+    assert same.gpu_distinct_experts.tolist() == [[1, 0]]
+    assert spread.gpu_distinct_experts.tolist() == [[4, 0]]
+    assert cost.padded_layer_time(spread, model).compute_us == pytest.approx(
+        4 * cost.padded_layer_time(same, model).compute_us
+    )
+
+
+def test_topology_gpu_table(tmp_path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text(
+        '[cluster]\nnodes = 2\ngpus_per_node = 8\n[gpu]\ntype = "H20"\nexpert_weights = "bf16"\n'
+    )
+    topology = load_topology(path)
+    assert topology.gpu == GPU_PRESETS["H20"] and topology.expert_weights == "bf16"
+    cost = CostModel.from_topology(topology)
+    assert cost.gpu.hbm_gbps == 4000 and cost.expert_weights == "bf16"
+    path.write_text('[cluster]\nnodes = 2\ngpus_per_node = 8\n[gpu]\ntype = "X1"\n')
+    with pytest.raises(Exception, match="not one of"):
+        load_topology(path)
+    path.write_text(
+        '[cluster]\nnodes = 2\ngpus_per_node = 8\n[gpu]\ntype = "X1"\nhbm_gbps = 1000\n'
+        "bf16_tflops = 100\nfp8_tflops = 200\n"
+    )
+    assert load_topology(path).gpu.hbm_gbps == 1000

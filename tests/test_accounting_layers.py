@@ -57,6 +57,20 @@ def _reference_per_layer(placement: Placement, ranks: np.ndarray, ids: np.ndarra
     return out
 
 
+def _reference_distinct(placement: Placement, ranks: np.ndarray, ids: np.ndarray) -> list:
+    """[layers][gpus]: distinct experts each GPU is reached for, token by token."""
+    dest = static_dispatch_table(placement)
+    served: list[list[set[int]]] = [
+        [set() for _ in range(placement.num_gpus)] for _ in range(ids.shape[1])
+    ]
+    for t, r in enumerate(ranks):
+        for layer in range(ids.shape[1]):
+            for e in ids[t, layer]:
+                if e >= 0:
+                    served[layer][int(dest[r, layer, e])].add(int(e))
+    return [[len(cell) for cell in row] for row in served]
+
+
 @pytest.mark.parametrize("seed", range(15))
 def test_event_and_table_paths_agree_and_per_layer_sums(seed: int) -> None:
     placement, topology, model, ranks, ids = _case(seed)
@@ -66,6 +80,8 @@ def test_event_and_table_paths_agree_and_per_layer_sums(seed: int) -> None:
         assert getattr(table, field) == getattr(events, field)
     assert table.rank_remote_hits.tolist() == events.rank_remote_hits.tolist()
     assert table.gpu_load.tolist() == events.gpu_load.tolist()
+    assert table.gpu_distinct_experts.tolist() == events.gpu_distinct_experts.tolist()
+    assert table.gpu_distinct_experts.tolist() == _reference_distinct(placement, ranks, ids)
     assert table.rank_layer_node_copies is not None
     assert (
         table.rank_layer_node_copies.tolist()

@@ -1,4 +1,7 @@
-"""Modelled MoE-layer time: padded all-to-all time plus expert compute (docs/cost-model.md).
+"""Modelled MoE-layer time: padded all-to-all time plus expert time (docs/cost-model.md).
+
+The only cost model of the project: the simulator, the emulator and the server's
+metrics all use it.
 
 All-to-all (one dispatch and one combine phase per MoE layer)::
 
@@ -7,33 +10,56 @@ All-to-all (one dispatch and one combine phase per MoE layer)::
 
 where the bytes are those of the **busiest rank** (the kernels pad to it) and NIC and
 NVLink run concurrently. ``latency_us`` and ``efficiency`` are fitted (least squares) on
-DeepEP's published low-latency kernel times (prior-work.md §5.2, current values, EP 16 to
-256, dispatch and combine); :data:`DEEPEP_LOW_LATENCY` holds those points and
-:func:`deepep_low_latency_check` reproduces them. Expert compute is a plain FLOP model:
-``max_gpu_token_experts * 6 * hidden * intermediate / expert_tflops`` (three GEMMs, 2 FLOPs
-per multiply-add) plus a fixed ``expert_fixed_us``; it is not calibrated on published
-numbers.
+DeepEP's published low-latency kernel times (EP 16 to 256, dispatch and combine);
+:data:`DEEPEP_LOW_LATENCY` holds those points and :func:`deepep_low_latency_check`
+reproduces them.
+
+Expert time of one GPU in one step (a roofline: the slower of compute and weight reads)::
+
+    expert_us = expert_fixed_us + max(pairs x 6 x hidden x width / (flops_eff x peak),
+                                      distinct x 3 x hidden x width x bytes_per_weight
+                                                 / (hbm_eff x hbm_gbps))
+
+with ``pairs`` the (token, expert) pairs the GPU processes, ``distinct`` the distinct
+experts it must read (three matrices each: gate, up, down), ``width`` the model's
+``moe_intermediate_size``, the peak and HBM bandwidth from the topology's ``[gpu]``
+and the weights FP8 or BF16. Padded to the busiest GPU of the layer (the next layer
+waits for it). ``flops_efficiency`` and ``hbm_efficiency`` are fitted on DeepGEMM's
+published FP8 GEMM times at DeepSeek-V3 expert shapes (:data:`DEEPGEMM_H800`,
+:func:`deepgemm_check`).
 
 Padding: :meth:`CostModel.padded_layer_time` is exact per layer (each layer's
-all-to-all is padded to that layer's busiest rank; needs an accounting made with
-``per_layer=True``); :meth:`CostModel.mean_layer_time` pads once over layer sums, a lower
-bound on it.
+all-to-all is padded to that layer's busiest rank and its experts to its busiest GPU;
+needs an accounting made with ``per_layer=True``); :meth:`CostModel.mean_layer_time`
+pads once over layer sums, a lower bound on the all-to-all part.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from scheduler.accounting.metrics import Accounting, BytesPerCopy, bytes_per_copy
 from scheduler.model_shape import ModelShape
-from scheduler.placement.topology import Topology
+from scheduler.placement.topology import (
+    DEFAULT_GPU,
+    EXPERT_WEIGHTS,
+    GPU_PRESETS,
+    GpuSpec,
+    Topology,
+)
 
 #: Fitted on DEEPEP_LOW_LATENCY with the NIC at 50 GB/s (see the module docstring).
 LATENCY_US = 20.0
 EFFICIENCY = 0.84
+#: Fitted on DEEPGEMM_H800 (H800 peaks 1,979 FP8 TFLOPS, 3,350 GB/s): the share of the
+#: dense FP8 peak and of the HBM bandwidth the expert GEMMs reach (docs/cost-model.md).
+FLOPS_EFFICIENCY = 0.56
+HBM_EFFICIENCY = 0.59
+#: Routed experts' FFN width when the model shape does not give one (DeepSeek-V3's).
+DEFAULT_EXPERT_WIDTH = 2048
 
 #: DeepEP V1 low-latency kernels, H800 + CX7 400G (50 GB/s), 128 tokens per rank,
 #: hidden 7168, top-8 of 256 experts, FP8 dispatch, BF16 combine; 8 GPUs per node.
@@ -49,46 +75,90 @@ DEEPEP_HIDDEN = 7168
 DEEPEP_TOP_K = 8
 DEEPEP_LL_TOKENS = 128
 
+#: DeepGEMM's README (deepseek-ai/DeepGEMM, H800, NVCC 12.8, FP8 x FP8 -> BF16): the
+#: rows at DeepSeek-V3's expert shapes, N x K = 4096 x 7168 (gate and up fused) and
+#: 7168 x 2048 (down). (groups, tokens per group, N, K, published TFLOPS): dense
+#: GEMMs are one group; grouped rows are the contiguous (prefill) and masked (decode)
+#: layouts.
+DEEPGEMM_H800: tuple[tuple[int, int, int, int, float], ...] = (
+    (1, 64, 4096, 7168, 287.0),
+    (1, 64, 7168, 2048, 295.0),
+    (1, 128, 4096, 7168, 533.0),
+    (1, 128, 7168, 2048, 510.0),
+    (1, 4096, 4096, 7168, 1304.0),
+    (1, 4096, 7168, 2048, 1025.0),
+    (4, 8192, 4096, 7168, 1297.0),
+    (4, 8192, 7168, 2048, 1099.0),
+    (8, 4096, 4096, 7168, 1288.0),
+    (8, 4096, 7168, 2048, 1093.0),
+    (1, 1024, 4096, 7168, 1233.0),
+    (1, 1024, 7168, 2048, 925.0),
+    (2, 512, 4096, 7168, 1040.0),
+    (2, 512, 7168, 2048, 916.0),
+    (4, 256, 4096, 7168, 932.0),
+    (4, 256, 7168, 2048, 815.0),
+)
+
 
 @dataclass(frozen=True)
 class LayerTime:
-    """Modelled time of one MoE layer, microseconds."""
+    """Modelled time of one MoE layer, microseconds. ``compute_us`` is the expert time
+    of the busiest GPU (the slower of its FLOPs and its weight reads); ``flop_us`` and
+    ``weight_read_us`` are the largest of each over the layer's GPUs (what would set
+    the time if it were the only term). ``latency_us``: the fixed kernel latency inside
+    dispatch + combine; the rest of them is bytes."""
 
     dispatch_us: float
     compute_us: float
     combine_us: float
+    flop_us: float = 0.0
+    weight_read_us: float = 0.0
+    latency_us: float = 0.0
 
     @property
     def total_us(self) -> float:
         return self.dispatch_us + self.compute_us + self.combine_us
 
+    @property
+    def bytes_us(self) -> float:
+        """Dispatch + combine time beyond the fixed latency: what the bytes cost."""
+        return self.dispatch_us + self.combine_us - self.latency_us
+
 
 @dataclass(frozen=True)
 class CostModel:
-    """Bandwidths in GB/s per GPU per direction (the Topology's, overridable)."""
+    """Bandwidths in GB/s per GPU per direction, and the GPU (the Topology's, overridable)."""
 
     intra_node_gbps: float = 450.0
     inter_node_gbps: float = 50.0
     efficiency: float = EFFICIENCY
     latency_us: float = LATENCY_US
-    expert_tflops: float = 400.0
-    expert_intermediate: int = 2048
+    gpu: GpuSpec = field(default_factory=lambda: GPU_PRESETS[DEFAULT_GPU])
+    expert_weights: str = "fp8"
+    flops_efficiency: float = FLOPS_EFFICIENCY
+    hbm_efficiency: float = HBM_EFFICIENCY
     expert_fixed_us: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("intra_node_gbps", "inter_node_gbps", "expert_tflops"):
+        for key in ("intra_node_gbps", "inter_node_gbps"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"CostModel.{key} must be > 0, got {getattr(self, key)}")
-        if not 0 < self.efficiency <= 1:
-            raise ValueError(f"CostModel.efficiency must be in (0, 1], got {self.efficiency}")
-        if self.latency_us < 0 or self.expert_fixed_us < 0 or self.expert_intermediate < 1:
-            raise ValueError("CostModel latencies must be >= 0 and expert_intermediate >= 1")
+        for key in ("efficiency", "flops_efficiency", "hbm_efficiency"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ValueError(f"CostModel.{key} must be in (0, 1], got {getattr(self, key)}")
+        if self.latency_us < 0 or self.expert_fixed_us < 0:
+            raise ValueError("CostModel latencies must be >= 0")
+        if self.expert_weights not in EXPERT_WEIGHTS:
+            raise ValueError(f"CostModel.expert_weights must be one of {list(EXPERT_WEIGHTS)}")
 
     @classmethod
     def from_topology(cls, topology: Topology, **overrides: Any) -> CostModel:
-        """Bandwidths from ``topology``; any field can be overridden by keyword."""
+        """Bandwidths and GPU from ``topology``; any field can be overridden by keyword."""
         base = cls(
-            intra_node_gbps=topology.intra_node_gbps, inter_node_gbps=topology.inter_node_gbps
+            intra_node_gbps=topology.intra_node_gbps,
+            inter_node_gbps=topology.inter_node_gbps,
+            gpu=topology.gpu,
+            expert_weights=topology.expert_weights,
         )
         return replace(base, **overrides)
 
@@ -99,10 +169,48 @@ class CostModel:
         intra = intra_bytes / (self.efficiency * self.intra_node_gbps) / 1e3
         return self.latency_us + max(inter, intra)
 
-    def compute_us(self, max_gpu_token_experts: float, hidden_size: int) -> float:
-        """Expert GEMMs of the busiest GPU: (token, expert) pairs x 6 x hidden x intermediate."""
-        flops = max_gpu_token_experts * 6.0 * hidden_size * self.expert_intermediate
-        return self.expert_fixed_us + flops / (self.expert_tflops * 1e6)
+    # ------------------------------------------------------------------ experts
+
+    @staticmethod
+    def expert_width(model: ModelShape) -> int:
+        return model.moe_intermediate_size or DEFAULT_EXPERT_WIDTH
+
+    def expert_bytes(self, model: ModelShape) -> float:
+        """Weight bytes of one routed expert: gate, up and down, hidden x width each."""
+        return (
+            3.0 * model.hidden_size * self.expert_width(model) * EXPERT_WEIGHTS[self.expert_weights]
+        )
+
+    def flop_us(self, pairs: np.ndarray | float, model: ModelShape) -> np.ndarray:
+        """Expert GEMM time of ``pairs`` (token, expert) pairs: 6 x hidden x width FLOPs
+        each (three GEMMs, 2 FLOPs per multiply-add)."""
+        flops = np.asarray(pairs, dtype=np.float64) * 6.0 * model.hidden_size
+        rate = self.flops_efficiency * self.gpu.tflops(self.expert_weights) * 1e6  # FLOP/us
+        return flops * self.expert_width(model) / rate
+
+    def weight_read_us(self, distinct: np.ndarray | float, model: ModelShape) -> np.ndarray:
+        """Time to read ``distinct`` experts' weights from HBM."""
+        rate = self.hbm_efficiency * self.gpu.hbm_gbps * 1e3  # bytes/us
+        return np.asarray(distinct, dtype=np.float64) * self.expert_bytes(model) / rate
+
+    def expert_us(
+        self, pairs: np.ndarray | float, distinct: np.ndarray | float, model: ModelShape
+    ) -> np.ndarray:
+        """Expert time of a GPU: the slower of FLOPs and weight reads, plus the fixed part."""
+        return self.expert_fixed_us + np.maximum(
+            self.flop_us(pairs, model), self.weight_read_us(distinct, model)
+        )
+
+    def compute_us(
+        self, max_gpu_token_experts: float, model: ModelShape, distinct: float | None = None
+    ) -> float:
+        """Expert time of one GPU with ``max_gpu_token_experts`` pairs and ``distinct``
+        experts to read (default: as many as the pairs, at most every expert)."""
+        if distinct is None:
+            distinct = min(max_gpu_token_experts, model.num_experts)
+        return float(self.expert_us(max_gpu_token_experts, distinct, model))
+
+    # ------------------------------------------------------------------ layers
 
     def layer_time(
         self,
@@ -110,28 +218,36 @@ class CostModel:
         max_rank_intra_copies: float,
         max_gpu_token_experts: float,
         size: BytesPerCopy,
-        hidden_size: int,
+        model: ModelShape,
+        max_gpu_distinct_experts: float | None = None,
     ) -> LayerTime:
         """One MoE layer from its busiest rank's copies (destinations x tokens) and its
-        busiest GPU's (token, expert) pairs."""
+        busiest GPU's (token, expert) pairs and distinct experts."""
+        distinct = max_gpu_distinct_experts
+        if distinct is None:
+            distinct = min(max_gpu_token_experts, model.num_experts)
         return LayerTime(
             dispatch_us=self.all_to_all_us(
                 max_rank_inter_copies * size.dispatch, max_rank_intra_copies * size.dispatch
             ),
-            compute_us=self.compute_us(max_gpu_token_experts, hidden_size),
+            compute_us=float(self.expert_us(max_gpu_token_experts, distinct, model)),
             combine_us=self.all_to_all_us(
                 max_rank_inter_copies * size.combine, max_rank_intra_copies * size.combine
             ),
+            flop_us=float(self.flop_us(max_gpu_token_experts, model)),
+            weight_read_us=float(self.weight_read_us(distinct, model)),
+            latency_us=2 * self.latency_us,
         )
 
     def padded_layer_time(self, accounting: Accounting, model: ModelShape) -> LayerTime:
         """Exact per-layer padding, averaged over the MoE layers: layer ``l``'s dispatch and
         combine are padded to the rank with the most copies *in layer l* (NIC and NVLink
-        separately, the slower counts), its compute to the busiest GPU of layer ``l``.
+        separately, the slower counts), its experts to the GPU of layer ``l`` with the
+        largest expert time.
 
         Needs ``accounting.rank_layer_node_copies`` (``account(..., per_layer=True)``).
-        Always >= :meth:`mean_layer_time` of the same accounting (max of sums <= sum of
-        maxes).
+        Its all-to-all part is always >= that of :meth:`mean_layer_time` of the same
+        accounting (max of sums <= sum of maxes).
         """
         inter = accounting.rank_layer_node_copies
         intra = accounting.rank_layer_intra_node_copies
@@ -140,12 +256,17 @@ class CostModel:
         size = accounting.bytes_per_copy
         max_inter = inter.max(axis=0).astype(np.float64)  # [layers]
         max_intra = intra.max(axis=0).astype(np.float64)
-        load = accounting.gpu_load
-        max_gpu = load.max(axis=1).astype(np.float64) if load.size else np.zeros(1)
+        load, distinct = accounting.gpu_load, accounting.gpu_distinct_experts
+        if not load.size:
+            load = distinct = np.zeros((max(model.num_moe_layers, 1), 1))
+        expert = self.expert_us(load, distinct, model)  # [layers, gpus]
         return LayerTime(
             dispatch_us=float(self._phase_us(max_inter, max_intra, size.dispatch).mean()),
-            compute_us=float(self.compute_us(float(max_gpu.mean()), model.hidden_size)),
+            compute_us=float(expert.max(axis=1).mean()),
             combine_us=float(self._phase_us(max_inter, max_intra, size.combine).mean()),
+            flop_us=float(self.flop_us(load.max(axis=1), model).mean()),
+            weight_read_us=float(self.weight_read_us(distinct.max(axis=1), model).mean()),
+            latency_us=2 * self.latency_us,
         )
 
     def _phase_us(
@@ -158,17 +279,22 @@ class CostModel:
 
     def mean_layer_time(self, accounting: Accounting, model: ModelShape) -> LayerTime:
         """The accounted tokens as one step: per-rank copies averaged over the layers (so
-        padding is taken over layer sums, a lower bound on per-layer padding), compute
+        padding is taken over layer sums, a lower bound on per-layer padding), experts
         from each layer's busiest GPU, averaged over layers."""
         layers = max(model.num_moe_layers, 1)
-        max_gpu = float(accounting.gpu_load.max(axis=1).mean()) if accounting.gpu_load.size else 0
-        return self.layer_time(
+        load, distinct = accounting.gpu_load, accounting.gpu_distinct_experts
+        if not load.size:
+            load = distinct = np.zeros((layers, 1))
+        expert = self.expert_us(load, distinct, model)
+        time = self.layer_time(
             float(accounting.rank_node_copies.max(initial=0)) / layers,
             float(accounting.rank_intra_node_copies.max(initial=0)) / layers,
-            max_gpu,
+            float(load.max(axis=1).mean()),
             accounting.bytes_per_copy,
-            model.hidden_size,
+            model,
+            float(distinct.max(axis=1).mean()),
         )
+        return replace(time, compute_us=float(expert.max(axis=1).mean()))
 
 
 def deepep_low_latency_check(model: CostModel | None = None) -> list[dict[str, float]]:
@@ -210,3 +336,34 @@ def relative_errors(rows: list[dict[str, float]]) -> np.ndarray:
             for r in rows
         ]
     )
+
+
+def deepgemm_check(model: CostModel | None = None) -> list[dict[str, float]]:
+    """Modelled vs published DeepGEMM times (:data:`DEEPGEMM_H800`) on an H800: each row
+    is ``groups`` experts of ``N x K`` FP8 weights with ``tokens`` tokens each (one of
+    the three expert matrices per row, so 2 x tokens x N x K FLOPs per group)."""
+    model = model or CostModel(gpu=GPU_PRESETS["H800"])
+    rows = []
+    for groups, tokens, n, k, tflops in DEEPGEMM_H800:
+        flops = 2.0 * groups * tokens * n * k
+        published = flops / (tflops * 1e6)  # us
+        flop = flops / (model.flops_efficiency * model.gpu.fp8_tflops * 1e6)
+        reads = (
+            groups
+            * n
+            * k
+            * EXPERT_WEIGHTS["fp8"]
+            / (model.hbm_efficiency * model.gpu.hbm_gbps * 1e3)
+        )
+        rows.append(
+            {
+                "groups": groups,
+                "tokens": tokens,
+                "n": n,
+                "k": k,
+                "published_us": published,
+                "modelled_us": max(flop, reads),
+                "bound": "weights" if reads > flop else "flops",
+            }
+        )
+    return rows

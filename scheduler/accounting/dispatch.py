@@ -1,19 +1,27 @@
 """SGLang's static replica choice (``ep_dispatch_algorithm = static``) as one table.
 
+The only model of SGLang's dispatch in the project: the accounting, the simulator, the
+emulator and the server all read :func:`static_dispatch_table`.
+
 For DP-attention rank ``r`` (GPU ``r``, node ``r // G``), MoE layer ``l`` and logical
-expert ``e``, the replica a token on ``r`` reaches is (sglang-integration.md §1.3):
+expert ``e`` with replicas in slot order, SGLang 0.5.23
+(``python/sglang/srt/eplb/expert_location.py``, ``_find_nearest_expert`` and
+``compute_logical_to_rank_dispatch_physical_map``) picks, in this order:
 
-1. the replica on GPU ``r``, if there is one;
-2. else a replica on node ``r // G``; when several GPUs of the node hold one, the first
-   such GPU at or after ``r`` in the node, cyclically (GPU ``r+1``, ``r+2``, ..., wrapping
-   to the node's first GPU), which spreads a node's ranks over its replicas;
-3. else a fixed choice among all replicas (sorted by slot):
-   ``replicas[(r * 2654435761 + l * 40503 + e) % n_replicas]``.
+1. the only replica, when there is one;
+2. the lowest-slot replica on GPU ``r``, if GPU ``r`` holds one;
+3. the lowest-slot replica on node ``r // G``, if the node holds some **but not all**
+   replicas (the node filter must narrow the choice);
+4. otherwise (no replica on the node, or every replica on it) a seeded fair random
+   choice, fixed per (rank, layer, expert): the ranks left for this step are dealt the
+   replicas as evenly as possible (each replica gets ``floor`` or ``ceil`` of
+   ranks / replicas), in a random order.
 
-SGLang's own step 3 is a seeded fair random choice fixed per (rank, layer, expert); ours
-is equal in distribution over ranks but not identical draw for draw, and its step 2
-picks among the node's replicas the same way. Only the destination GPU matters to the
-accounting, so when a GPU holds two replicas of one expert it does not say which.
+Steps 1-3 are deterministic and reproduced exactly. Step 4 is reproduced in
+distribution: the same fair dealing, drawn from numpy's generator seeded with
+:data:`SEED` (SGLang draws from Python's ``random.Random(42)`` in a per-rank order, so
+the two do not agree draw for draw). Only the destination GPU matters to the
+accounting.
 """
 
 from __future__ import annotations
@@ -22,38 +30,41 @@ import numpy as np
 
 from scheduler.placement.placement import Placement
 
-#: Multipliers of the fixed off-node choice (Knuth's multiplicative hash, and a prime).
-RANK_MULTIPLIER = 2654435761
-LAYER_MULTIPLIER = 40503
+#: Seed of the fair random choice of step 4 (SGLang seeds its own with 42).
+SEED = 42
 
 
 def static_dispatch_table(placement: Placement) -> np.ndarray:
     """dest_gpu: [ranks, layers, experts] int32, the GPU a token on each rank reaches for
     each logical expert of each MoE layer (ranks = GPUs of the placement)."""
     layers, experts = placement.num_layers, placement.num_experts
-    nodes, per_node = placement.num_nodes, placement.gpus_per_node
-    has = placement.replicas_per_gpu().reshape(layers, experts, nodes, per_node) > 0
-
-    # Steps 1 and 2: offset o = 0 is the rank's own GPU, o > 0 the node's next GPUs.
-    # shifted[o, l, e, n, i] = has[l, e, n, (i + o) % G]
-    shifted = np.stack([np.roll(has, -o, axis=3) for o in range(per_node)])
-    on_node = shifted.any(axis=0)  # [layers, experts, nodes, G]
-    first = shifted.argmax(axis=0)  # the smallest offset holding a replica
-    local = (np.arange(per_node) + first) % per_node
-    node_gpu = np.arange(nodes)[:, None] * per_node + local  # [layers, experts, nodes, G]
-    node_gpu = node_gpu.reshape(layers, experts, -1).transpose(2, 0, 1)  # [ranks, l, e]
-    on_node = on_node.reshape(layers, experts, -1).transpose(2, 0, 1)
-
-    # Step 3: a fixed choice among the expert's replicas, listed in slot order.
-    ranks = placement.num_gpus
-    order = np.argsort(placement.phy2log, axis=1, kind="stable")  # slots grouped by expert
+    nodes, per_node, ranks = placement.num_nodes, placement.gpus_per_node, placement.num_gpus
+    per_gpu = placement.replicas_per_gpu()  # [layers, experts, gpus]
     counts = placement.replica_counts()  # [layers, experts]
-    starts = np.cumsum(counts, axis=1) - counts
-    r = np.arange(ranks, dtype=np.int64)[:, None, None]
-    layer = np.arange(layers, dtype=np.int64)[None, :, None]
-    expert = np.arange(experts, dtype=np.int64)[None, None, :]
-    pick = (r * RANK_MULTIPLIER + layer * LAYER_MULTIPLIER + expert) % counts[None]
-    slot = order.ravel()[layer * placement.num_slots + starts[None] + pick]
-    fallback = slot // placement.slots_per_gpu
+    has = per_gpu > 0
+    on_node = has.reshape(layers, experts, nodes, per_node)
+    node_count = per_gpu.reshape(layers, experts, nodes, per_node).sum(axis=3)
 
-    return np.where(on_node, node_gpu, fallback).astype(np.int32)
+    # Step 3: the node's lowest slot is on the node's first GPU holding a replica (slots
+    # are numbered GPU by GPU); it applies when the node holds some but not all replicas.
+    first_gpu = np.arange(nodes) * per_node + on_node.argmax(axis=3)  # [layers, experts, nodes]
+    narrows = (node_count > 0) & (node_count < counts[:, :, None])
+    node_of_rank = np.arange(ranks) // per_node
+    dest = first_gpu[:, :, node_of_rank]  # [layers, experts, ranks]
+    decided = narrows[:, :, node_of_rank]
+    # Step 2 overrides step 3; step 1 is step 2 or 4 with a single replica.
+    own = has  # has[l, e, r]: GPU r holds a replica
+    dest = np.where(own, np.arange(ranks), dest)
+    decided |= own
+
+    # Step 4: deal the replicas (in slot order) to the undecided ranks, in a random order.
+    order = np.argsort(placement.phy2log, axis=1, kind="stable")  # slots grouped by expert
+    starts = np.cumsum(counts, axis=1) - counts
+    keys = np.random.default_rng(SEED).random((layers, experts, ranks))
+    keys[decided] = np.inf  # decided ranks sort last and take no part in the dealing
+    position = np.argsort(np.argsort(keys, axis=2, kind="stable"), axis=2, kind="stable")
+    pick = position % counts[:, :, None]
+    layer = np.arange(layers)[:, None, None]
+    slot = order[layer, starts[:, :, None] + pick]
+    dest = np.where(decided, dest, slot // placement.slots_per_gpu)
+    return np.ascontiguousarray(dest.transpose(2, 0, 1)).astype(np.int32)

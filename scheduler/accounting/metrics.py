@@ -80,7 +80,9 @@ class Accounting:
     Per-rank arrays are ``[ranks]``: ``rank_tokens`` tokens, ``rank_remote_hits``,
     ``rank_node_copies``, ``rank_intra_node_copies``, and bytes (dispatch + combine) sent
     over the NIC / NVLink. ``gpu_load [layers, gpus]``: (token, expert) pairs each GPU
-    processes; ``gpu_load_imbalance [layers]``: max / mean over GPUs (nan for a layer with
+    processes; ``gpu_distinct_experts [layers, gpus]``: distinct logical experts each GPU
+    serves (whose weights it reads once per step when the tokens are one step);
+    ``gpu_load_imbalance [layers]``: max / mean over GPUs (nan for a layer with
     no tokens). ``steps``: per-step traffic when step ids were given.
     ``rank_layer_node_copies`` / ``rank_layer_intra_node_copies [ranks, layers]``: copies
     per rank and MoE layer, when asked for (``per_layer=True``), else None.
@@ -99,6 +101,7 @@ class Accounting:
     rank_intra_node_bytes: np.ndarray
     gpu_load: np.ndarray
     gpu_load_imbalance: np.ndarray
+    gpu_distinct_experts: np.ndarray
     steps: StepTraffic | None = None
     rank_layer_node_copies: np.ndarray | None = None
     rank_layer_intra_node_copies: np.ndarray | None = None
@@ -230,6 +233,7 @@ def account(
     counts = np.zeros(0 if by_events else table_size, dtype=np.int64)
     rank_remote_hits = np.zeros(num_ranks, dtype=np.int64)
     gpu_load = np.zeros(layers * num_ranks, dtype=np.int64)
+    served: list[np.ndarray] = []  # (layer, gpu, expert) cells reached, events path
     flat_dest = dest_gpu.ravel()
     token_layers = 0
     layer_base = np.arange(layers, dtype=np.int32) * width + 1  # +1: column 0 is "-1"
@@ -254,15 +258,17 @@ def account(
             rank_layer_node += np.bincount(cell, weights=node_tl.ravel(), minlength=size)
             rank_layer_intra += np.bincount(cell, weights=intra_tl.ravel(), minlength=size)
         if by_events:
-            _event_stats(
-                ids,
-                idx,
-                code & node_mask,
-                rank_chunk,
-                flat_dest,
-                (layers, width, num_ranks),
-                rank_remote_hits,
-                gpu_load,
+            served.append(
+                _event_stats(
+                    ids,
+                    idx,
+                    code & node_mask,
+                    rank_chunk,
+                    flat_dest,
+                    (layers, width, num_ranks),
+                    rank_remote_hits,
+                    gpu_load,
+                )
             )
         else:
             counts += np.bincount(idx.ravel(), minlength=table_size)
@@ -276,7 +282,11 @@ def account(
         gpu_load = np.bincount(
             gpu_index.ravel(), weights=counts3.ravel(), minlength=layers * num_ranks
         ).astype(np.int64)
+        r_idx, l_idx, e_idx = np.nonzero(counts3)
+        served.append((gpu_index[r_idx, l_idx, e_idx] * experts + e_idx).astype(np.int64))
     gpu_load = gpu_load.reshape(layers, num_ranks)
+    cells = np.unique(np.concatenate(served)) if served else np.zeros(0, np.int64)
+    distinct = np.bincount(cells // experts, minlength=layers * num_ranks)
 
     size = bytes_per_copy(model.hidden_size, fp8_scales)
     rank_node_copies = np.bincount(ranks, weights=node_copies_tok, minlength=num_ranks)
@@ -302,6 +312,7 @@ def account(
         rank_intra_node_bytes=rank_intra_copies * size.total,
         gpu_load=gpu_load,
         gpu_load_imbalance=max_over_mean(gpu_load),
+        gpu_distinct_experts=distinct.reshape(layers, num_ranks),
         steps=step_traffic,
         rank_layer_node_copies=(
             rank_layer_node.reshape(num_ranks, layers).astype(np.int64) if per_layer else None
@@ -321,8 +332,9 @@ def _event_stats(
     shape: tuple[int, int, int],
     rank_remote_hits: np.ndarray,
     gpu_load: np.ndarray,
-) -> None:
-    """Adds one chunk's remote hits per rank and (layer, GPU) loads, event by event.
+) -> np.ndarray:
+    """Adds one chunk's remote hits per rank and (layer, GPU) loads, event by event;
+    returns the (layer, GPU, expert) cells its events reach, as ``cell * experts + e``.
 
     ``idx`` indexes the [ranks, layers, experts + 1] code table; the same event in the
     [ranks, layers, experts] dispatch table is ``idx - rank * layers - layer - 1``.
@@ -339,6 +351,7 @@ def _event_stats(
     dest = flat_dest.take(dest_index[valid])
     cell = (np.broadcast_to(layer, ids.shape)[valid] * num_ranks + dest).astype(np.int64)
     gpu_load += np.bincount(cell, minlength=gpu_load.size)
+    return np.unique(cell * (width - 1) + ids[valid])
 
 
 def _step_traffic(
