@@ -338,7 +338,7 @@ def relative_errors(rows: list[dict[str, float]]) -> np.ndarray:
     )
 
 
-def deepgemm_check(model: CostModel | None = None) -> list[dict[str, float]]:
+def deepgemm_check(model: CostModel | None = None) -> list[dict[str, Any]]:
     """Modelled vs published DeepGEMM times (:data:`DEEPGEMM_H800`) on an H800: each row
     is ``groups`` experts of ``N x K`` FP8 weights with ``tokens`` tokens each (one of
     the three expert matrices per row, so 2 x tokens x N x K FLOPs per group)."""

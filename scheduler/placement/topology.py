@@ -172,4 +172,4 @@ def gpu_spec(table: Any) -> GpuSpec:
                 "hbm_gbps, bf16_tflops and fp8_tflops for another GPU"
             )
         return GpuSpec(str(name), **overrides)
-    return replace(base, **overrides)
+    return replace(base, **overrides)  # type: ignore[arg-type]

@@ -56,13 +56,14 @@ class Workload:
         )
 
 
-def load_workload(traces: TraceSet) -> Workload:
+def load_workload(traces: TraceSet, *, split_one_phase: bool = True) -> Workload:
     """Every request of ``traces`` that has token-level expert ids.
 
     A request with both ``prefill`` and ``decode`` ids replays them as recorded. A request
     with one phase only (e.g. ESFT's teacher-forced sequences, stored as ``prefill`` with
-    the prompt/answer boundary unmarked) is split: its first ``ceil(n / 2)`` tokens are
-    the prefill, the rest its decode steps. That split is a proxy, not a recorded one.
+    the prompt/answer boundary unmarked) is split when ``split_one_phase``: its first ``ceil(n /
+    2)`` tokens are the prefill, the rest its decode steps. That split is a proxy, not a
+    recorded one. Without it all its tokens are its prefill (no decode).
     """
     if not traces.has_token_ids:
         raise InputError(traces.path, "no token-level expert ids; the simulator needs them")
@@ -79,6 +80,9 @@ def load_workload(traces: TraceSet) -> Workload:
             continue
         if "prefill" in phases and "decode" in phases:
             pre, dec = phases["prefill"], phases["decode"]
+        elif not split_one_phase:
+            pre = np.concatenate(list(phases.values()))
+            dec = pre[:0]
         else:
             only = np.concatenate(list(phases.values()))
             cut = (len(only) + 1) // 2
