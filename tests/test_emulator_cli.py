@@ -19,6 +19,7 @@ BASE = ["emulate", "--nodes", "1", "--gpus-per-node", "2", "--model", "deepseek-
 
 def test_emulate_prints_its_port_serves_and_stops_on_sigterm():
     options = "--init-expert-location trivial --port 0 --no-data --rank-mode 1=fail"
+    options += " --gpu h200 --expert-weights bf16 --inter-node-gbps 25"
     command = [sys.executable, "-m", "scheduler", *BASE, *options.split()]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -35,6 +36,9 @@ def test_emulate_prints_its_port_serves_and_stops_on_sigterm():
         assert status == 503 and "not active" in body["error"]["message"]
         info = get(url + "/server_info")[1]
         assert info["emulator"]["profile"].startswith("shipped default")
+        cost = info["emulator"]["cost_model"]  # the accounting's CostModel, as JSON
+        assert cost["gpu"]["name"] == "H200" and cost["gpu"]["hbm_gbps"] == 4800
+        assert (cost["expert_weights"], cost["inter_node_gbps"]) == ("bf16", 25)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=STARTUP_TIMEOUT_S)
         assert process.returncode == 0, err
@@ -98,6 +102,10 @@ def test_emulate_has_help(capsys):
         (["--init-expert-location", "trivial", "--default-class", "poetry"], "--default-class"),
         (["--init-expert-location", "trivial", "--model", "deepseek-v3"], "--profile"),
         (["--init-expert-location", "trivial", "--api-key", "has space"], "--api-key"),
+        (["--init-expert-location", "trivial", "--gpu", "A100"], "--gpu 'A100' is not one of H100"),
+        (["--init-expert-location", "trivial", "--expert-weights", "int4"], "fp8, bf16"),
+        (["--init-expert-location", "trivial", "--inter-node-gbps", "0"], "--inter-node-gbps"),
+        (["--init-expert-location", "trivial", "--intra-node-gbps", "nan"], "--intra-node-gbps"),
     ],
 )
 def test_emulate_input_errors_are_one_line_exit_2(tmp_path, capsys, extra, message):

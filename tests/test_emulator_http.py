@@ -55,6 +55,9 @@ def test_server_info_reports_the_cluster(server):
         assert info["ep_num_redundant_experts"] == 0
         assert info["init_expert_location"] == "trivial"
         assert "not measured" in info["emulator"]["note"] or "drawn" in info["emulator"]["note"]
+        cost = info["emulator"]["cost_model"]  # the accounting's CostModel, as JSON
+        assert cost["gpu"]["name"] == "H100" and cost["expert_weights"] == "fp8"
+        assert info["emulator"]["serving_overheads"]["step_fixed_ms"] == 5.0
 
 
 @pytest.mark.parametrize("field", ["routed_dp_rank", "data_parallel_rank"])
@@ -160,6 +163,10 @@ def test_class_comes_from_the_prompt_corpus(server):
     assert (meta["class"], meta["class_from"]) == ("translation", "corpus:code")
     meta = generate(server, text=MATH_PROMPT)["meta_info"]["emulator"]
     assert (meta["class"], meta["class_from"]) == ("law", "corpus:math")
+    # 2 nodes, trivial placement: about one other node per token-layer
+    assert 0.5 < meta["expected_node_copies_per_token_layer"] <= 1
+    assert 0 < meta["expected_intra_node_copies_per_token_layer"] <= 1
+    assert 5e-3 < meta["modelled_s_per_token"] < meta["modelled_prefill_s"]
     meta = generate(server, text="a prompt nobody wrote")["meta_info"]["emulator"]
     assert (meta["class"], meta["class_from"]) == ("summary", "default")
     meta = generate(server, text=None, input_ids=[1, 2, 3])["meta_info"]

@@ -7,8 +7,9 @@ import asyncio
 import pytest
 
 from scheduler.emulator.ranks import RankPool, RankUnavailable, Ticket
+from scheduler.emulator.timing import TokenTraffic
 
-T = Ticket(prompt_tokens=10, total_tokens=14, token_us=2.0)
+T = Ticket(prompt_tokens=10, total_tokens=14, traffic=TokenTraffic(0.3, 0.1, 6.0))
 
 
 async def _settle() -> None:
@@ -150,3 +151,22 @@ def test_total_requests_picks_the_least_loaded_rank():
 def test_pool_validates_its_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RankPool(**kwargs)
+
+
+def test_running_requests_traffic_adds_up_and_resets_when_the_rank_empties():
+    async def main() -> None:
+        pool = RankPool(2, capacity=4)
+        other = Ticket(prompt_tokens=1, total_tokens=2, traffic=TokenTraffic(0.7, 0.2, 6.0))
+        await pool.admit(0, T)
+        await pool.admit(0, other)
+        await pool.admit(1, T)
+        batch = pool.batch_traffic(0)
+        assert batch.node_copies == pytest.approx(1.0) and batch.pairs == pytest.approx(12.0)
+        assert batch.intra_node_copies == pytest.approx(0.3)
+        pool.release(0, T, 1)
+        assert pool.batch_traffic(0).node_copies == pytest.approx(0.7)
+        pool.release(0, other, 1)
+        assert pool.batch_traffic(0) == TokenTraffic()  # exact zeros, no rounding left
+        assert pool.batch_traffic(1) == T.traffic
+
+    asyncio.run(main())

@@ -1,4 +1,5 @@
-"""The emulator's pure parts: routing sampler, request classes, placement locality, timing."""
+"""The emulator's pure parts: routing sampler, request classes, placement, expected traffic
+and timing (on the accounting's dispatch table and cost model)."""
 
 from __future__ import annotations
 
@@ -7,32 +8,30 @@ import json
 import numpy as np
 import pytest
 
-from scheduler.emulator.expert_location import (
-    OTHER_NODE,
-    SAME_GPU,
-    SAME_NODE,
-    dispatch_locality,
-    load_expert_location,
-    trivial_location,
-)
+from scheduler.accounting import CostModel, account, bytes_per_copy, static_dispatch_table
+from scheduler.emulator.core import Emulator, EmulatorConfig
+from scheduler.emulator.expert_location import load_expert_location, trivial_location
 from scheduler.emulator.routing import (
     ClassRouting,
+    class_routing,
     draw_request_routing,
     expand_to_hidden_layers,
     inclusion_probabilities,
     sample_token_experts,
 )
 from scheduler.emulator.timing import (
-    CostModel,
-    Hits,
-    decode_step_s,
-    expected_hits,
-    token_moe_us,
+    EmulatorTiming,
+    ServingOverheads,
+    TokenTraffic,
+    expected_copies,
+    held_experts,
 )
 from scheduler.emulator.workload import (
     DEFAULT_PROFILE,
     ESFT_STAND_INS,
     MIXTURE,
+    PromptIndex,
+    Workload,
     build_workload,
     check_profile_model,
     load_routing_profile,
@@ -42,6 +41,7 @@ from scheduler.emulator.workload import (
 )
 from scheduler.errors import ConfigError, InputError
 from scheduler.model_shape import PRESETS, ModelShape
+from scheduler.placement.topology import GPU_PRESETS, Topology
 from scheduler.profile import load_profile
 
 # ----------------------------------------------------------------------------- sampler
@@ -162,7 +162,7 @@ def _write(tmp_path, data, name="loc.json"):
     return str(path)
 
 
-def test_dispatch_locality_prefers_gpu_then_node(tiny_model):
+def test_expected_copies_follow_the_accountings_static_dispatch(tiny_model):
     # 2 nodes x 2 GPUs, 8 experts + 4 redundant = 12 slots, 3 per GPU.
     row = [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
     layers = [[0] * 12] + [row] * 3
@@ -170,15 +170,46 @@ def test_dispatch_locality_prefers_gpu_then_node(tiny_model):
         json.dumps({"physical_to_logical_map": layers}), tiny_model, 4, gpus_per_node=2
     )
     assert placement.num_slots == 12 and placement.num_nodes == 2
-    loc = dispatch_locality(placement)
-    assert loc.shape == (4, 3, 8)
+    dest = static_dispatch_table(placement)
     # GPU 0 holds 0,1,2; GPU 1 holds 3,4,5 (node 0); GPU 2 holds 6,7,0; GPU 3 holds 1,2,3.
-    assert loc[0, 0].tolist() == [SAME_GPU] * 3 + [SAME_NODE] * 3 + [OTHER_NODE] * 2
-    assert loc[3, 0].tolist() == (
-        [SAME_NODE, SAME_GPU, SAME_GPU, SAME_GPU, OTHER_NODE, OTHER_NODE, SAME_NODE, SAME_NODE]
-    )
-    single_node = dispatch_locality(trivial_location(tiny_model, 4, 4))
-    assert (single_node != OTHER_NODE).all()
+    # Rank 0 reaches 0-2 on itself, 3-5 on GPU 1 (3: the node's lowest slot), 6-7 on node 1.
+    assert dest[0, 0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    pi = np.full((3, 8), 2 / 8)  # top-2, uniform
+    copies = expected_copies(pi, dest[0], 0, 2, 2)
+    np.testing.assert_allclose(copies.node_copies, 1 - 0.75**2)  # experts 6, 7
+    np.testing.assert_allclose(copies.intra_node_copies, 1 - 0.75**3)  # experts 3, 4, 5
+    np.testing.assert_allclose(copies.pairs, 2)
+    certain = np.zeros((3, 8))
+    certain[:, [6, 7]] = 1.0  # both experts on GPU 2: one node copy, never two
+    hot = expected_copies(certain, dest[0], 0, 2, 2).mean()
+    assert (hot.node_copies, hot.intra_node_copies, hot.pairs) == (1.0, 0.0, 2.0)
+    single_node = static_dispatch_table(trivial_location(tiny_model, 4, 4))
+    for rank in range(4):
+        assert expected_copies(pi, single_node[rank], rank, 1, 4).node_copies.max() == 0
+
+
+def test_expected_copies_agree_with_the_exact_accounting_of_drawn_tokens():
+    """Independence across experts vs the sampler's exact top-k draw: expected node and
+    intra-node copies within 10 % below the accounting's exact count, never above."""
+    model = PRESETS["deepseek-v2-lite"]
+    profile = load_profile(DEFAULT_PROFILE)
+    rng = np.random.default_rng(3)
+    for nodes, per_node, redundant in ((2, 4, 0), (4, 2, 8)):
+        placement = trivial_location(model, nodes * per_node, per_node, redundant)
+        dest = static_dispatch_table(placement)
+        topology = Topology(nodes, per_node)
+        for name in ("law", "translation"):
+            pi = inclusion_probabilities(class_routing(profile.classes[name]).prefill, 6)
+            for rank in (0, nodes * per_node - 1):
+                expected = expected_copies(pi, dest[rank], rank, nodes, per_node).mean()
+                ids = sample_token_experts(pi, 8000, model.top_k, rng)
+                exact = account(placement, topology, model, np.full(8000, rank), ids)
+                for ours, theirs in (
+                    (expected.node_copies, exact.node_copies_per_token_layer),
+                    (expected.intra_node_copies, exact.intra_node_copies_per_token_layer),
+                ):
+                    assert 0.9 * theirs <= ours <= 1.01 * theirs, (nodes, name, rank)
+                assert expected.pairs == pytest.approx(6.0)
 
 
 @pytest.mark.parametrize(
@@ -218,21 +249,83 @@ def test_placement_file_problems(tmp_path, tiny_model):
 
 # ----------------------------------------------------------------------------- timing
 
+V3: ModelShape = PRESETS["deepseek-v3"]
 
-def test_cost_model_charges_remote_experts_more():
-    model: ModelShape = PRESETS["deepseek-v3"]
-    cost = CostModel()
-    pi = np.full((model.num_moe_layers, model.num_experts), model.top_k / model.num_experts)
-    local = expected_hits(pi, np.full(pi.shape, SAME_NODE))
-    remote = expected_hits(pi, np.full(pi.shape, OTHER_NODE))
-    np.testing.assert_allclose(remote.other_node, model.top_k)
-    assert token_moe_us(cost, model, remote) > 4 * token_moe_us(cost, model, local)
-    # DeepEP sanity check (prior-work.md §5.3): 128 tokens x 8 remote copies per layer
-    # move ~7.6 MB of FP8 dispatch, ~170 us at ~45 GB/s; here dispatch + combine at 50 GB/s.
-    per_layer = token_moe_us(cost, model, remote) / model.num_moe_layers * 128
-    assert 400 < per_layer < 600
-    assert decode_step_s(cost, model, 10.0) > decode_step_s(cost, model, 0.0)
-    zero = Hits(np.zeros(3), np.zeros(3))
-    assert zero.other_node_per_token_layer == 0
-    with pytest.raises(ValueError, match="inter_node_gbps"):
-        CostModel(inter_node_gbps=0)
+
+def _timing(cost: CostModel | None = None, held: float = 4.0, ranks: int = 64) -> EmulatorTiming:
+    return EmulatorTiming(cost or CostModel(), V3, ServingOverheads(), np.full(ranks, held))
+
+
+def test_a_moe_layer_is_the_accounting_cost_models_layer_time():
+    timing = _timing()
+    traffic = TokenTraffic(node_copies=128 * 3.5, intra_node_copies=128 * 1.2, pairs=128 * 8)
+    distinct = 4.0 * (1 - np.exp(-traffic.pairs / 4.0))
+    layer = CostModel().layer_time(
+        traffic.node_copies,
+        traffic.intra_node_copies,
+        traffic.pairs,
+        bytes_per_copy(7168),
+        V3,
+        distinct,
+    )
+    assert timing.moe_layer_us(traffic, 0) == pytest.approx(layer.total_us)
+    step = timing.decode_step_s(traffic, 0)
+    assert step == pytest.approx((5e3 + V3.num_moe_layers * layer.total_us) / 1e6)
+    # DeepEP sanity check: 128 tokens x 8 experts on other nodes of EP 64 (1 - 8/64 of
+    # the copies cross nodes; low-latency kernels send one copy per expert): published
+    # dispatch + combine 487 us (cost_model.DEEPEP_LOW_LATENCY).
+    remote = 128 * 8 * (1 - 8 / 64)
+    a2a = timing.moe_layer_us(TokenTraffic(remote, 128 * 8 - remote, 0.0), 0)
+    assert 0.8 * 487 < a2a < 1.2 * 487
+
+
+def test_remote_experts_cost_more_and_the_step_grows_with_the_batch():
+    timing = _timing()
+    local = TokenTraffic(0.0, 2.0, 8.0)
+    remote = TokenTraffic(4.0, 2.0, 8.0)
+    assert timing.decode_step_s(remote.times(32), 0) > timing.decode_step_s(local.times(32), 0)
+    assert timing.decode_step_s(local.times(32), 0) > timing.decode_step_s(local, 0) > 5e-3
+    assert timing.prefill_s(2000, remote, 0) > timing.prefill_s(2000, local, 0)
+    assert timing.prefill_s(2000, local, 0) > timing.prefill_s(100, local, 0)
+    # expert time: BF16 weights take twice the reads of FP8; a slower GPU takes longer
+    bf16 = _timing(CostModel(expert_weights="bf16"))
+    assert bf16.moe_layer_us(local, 0) > timing.moe_layer_us(local, 0)
+    h20 = _timing(CostModel(gpu=GPU_PRESETS["H20"]))
+    assert h20.moe_layer_us(local.times(512), 0) > timing.moe_layer_us(local.times(512), 0)
+    # a GPU holding more distinct experts reads more weights for the same pairs
+    assert _timing(held=16).moe_layer_us(local.times(8), 0) > timing.moe_layer_us(local.times(8), 0)
+    with pytest.raises(ValueError, match="step_fixed_ms"):
+        ServingOverheads(step_fixed_ms=-1)
+
+
+def test_held_experts_counts_distinct_experts_per_gpu(tiny_model):
+    np.testing.assert_allclose(held_experts(trivial_location(tiny_model, 4, 2)), [2, 2, 2, 2])
+    # 12 slots over 4 GPUs: 3 slots each; GPU 0 of trivial+4 holds 0,1,2
+    np.testing.assert_allclose(held_experts(trivial_location(tiny_model, 4, 2, 4)), [3] * 4)
+
+
+def test_a_class_served_on_the_node_of_its_hot_experts_is_faster():
+    """Emulator level: hot experts on GPU 0 (node 0). Rank 0 reaches them on its own GPU,
+    rank 1 over NVLink, rank 2 (node 1) over the NIC: latencies in that order. (NIC and
+    NVLink run concurrently, so rank 1's NVLink copies only show because rank 0's few
+    NIC copies take less time than them.)"""
+    model = ModelShape("hot", 2, (0, 1), 8, 2, 7168, 2048)
+    shares = np.full((2, 8), 0.02 / 6)
+    shares[:, [0, 1]] = 0.49  # experts 0 and 1 live on GPU 0 in the trivial placement
+    workload = Workload(
+        routing={"hot": ClassRouting(shares, shares)},
+        weights={"hot": 1.0},
+        domain_to_class={},
+        default="hot",
+        index=PromptIndex(),
+    )
+    placement = trivial_location(model, 4, 2)
+    emulator = Emulator(EmulatorConfig(nodes=2, gpus_per_node=2), model, placement, workload)
+    by_rank = [emulator._class_locality("hot", rank) for rank in range(4)]
+    assert by_rank[0].decode.node_copies < by_rank[2].decode.node_copies
+    assert by_rank[1].decode.intra_node_copies > by_rank[0].decode.intra_node_copies
+    timing = emulator.timing_model
+    steps = [timing.decode_step_s(by_rank[r].decode.times(32), r) for r in range(3)]
+    prefills = [timing.prefill_s(4000, by_rank[r].prefill, r) for r in range(3)]
+    assert steps[0] < steps[1] < steps[2]
+    assert prefills[0] < prefills[1] < prefills[2]

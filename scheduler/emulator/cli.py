@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scheduler.errors import ConfigError
 from scheduler.model_shape import PRESETS
+from scheduler.placement.topology import DEFAULT_GPU, EXPERT_WEIGHTS, GPU_PRESETS
+
+if TYPE_CHECKING:
+    from scheduler.accounting import CostModel
 
 #: Where the real data is looked for when --data is not given.
 DATA_ENV = "MOE_SCHEDULER_DATA"
@@ -39,6 +44,34 @@ def _data_dir(args: argparse.Namespace) -> Path | None:
     return path if path.is_dir() else None
 
 
+def cost_model(args: argparse.Namespace) -> CostModel:
+    """The accounting's CostModel from --gpu, --expert-weights and the bandwidths;
+    ConfigError naming the option for a bad value."""
+    from scheduler.accounting import CostModel
+
+    for option, value in (
+        ("--intra-node-gbps", args.intra_node_gbps),
+        ("--inter-node-gbps", args.inter_node_gbps),
+    ):
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{option} must be a finite number > 0, got {value}")
+    gpus = {name.lower(): spec for name, spec in GPU_PRESETS.items()}
+    gpu = gpus.get(str(args.gpu).lower())
+    if gpu is None:
+        raise ConfigError(f"--gpu {args.gpu!r} is not one of {', '.join(GPU_PRESETS)}")
+    weights = str(args.expert_weights).lower()
+    if weights not in EXPERT_WEIGHTS:
+        raise ConfigError(
+            f"--expert-weights {args.expert_weights!r} is not one of {', '.join(EXPERT_WEIGHTS)}"
+        )
+    return CostModel(
+        intra_node_gbps=args.intra_node_gbps,
+        inter_node_gbps=args.inter_node_gbps,
+        gpu=gpu,
+        expert_weights=weights,
+    )
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
     import asyncio
     import signal
@@ -47,7 +80,6 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     from scheduler.emulator.core import Emulator, EmulatorConfig
     from scheduler.emulator.expert_location import load_expert_location, trivial_location
     from scheduler.emulator.ranks import MODES
-    from scheduler.emulator.timing import CostModel
     from scheduler.emulator.workload import (
         PromptIndex,
         build_workload,
@@ -71,9 +103,9 @@ def cmd_emulate(args: argparse.Namespace) -> int:
             incremental_streaming_output=args.incremental_streaming_output,
             api_key=args.api_key,
         )
-        cost = CostModel(intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    cost = cost_model(args)
     spec, gpus = args.init_expert_location, config.gpus_per_node
     if spec == "trivial":
         redundant = args.ep_num_redundant_experts or 0
@@ -166,7 +198,8 @@ def add_commands(subparsers: Any) -> None:
         description="Serve SGLang's HTTP API (/generate with routed_dp_rank and "
         "return_routed_experts, /health, /server_info, /v1/loads) for NODES x GPUS emulated "
         "DP-attention ranks. Routed experts are DRAWN from real per-class routing profiles "
-        "(not measured); latency follows a small cost model. See docs/emulator.md.",
+        "(not measured); latency follows the project's cost model (scheduler.accounting) "
+        "over the expected traffic of each request's class on its rank. See docs/emulator.md.",
     )
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (= DP ranks) per node")
@@ -278,6 +311,19 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument(
         "--inter-node-gbps", type=float, default=50.0, help="NIC GB/s per GPU (default 50)"
+    )
+    p.add_argument(
+        "--gpu",
+        default=DEFAULT_GPU,
+        metavar="|".join(GPU_PRESETS),
+        help=f"GPU of the cost model's expert time (HBM bandwidth, peak TFLOPS; default "
+        f"{DEFAULT_GPU})",
+    )
+    p.add_argument(
+        "--expert-weights",
+        default="fp8",
+        metavar="|".join(EXPERT_WEIGHTS),
+        help="expert weight format: bytes read per weight and which peak applies (default fp8)",
     )
     p.add_argument(
         "--shutdown-grace",

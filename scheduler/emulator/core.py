@@ -1,10 +1,11 @@
 """The emulator's core: request bodies in, SGLang-shaped responses out. No sockets.
 
 :class:`Emulator` validates a ``/generate`` body, picks its DP rank, classifies it, draws
-its routing and times it with the cost model; ``app`` wraps it in HTTP and the clock.
-A request's routing, output tokens and text are a deterministic function of the seed and
-the request (prompt, ``max_new_tokens``), whatever else is running. Its latency uses the
-expected locality of its class on its rank; its ``routed_experts`` are drawn (with the
+its routing and times it with the project's cost model (``timing``); ``app`` wraps it in
+HTTP and the clock. A request's routing, output tokens and text are a deterministic
+function of the seed and the request (prompt, ``max_new_tokens``), whatever else is
+running. Its latency uses the expected traffic of its class on its rank under SGLang's
+static dispatch (``scheduler.accounting``); its ``routed_experts`` are drawn (with the
 per-request variation) only when asked for.
 """
 
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from scheduler import __version__
+from scheduler.accounting import CostModel, static_dispatch_table
 from scheduler.emulator.auth import check_api_key
-from scheduler.emulator.expert_location import dispatch_locality
 from scheduler.emulator.ranks import LOAD_BALANCE_METHODS, RankPool, Ticket
 from scheduler.emulator.routing import (
     DEFAULT_CONCENTRATION,
@@ -29,12 +30,11 @@ from scheduler.emulator.routing import (
     sample_token_experts,
 )
 from scheduler.emulator.timing import (
-    CostModel,
-    Hits,
-    decode_step_s,
-    expected_hits,
-    prefill_s,
-    token_moe_us,
+    EmulatorTiming,
+    ServingOverheads,
+    TokenTraffic,
+    expected_copies,
+    held_experts,
 )
 from scheduler.emulator.workload import Workload, prompt_key
 from scheduler.errors import MoeSchedulerError
@@ -136,13 +136,12 @@ class Plan:
 
 @dataclass(frozen=True)
 class ClassLocality:
-    """Expected hits of a class's tokens on one rank (from the class's own shares), and
-    the per-token MoE time they cost. Timing uses these; the per-request routing draw
-    only feeds ``routed_experts``."""
+    """Expected per-token traffic (per MoE layer, averaged over the layers) of a class's
+    prompt and decode tokens on one rank, from the class's own shares. Timing uses
+    these; the per-request routing draw only feeds ``routed_experts``."""
 
-    prefill: Hits
-    decode: Hits
-    token_us: float
+    prefill: TokenTraffic
+    decode: TokenTraffic
 
 
 def _int_field(body: dict[str, Any], key: str, *, minimum: int = 0) -> int | None:
@@ -217,6 +216,7 @@ class Emulator:
         workload: Workload,
         cost: CostModel | None = None,
         *,
+        overheads: ServingOverheads | None = None,
         profile_source: str = "",
         placement_spec: str = "trivial",
     ) -> None:
@@ -230,13 +230,18 @@ class Emulator:
         self.placement_spec = placement_spec
         self.workload = workload
         self.cost = cost or CostModel()
+        self.overheads = overheads or ServingOverheads()
         self.profile_source = profile_source
-        self.locality = dispatch_locality(placement)
+        self.dest_gpu = static_dispatch_table(placement)  # [ranks, layers, experts]
+        self.timing_model = EmulatorTiming(
+            self.cost, model, self.overheads, held_experts(placement)
+        )
         self.pool = RankPool(config.num_ranks, config.capacity, load_balance=config.load_balance)
         self.closing = False
         self.time_scale = config.time_scale  # wall seconds per modelled second; settable
         self._ids = random.Random(config.seed)
         self._localities: dict[tuple[str, int], ClassLocality] = {}
+        self._inclusion: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # ----------------------------------------------------------------- planning
 
@@ -286,28 +291,44 @@ class Emulator:
             ticket=Ticket(
                 prompt_tokens=prompt_tokens,
                 total_tokens=prompt_tokens + completion,
-                token_us=locality.token_us,
+                traffic=locality.decode,
             ),
             output_ids=output_ids,
             seed_words=(*np.frombuffer(key, "<u4").tolist(), completion),
         )
 
+    def _class_inclusion(self, class_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(prefill, decode) inclusion probabilities [moe_layers, experts] of a class."""
+        cached = self._inclusion.get(class_name)
+        if cached is None:
+            routing, k = self.workload.routing[class_name], self.model.top_k
+            prefill = inclusion_probabilities(routing.prefill, k)
+            same = routing.decode is routing.prefill
+            decode = prefill if same else inclusion_probabilities(routing.decode, k)
+            cached = self._inclusion[class_name] = (prefill, decode)
+        return cached
+
     def _class_locality(self, class_name: str, rank: int) -> ClassLocality:
         cached = self._localities.get((class_name, rank))
         if cached is None:
-            routing, k = self.workload.routing[class_name], self.model.top_k
-            locality = self.locality[rank]
-            prefill = expected_hits(inclusion_probabilities(routing.prefill, k), locality)
-            decode = expected_hits(inclusion_probabilities(routing.decode, k), locality)
-            token_us = token_moe_us(self.cost, self.model, decode)
-            cached = self._localities[(class_name, rank)] = ClassLocality(prefill, decode, token_us)
+            prefill_pi, decode_pi = self._class_inclusion(class_name)
+            dest, p = self.dest_gpu[rank], self.placement
+            nodes, per_node = p.num_nodes, p.gpus_per_node
+            prefill = expected_copies(prefill_pi, dest, rank, nodes, per_node).mean()
+            decode = (
+                prefill
+                if decode_pi is prefill_pi
+                else expected_copies(decode_pi, dest, rank, nodes, per_node).mean()
+            )
+            cached = self._localities[(class_name, rank)] = ClassLocality(prefill, decode)
         return cached
 
     def timing(self, plan: Plan) -> tuple[float, float]:
         """(prefill seconds, seconds per decode token) of an admitted request, from its
         rank's running set now (itself included). Modelled time, before --time-scale."""
-        step = decode_step_s(self.cost, self.model, self.pool.batch_token_us(plan.rank))
-        prefill = prefill_s(self.cost, self.model, plan.prompt_tokens, plan.locality.prefill)
+        model = self.timing_model
+        step = model.decode_step_s(self.pool.batch_traffic(plan.rank), plan.rank)
+        prefill = model.prefill_s(plan.prompt_tokens, plan.locality.prefill, plan.rank)
         return prefill, step
 
     # ----------------------------------------------------------------- responses
@@ -365,8 +386,9 @@ class Emulator:
                 "class_from": plan.class_from,
                 "modelled_prefill_s": prefill,
                 "modelled_s_per_token": per_token,
-                "expected_other_node_hits_per_token_layer": round(
-                    plan.locality.decode.other_node_per_token_layer, 4
+                "expected_node_copies_per_token_layer": round(plan.locality.decode.node_copies, 4),
+                "expected_intra_node_copies_per_token_layer": round(
+                    plan.locality.decode.intra_node_copies, 4
                 ),
             }
         return meta
@@ -438,7 +460,8 @@ class Emulator:
             "emulator": {
                 "api_key_required": c.api_key is not None,
                 "note": "moe-scheduler emulator: no model runs; routed experts are drawn "
-                "from real per-class routing profiles, latency comes from a cost model",
+                "from real per-class routing profiles, latency comes from the project's cost "
+                "model (scheduler.accounting) over the expected traffic",
                 "gpus_per_node": c.gpus_per_node,
                 "capacity_per_rank": c.capacity,
                 "seed": c.seed,
@@ -450,6 +473,7 @@ class Emulator:
                 "default_class": self.workload.default,
                 "prompt_index_size": len(self.workload.index),
                 "model": self.model.to_dict(),
-                "cost_model": {k: getattr(self.cost, k) for k in self.cost.__dataclass_fields__},
+                "cost_model": asdict(self.cost),  # the GpuSpec becomes a nested object
+                "serving_overheads": asdict(self.overheads),
             },
         }

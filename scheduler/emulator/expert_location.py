@@ -1,13 +1,10 @@
-"""``--init-expert-location`` for the emulator, and which replica a rank's tokens reach.
+"""``--init-expert-location`` for the emulator.
 
 The placement itself is :class:`scheduler.placement.Placement` (``phy2log [moe_layers,
 slots]``), read and validated by :mod:`scheduler.placement.io` exactly as the ``place``
 command writes it. DP-attention rank ``r`` sits on GPU ``r`` (attention TP size 1).
-
-Static dispatch (sglang-integration.md §1.3): a token on rank ``r`` reaches a logical
-expert through its replica on GPU ``r`` if there is one, else one on ``r``'s node if there
-is one, else a fixed replica on another node. Only the locality of the reached replica
-matters here, and it does not depend on which remote replica is fixed.
+Which replica a rank's tokens reach is SGLang's static dispatch, modelled once for the
+whole project by :func:`scheduler.accounting.static_dispatch_table`.
 
 Pure, apart from :func:`load_expert_location` reading the JSON file.
 """
@@ -17,15 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from scheduler.errors import InputError
 from scheduler.model_shape import ModelShape
 from scheduler.placement import Placement
 from scheduler.placement.io import from_sglang, read_sglang_file
 
-#: Locality of the replica a token reaches (values of :func:`dispatch_locality`).
-SAME_GPU, SAME_NODE, OTHER_NODE = 0, 1, 2
 INLINE = "inline JSON"
 
 
@@ -60,19 +53,3 @@ def load_expert_location(
     if path.suffix == ".pt":
         raise InputError(path, ".pt placements need torch; save the map as JSON instead")
     return read_sglang_file(path, model, num_gpus, gpus_per_node)
-
-
-def dispatch_locality(placement: Placement) -> np.ndarray:
-    """[ranks, moe_layers, experts] int8: locality of the replica rank r's tokens reach.
-
-    ``SAME_GPU`` (0), ``SAME_NODE`` (1) or ``OTHER_NODE`` (2), by SGLang's static dispatch.
-    """
-    on_gpu = placement.replicas_per_gpu() > 0  # [L, E, gpus]
-    on_node = placement.replicas_per_node() > 0  # [L, E, nodes]
-    node_of_rank = np.arange(placement.num_gpus) // placement.gpus_per_node
-    same_gpu = on_gpu.transpose(2, 0, 1)  # [ranks, L, E]
-    same_node = on_node[:, :, node_of_rank].transpose(2, 0, 1)
-    out = np.full(same_gpu.shape, OTHER_NODE, dtype=np.int8)
-    out[same_node] = SAME_NODE
-    out[same_gpu] = SAME_GPU
-    return out

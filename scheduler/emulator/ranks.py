@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from scheduler.emulator.timing import TokenTraffic
 from scheduler.errors import MoeSchedulerError
 
 MODES = ("ok", "fail", "hang")
@@ -39,7 +40,9 @@ class Ticket:
 
     prompt_tokens: int
     total_tokens: int  # prompt + completion, held in the running set
-    token_us: float  # the request's per-token MoE time (timing.token_moe_us)
+    #: The request's expected traffic per decode token (timing.TokenTraffic); a rank's
+    #: decode step is timed from the sum over its running requests.
+    traffic: TokenTraffic = field(default_factory=TokenTraffic)
 
 
 @dataclass
@@ -48,7 +51,8 @@ class _Rank:
     capacity: int
     running: int = 0
     used_tokens: int = 0
-    batch_token_us: float = 0.0
+    batch: TokenTraffic = field(default_factory=TokenTraffic)
+    batch_requests: int = 0  # requests whose traffic is in ``batch``
     waiting: deque[tuple[asyncio.Future[None], Ticket]] = field(default_factory=deque)
     waiting_tokens: int = 0
     mode: str = "ok"
@@ -152,13 +156,16 @@ class RankPool:
             self._free_slot(rank)
             raise
         rank.used_tokens += ticket.total_tokens
-        rank.batch_token_us += ticket.token_us
+        rank.batch += ticket.traffic
+        rank.batch_requests += 1
 
     def release(self, index: int, ticket: Ticket, generated_tokens: int) -> None:
         """Free the slot taken by :meth:`admit`."""
         rank = self.ranks[index]
         rank.used_tokens -= ticket.total_tokens
-        rank.batch_token_us -= ticket.token_us
+        rank.batch_requests -= 1
+        # an empty batch restarts from exact zeros (no rounding left by + and -)
+        rank.batch = rank.batch - ticket.traffic if rank.batch_requests else TokenTraffic()
         rank.finished += 1
         if generated_tokens:
             second = int(self.clock())
@@ -257,8 +264,9 @@ class RankPool:
     def modes(self) -> list[str]:
         return [r.mode for r in self.ranks]
 
-    def batch_token_us(self, index: int) -> float:
-        return self.ranks[index].batch_token_us
+    def batch_traffic(self, index: int) -> TokenTraffic:
+        """The summed per-token traffic of rank ``index``'s running requests."""
+        return self.ranks[index].batch
 
     def loads(self, include: set[str] | None = None) -> list[dict[str, Any]]:
         """Per-rank load in the shape of SGLang's ``/v1/loads`` entries.
