@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from scheduler.errors import ConfigError
+from scheduler.policies.admission import Admission, PolicyContractError
 from scheduler.policies.base import RankState, RequestInfo, RoutingPolicy
 from scheduler.policies.builtin import ClassAffinity, LocalityBand, RoundRobin, TotalRequests
 from scheduler.policies.window import LocalityWindow
@@ -50,9 +51,11 @@ def make_policy(name: str, **params: Any) -> RoutingPolicy:
 
 __all__ = [
     "POLICIES",
+    "Admission",
     "ClassAffinity",
     "LocalityBand",
     "LocalityWindow",
+    "PolicyContractError",
     "RankState",
     "RequestInfo",
     "RoundRobin",

@@ -14,6 +14,17 @@ waited. Under overload the slots then go to requests that can still finish, inst
 to requests that time out at the backend. The expected wait comes from the measured
 slot hold time (:class:`ServiceTimes`).
 
+When queued requests are decided, and how, is the shared admission routine
+(:class:`scheduler.policies.Admission`, also the simulator's): a decision is due when the
+oldest queued request has waited ``window_s`` or ``max_window`` are queued (at once with
+``window_s = 0``); with ``window_s = 0`` the queue is decided head first, one request at a
+time, until the policy answers None (strict FIFO), otherwise the first ``max_window``
+go to the policy's ``choose_ranks`` together. After a decision that assigned someone, the
+loop decides again as soon as the rest is due. :meth:`Dispatcher.try_acquire` is the same
+decision on a one-request queue, taken without queueing when nobody waits and such a
+queue is due at once. What stays here is the asynchronous part: futures, deadlines,
+cancellation, failed ranks and SGLang's queueing ranks (both look full to the policy).
+
 Runs on one asyncio loop; the policy is called only from here.
 """
 
@@ -21,13 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from scheduler.policies import RankState, RequestInfo, RoutingPolicy
+from scheduler.policies import Admission, RankState, RequestInfo, RoutingPolicy
 
 
 class Overloaded(Exception):
@@ -110,6 +122,14 @@ class Dispatcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def window_s(self) -> float:
+        return self.admission.window_s
+
+    @property
+    def max_window(self) -> int:
+        return self.admission.max_window
+
     def healthy(self, now: float | None = None) -> np.ndarray:
         return self.failed_until <= (time.monotonic() if now is None else now)
 
@@ -140,7 +160,8 @@ class Dispatcher:
         """Set the policy and its parameters (at start and on reload, same cluster shape);
         slots in flight stay counted."""
         self.policy = policy
-        self.capacity, self.window_s, self.max_window = capacity, window_s, max_window
+        self.admission = Admission(window_s, max_window)
+        self.capacity = capacity
         self.max_queue, self.cooldown_s = max_queue, cooldown_s
         self._wake.set()
 
@@ -156,22 +177,23 @@ class Dispatcher:
         return max(0, ahead) * self.times.hold_s / slots + self.window_s
 
     def try_acquire(self, info: RequestInfo) -> int | None:
-        """A rank slot at once (window 0, nobody queued, a rank free), or None."""
-        if self.window_s == 0 and not self._queue:
-            rank = self.policy.choose_rank(info, self.rank_state())
-            if rank is not None:
-                self._take(rank)
-                return rank
-        return None
+        """A rank slot at once, or None: when nobody is queued and a one-request queue is
+        due at once (window 0), the admission's decision on that queue."""
+        if self._queue or not self.admission.immediate(1):
+            return None
+        rank = self.admission.decide(self.policy, [info], self.rank_state())[0]
+        if rank is not None:
+            self._take(rank)
+        return rank
 
     async def acquire(
         self, info: RequestInfo, deadline: float | None = None, need_s: float = 0.0
     ) -> int:
         """A rank slot for ``info``: immediately when the window is 0 and a rank is free,
-        else at the next window. Raises :class:`Overloaded` when the queue is full and
-        :class:`DeadlineRefused` when ``deadline`` (monotonic) cannot cover the expected
-        wait plus ``need_s``. A cancelled waiter leaves the queue, or gives back the slot
-        it was just given."""
+        else when the admission next decides it. Raises :class:`Overloaded` when the
+        queue is full and :class:`DeadlineRefused` when ``deadline`` (monotonic) cannot
+        cover the expected wait plus ``need_s``. A cancelled waiter leaves the queue, or
+        gives back the slot it was just given."""
         rank = self.try_acquire(info)
         if rank is not None:
             return rank
@@ -195,6 +217,7 @@ class Dispatcher:
                 self.release(future.result(), info)
             else:
                 future.cancel()
+                self._wake.set()  # it may have been the head that held the others back
             raise
 
     def release(self, rank: int, info: RequestInfo) -> None:
@@ -207,8 +230,7 @@ class Dispatcher:
             self._wake.set()
 
     def _take(self, rank: int) -> None:
-        if not (0 <= rank < self.num_ranks) or self.in_flight[rank] >= self.capacity:
-            raise AssertionError(f"policy {self.policy.name} broke its contract: rank {rank}")
+        """Record an assignment (the admission checked it against :meth:`rank_state`)."""
         self.in_flight[rank] += 1
         self.dispatched[rank] += 1
 
@@ -232,24 +254,34 @@ class Dispatcher:
             await self._wake.wait()
             self._wake.clear()
             self._drop_cancelled()
-            if not self._queue:
+            if not await self._until_due():
                 continue
-            if self.window_s > 0 and len(self._queue) < self.max_window:
-                # Wait until the oldest request has waited one window (or the window fills).
-                delay = self._queue[0].enqueued + self.window_s - time.monotonic()
-                if delay > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._full_window(), timeout=delay)
             self._decide()
             if self._queue and not self.healthy().any():
                 # Every rank is out: wake when the first cool-down ends.
                 await asyncio.sleep(max(0.0, float(self.failed_until.min()) - time.monotonic()))
                 self._wake.set()
 
-    async def _full_window(self) -> None:
-        while len(self._queue) < self.max_window:
+    def _due_in(self) -> float:
+        """Seconds until the admission's next decision is due (<= 0: now); queue not empty."""
+        due = self.admission.due(self._queue[0].enqueued, len(self._queue))
+        return due - time.monotonic()
+
+    async def _until_due(self) -> bool:
+        """Wait until a decision is due (the oldest request has waited the window, or the
+        window is full; re-checked on every wake); False when the queue emptied."""
+        while True:
+            while self._queue and self._queue[0].future.done():
+                self._queue.popleft()  # cancelled at the head: the next one is the oldest
+            if not self._queue:
+                return False
+            delay = self._due_in()
+            if delay <= 0:
+                return True
             self._wake.clear()
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     def _drop_cancelled(self) -> None:
         if any(t.future.done() for t in self._queue):
@@ -273,16 +305,16 @@ class Dispatcher:
             )
 
     def _decide(self) -> None:
+        """One admission decision over the queue (which is due)."""
         self._refuse_late()
         self._drop_cancelled()
-        window = [self._queue[i] for i in range(min(self.max_window, len(self._queue)))]
-        if not window:
+        if not self._queue:
             return
-        ranks = self.policy.choose_ranks([t.info for t in window], self.rank_state())
-        if len(ranks) != len(window):
-            raise AssertionError(
-                f"policy {self.policy.name} answered {len(ranks)} of {len(window)}"
-            )
+        if self._due_in() > 0:
+            self._wake.set()  # the refused were the oldest: wait for the rest to be due
+            return
+        window = list(itertools.islice(self._queue, self.admission.max_window))
+        ranks = self.admission.decide(self.policy, [t.info for t in window], self.rank_state())
         assigned = set()
         for ticket, rank in zip(window, ranks, strict=True):
             if rank is None:
@@ -293,4 +325,4 @@ class Dispatcher:
         if assigned:
             self._queue = deque(t for t in self._queue if id(t) not in assigned)
             if self._queue:
-                self._wake.set()  # the rest of a long queue: another window at once
+                self._wake.set()  # the rest of the queue: decided again once it is due

@@ -9,16 +9,25 @@ clock advances by the step's modelled MoE time (``moe_layers x`` the
 to that layer's busiest rank); attention and dense layers are not modelled, so
 latencies are comparable between policies, not absolute.
 
-Admission: with ``window_ms = 0`` (default) the head of the FIFO queue is offered to
-:meth:`~scheduler.policies.RoutingPolicy.choose_rank` until the policy answers None. With
-``window_ms > 0`` decisions happen only at window boundaries (multiples of ``window_ms``
-on the modelled clock, checked between steps): the whole queue, oldest first, goes to
-:meth:`~scheduler.policies.RoutingPolicy.choose_ranks` at once; requests answered None
-stay queued, in order.
+Admission is the server dispatcher's own routine (:class:`scheduler.policies.Admission`
+with ``window_ms`` and ``max_window``): a decision is due when the oldest queued request
+has waited ``window_ms`` or ``max_window`` requests are queued (at once with
+``window_ms = 0``, the default). With ``window_ms = 0`` the queue is decided head first,
+one request at a time through :meth:`~scheduler.policies.RoutingPolicy.choose_rank`,
+until the policy answers None (strict FIFO); with ``window_ms > 0`` the first
+``max_window`` requests, oldest first, go to
+:meth:`~scheduler.policies.RoutingPolicy.choose_ranks` together, and those answered None
+stay queued, in order. As in the server, a decision that assigned someone is followed at
+once by another while the rest is due, and after one that assigned nobody the next waits
+for a change (an arrival or a request finishing). What differs from the server is only
+the clock and the backend: the clock is modelled, arrivals join the queue and decisions
+are made between steps, and an idle cluster's clock jumps to the next arrival or due
+time.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -31,6 +40,7 @@ from scheduler.accounting.metrics import bytes_per_copy, locality_codes, max_ove
 from scheduler.model_shape import ModelShape
 from scheduler.placement.placement import Placement
 from scheduler.placement.topology import Topology
+from scheduler.policies.admission import Admission
 from scheduler.policies.base import RankState, RequestInfo, RoutingPolicy
 from scheduler.simulation.workload import Workload
 
@@ -41,18 +51,22 @@ class SimulationConfig:
     (None: the trace's ``arrival_s`` when every request has one, else all at time 0).
     ``seed``: arrival order (shuffled unless trace timestamps are used) and gaps.
     ``window_ms``: scheduling window (0: every request decided alone, FIFO; see the
-    module docstring)."""
+    module docstring); ``max_window``: the most requests decided together (the server's
+    ``policy.max_window``)."""
 
     capacity: int = 8
     rate: float | None = None
     seed: int = 0
     window_ms: float = 0.0
+    max_window: int = 256
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
         if not (self.window_ms >= 0 and math.isfinite(self.window_ms)):
             raise ValueError(f"window-ms must be >= 0, got {self.window_ms}")
+        if self.max_window < 1:
+            raise ValueError(f"max-window must be >= 1, got {self.max_window}")
         if self.rate is not None and not self.rate > 0:
             raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
 
@@ -86,6 +100,7 @@ class SimulationSummary:
     gpu_load_imbalance_mean: float
     gpu_load_imbalance_worst: float
     window_ms: float
+    max_window: int
     latency_s_p50: float
     latency_s_p99: float
     queue_wait_s_mean: float
@@ -167,8 +182,8 @@ def simulate(
     run_req = np.zeros(0, dtype=np.int64)  # running requests, their positions (steps done)
     run_pos = np.zeros(0, dtype=np.int64)
     clock, next_arrival = 0.0, 0
-    window_s = config.window_ms / 1e3
-    next_window = 0.0
+    admission = Admission(config.window_ms / 1e3, config.max_window)
+    changed = False  # an arrival or a finish since the last decision that assigned nobody
     step_max_bytes: list[float] = []
     step_us: list[float] = []
     layer_us: list[float] = []
@@ -178,60 +193,50 @@ def simulate(
     gpu_load = np.zeros((placement.num_layers, ranks_n), dtype=np.int64)
     rank_tokens = np.zeros(ranks_n, dtype=np.int64)
 
-    def admit(i: int, rank: int) -> None:
-        if not (0 <= rank < ranks_n and running[rank] < config.capacity):
-            raise AssertionError(f"policy {policy.name} broke its contract: rank {rank}")
-        rank_of[i], start[i] = rank, clock
-        running[rank] += 1
+    def due() -> float:
+        return admission.due(float(times[queue[0]]), len(queue))
 
     while next_arrival < n or queue or run_req.size:
-        if not queue and not run_req.size:
-            clock = max(clock, float(times[next_arrival]))
-        if window_s and not run_req.size and clock < next_window:
-            clock = next_window  # idle: the next decision is at the window boundary
+        if not run_req.size:
+            # Idle: the clock jumps to the next arrival or the queue's due time.
+            wake = float(times[next_arrival]) if next_arrival < n else math.inf
+            if queue and changed:
+                wake = min(wake, due())
+            clock = max(clock, wake)
         while next_arrival < n and times[next_arrival] <= clock:
             queue.append(next_arrival)
             next_arrival += 1
+            changed = True
         admitted: list[int] = []
-        if not window_s:
-            # FIFO admission: the head waits until the policy finds it a rank.
-            while queue:
-                state = RankState(
-                    running.copy(), np.zeros(ranks_n, np.int64), config.capacity, per_node
-                )
-                tic = time.perf_counter()
-                rank = policy.choose_rank(infos[queue[0]], state)
-                decision_s.append(time.perf_counter() - tic)
-                if rank is None:
-                    break
-                i = queue.popleft()
-                admit(i, rank)
-                admitted.append(i)
-        elif clock >= next_window:
-            next_window = (math.floor(clock / window_s) + 1) * window_s
-            if queue:
-                waiting = list(queue)
-                state = RankState(
-                    running.copy(), np.zeros(ranks_n, np.int64), config.capacity, per_node
-                )
-                tic = time.perf_counter()
-                ranks = policy.choose_ranks([infos[i] for i in waiting], state)
-                decision_s.append(time.perf_counter() - tic)
-                if len(ranks) != len(waiting):
-                    raise AssertionError(f"policy {policy.name} answered {len(ranks)} ranks")
-                queue.clear()
-                for i, rank in zip(waiting, ranks, strict=True):
-                    if rank is None:
-                        queue.append(i)  # stays queued, order kept
-                    else:
-                        admit(i, rank)
-                        admitted.append(i)
+        while queue and changed and due() <= clock:
+            # One admission decision; another at once while it assigns and the rest is due.
+            window = list(itertools.islice(queue, admission.max_window))
+            state = RankState(
+                running.copy(), np.zeros(ranks_n, np.int64), config.capacity, per_node
+            )
+            tic = time.perf_counter()
+            ranks = admission.decide(policy, [infos[i] for i in window], state)
+            decision_s.append(time.perf_counter() - tic)
+            kept = [i for i, rank in zip(window, ranks, strict=True) if rank is None]
+            if len(kept) == len(window):
+                changed = False  # nobody assigned: wait for an arrival or a finish
+                break
+            for i, rank in zip(window, ranks, strict=True):
+                if rank is not None:
+                    rank_of[i], start[i] = rank, clock
+                    running[rank] += 1
+                    admitted.append(i)
+            for _ in window:
+                queue.popleft()
+            queue.extendleft(reversed(kept))  # refused ones stay queued, in order
         if admitted:
             run_req = np.concatenate([run_req, admitted])
             run_pos = np.concatenate([run_pos, np.zeros(len(admitted), np.int64)])
 
         if not run_req.size:
-            raise AssertionError(f"policy {policy.name} refused a request with every rank idle")
+            if queue and not changed:
+                raise AssertionError(f"policy {policy.name} refused a request with every rank idle")
+            continue  # idle until the next arrival or due time
         # This step's tokens: the whole prompt at position 0, else one decode token.
         in_prefill = (run_pos == 0) & (has_prefill[run_req] == 1)
         lengths = np.where(in_prefill, work.prefill[run_req], 1)
@@ -272,6 +277,7 @@ def simulate(
             finished[i] += 1
             running[rank_of[i]] -= 1
             policy.on_finish(infos[i], int(rank_of[i]))
+            changed = True
         run_req, run_pos = run_req[~done], run_pos[~done]
 
     latency = finish - times
@@ -300,6 +306,7 @@ def simulate(
         gpu_load_imbalance_mean=float(imbalance.mean()) if imbalance.size else float("nan"),
         gpu_load_imbalance_worst=float(imbalance.max()) if imbalance.size else float("nan"),
         window_ms=config.window_ms,
+        max_window=config.max_window,
         latency_s_p50=_stat(latency, 50),
         latency_s_p99=_stat(latency, 99),
         queue_wait_s_mean=_stat(wait, None),
