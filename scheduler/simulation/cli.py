@@ -25,8 +25,9 @@ def add_commands(sub: Any) -> None:
         "MODE: a request's class for class_affinity is its trace label (an oracle "
         "classifier); locality_band and locality_window see its own prefill expert "
         "histogram (an oracle predictor); benchmarks/policy_grid.py runs held-out "
-        "predictors instead. With --window-ms > 0 the queue is decided jointly at window "
-        "boundaries (docs/policies.md). Traces with one phase only (ESFT) are split: "
+        "predictors instead. With --window-ms > 0 queued requests are decided jointly once "
+        "the oldest has waited that long or --max-window are queued, as the server does "
+        "(docs/policies.md). Traces with one phase only (ESFT) are split: "
         "first half prefill, second half decode steps (a proxy).",
     )
     p.add_argument("--traces", type=Path, required=True, help="trace store or importable input")
@@ -54,8 +55,15 @@ def add_commands(sub: Any) -> None:
         "--window-ms",
         type=float,
         default=0.0,
-        help="scheduling window in modelled ms: the queue is decided together at each "
-        "boundary (default 0: each request alone, FIFO)",
+        help="scheduling window in modelled ms: queued requests are decided together once "
+        "the oldest has waited this long (default 0: each request alone, FIFO)",
+    )
+    p.add_argument(
+        "--max-window",
+        type=int,
+        default=256,
+        help="most requests decided together; a full window is decided at once (default "
+        "256, the server's policy.max_window)",
     )
     p.add_argument("--seed", type=int, default=0, help="arrival order and gaps (default 0)")
     prod = p.add_argument_group(
@@ -127,7 +135,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-requests must be >= 1, got {args.max_requests}")
     try:
         config = SimulationConfig(
-            capacity=args.capacity, rate=args.rate, seed=args.seed, window_ms=args.window_ms
+            capacity=args.capacity,
+            rate=args.rate,
+            seed=args.seed,
+            window_ms=args.window_ms,
+            max_window=args.max_window,
         )
     except ValueError as e:
         raise ConfigError(f"--{e}") from None

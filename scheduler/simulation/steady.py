@@ -13,7 +13,8 @@ it produces is "resampled real" (or resampled synthetic), never a measured trace
   state, without a warm-up); each step every running request processes one decode
   token; a request that finishes is replaced by the next draw, and the policy chooses
   the replacements' ranks (all of one step in one decision, through
-  :func:`~scheduler.policies.decide`, the server's admission routine) among the ranks
+  :meth:`~scheduler.policies.admission.Admission.decide`, the server's admission
+  routine, as one joint window) among the ranks
   with a free slot.
 * ``phase = "prefill"``: chunked prefill. Each rank owns a FIFO of assigned prompts and
   processes ``prefill_tokens_per_rank`` tokens of it per step, across request
@@ -22,10 +23,12 @@ it produces is "resampled real" (or resampled synthetic), never a measured trace
   round.
 
 Every step's tokens go through :func:`~scheduler.accounting.account` and
-:meth:`~scheduler.accounting.CostModel.padded_layer_time`. Which requests run at which
-step does not depend on the policy (a decode request advances one token per step
-wherever it runs; replacements are drawn in a fixed order), so every policy and the
-:class:`StepBound` see the same requests: only their ranks differ. A policy
+:meth:`~scheduler.accounting.CostModel.padded_layer_time`. In decode, which requests run
+at which step does not depend on the policy (a decode request advances one token per
+step wherever it runs; replacements are drawn in a fixed order), so every policy and
+the :class:`StepBound` see the same requests: only their ranks differ. In prefill the
+draws are the same but how prompts are cut into chunks depends on their ranks, so each
+run's bound is computed on its own steps. A policy
 answering None for a replacement (no rank it accepts is free) gets it placed on the
 least-loaded free rank instead, counted as ``fallback_assignments``.
 
@@ -44,9 +47,12 @@ from scheduler.accounting.metrics import bytes_per_copy, locality_codes, max_ove
 from scheduler.model_shape import ModelShape
 from scheduler.placement.placement import Placement
 from scheduler.placement.topology import Topology
+from scheduler.policies.admission import Admission
 from scheduler.policies.base import RankState, RequestInfo, RoutingPolicy
 from scheduler.simulation.workload import Workload
 
+#: The steady replay decides once per step, jointly (any window > 0 means "jointly").
+STEP_WINDOW_S = 1.0
 Phase = Literal["decode", "prefill"]
 PHASES = ("decode", "prefill")
 
@@ -158,7 +164,8 @@ def _assign(
     """Ranks for ``requests`` (one decision), the policy's where it answers, the
     least-loaded free rank where it answers None; updates ``running``."""
     state = RankState(running.copy(), np.zeros_like(running), capacity, gpus_per_node)
-    chosen = policy.choose_ranks([infos[i] for i in requests], state)
+    window = Admission(window_s=STEP_WINDOW_S, max_window=max(len(requests), 1))
+    chosen = window.decide(policy, [infos[i] for i in requests], state)
     ranks = np.empty(len(requests), dtype=np.int64)
     fallback = 0
     for j, rank in enumerate(chosen):
