@@ -75,7 +75,10 @@ class SimulationConfig:
 class SimulationSummary:
     """What a replay measured. Per token-layer ratios are over all accounted tokens;
     ``*_bytes_*`` are the busiest rank's inter-node bytes per step (dispatch + combine,
-    summed over MoE layers); times are modelled (MoE layers only). ``gpu_load_imbalance_*``:
+    summed over MoE layers); times are modelled (MoE layers only; ``weight_read_us_mean``
+    is the busiest GPU's expert weight-read time per layer and step,
+    ``distinct_experts_per_gpu_step_mean`` the distinct experts a GPU serves per layer and
+    step). ``gpu_load_imbalance_*``:
     per layer, max / mean over GPUs of the (token, expert) pairs of the whole run, mean
     and worst over layers; ``rank_token_imbalance``: max / mean tokens per DP rank over
     the run; ``rank_load_imbalance_mean``: max / mean running requests, mean over steps."""
@@ -95,6 +98,8 @@ class SimulationSummary:
     max_rank_inter_node_bytes_p99: float
     step_time_us_mean: float
     moe_layer_time_us_mean: float
+    weight_read_us_mean: float
+    distinct_experts_per_gpu_step_mean: float
     rank_load_imbalance_mean: float
     rank_token_imbalance: float
     gpu_load_imbalance_mean: float
@@ -187,6 +192,8 @@ def simulate(
     step_max_bytes: list[float] = []
     step_us: list[float] = []
     layer_us: list[float] = []
+    weight_us: list[float] = []
+    distinct: list[float] = []
     rank_imbalance: list[float] = []
     decision_s: list[float] = []
     remote_hits = node_copies = token_layers = 0
@@ -266,6 +273,8 @@ def simulate(
         step_max_bytes.append(float(acc.max_rank_inter_node_bytes))
         step_us.append(layer.total_us * model.num_moe_layers)
         layer_us.append(layer.total_us)
+        weight_us.append(layer.weight_read_us)
+        distinct.append(float(acc.gpu_distinct_experts.mean()))
         rank_imbalance.append(float(running.max() / running.mean()))
         np.add.at(tokens_done, run_req, lengths)
         clock += seconds
@@ -301,6 +310,8 @@ def simulate(
         max_rank_inter_node_bytes_p99=_stat(step_max_bytes, 99),
         step_time_us_mean=_stat(step_us, None),
         moe_layer_time_us_mean=_stat(layer_us, None),
+        weight_read_us_mean=_stat(weight_us, None),
+        distinct_experts_per_gpu_step_mean=_stat(distinct, None),
         rank_load_imbalance_mean=_stat(rank_imbalance, None),
         rank_token_imbalance=float(max_over_mean(rank_tokens.astype(np.float64))),
         gpu_load_imbalance_mean=float(imbalance.mean()) if imbalance.size else float("nan"),
