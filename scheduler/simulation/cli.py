@@ -70,7 +70,7 @@ def add_commands(sub: Any) -> None:
         "production-size replay",
         "keep every DP rank at a production operating point by drawing held-out requests "
         "with replacement (each keeps its own real routing); every figure is then "
-        "labelled RESAMPLED (docs/simulation.md)",
+        "labelled RESAMPLED (docs/cost-model.md, 'Where it is used')",
     )
     prod.add_argument(
         "--running-per-rank",
