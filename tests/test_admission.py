@@ -337,3 +337,24 @@ def test_simulator_never_decides_more_than_max_window(workload, tiny_model) -> N
     assert policy.window_calls and max(len(w) for w in policy.window_calls) <= 5
     with pytest.raises(ValueError, match="max-window"):
         SimulationConfig(max_window=0)
+
+
+def test_a_policy_that_breaks_its_contract_fails_its_window_not_the_dispatcher() -> None:
+    class Broken(RoutingPolicy):
+        name = "broken"
+
+        def choose_rank(self, request: RequestInfo, ranks: RankState) -> int | None:
+            return 99  # no such rank
+
+    async def go() -> None:
+        d = Dispatcher(Broken(), 4, 2, 2, window_s=0.01, max_window=8, max_queue=16, cooldown_s=1.0)
+        d.start()
+        try:
+            with pytest.raises((PolicyContractError, IndexError)):  # the window fails
+                await asyncio.wait_for(d.acquire(RequestInfo("a")), 5)
+            d.replace_policy(make_policy("round_robin"), 2, 0.01, 8, 16, 1.0)
+            assert await asyncio.wait_for(d.acquire(RequestInfo("b")), 5) in range(4)
+        finally:
+            await d.stop()
+
+    asyncio.run(go())

@@ -314,7 +314,16 @@ class Dispatcher:
             self._wake.set()  # the refused were the oldest: wait for the rest to be due
             return
         window = list(itertools.islice(self._queue, self.admission.max_window))
-        ranks = self.admission.decide(self.policy, [t.info for t in window], self.rank_state())
+        try:
+            ranks = self.admission.decide(self.policy, [t.info for t in window], self.rank_state())
+        except Exception as e:  # a broken policy: fail this window, keep the loop alive
+            for ticket in window:
+                if not ticket.future.done():
+                    ticket.future.set_exception(e)
+            self._drop_cancelled()
+            if self._queue:
+                self._wake.set()
+            return
         assigned = set()
         for ticket, rank in zip(window, ranks, strict=True):
             if rank is None:
