@@ -196,19 +196,27 @@ class CostModel:
     def expert_us(
         self, pairs: np.ndarray | float, distinct: np.ndarray | float, model: ModelShape
     ) -> np.ndarray:
-        """Expert time of a GPU: the slower of FLOPs and weight reads, plus the fixed part."""
+        """Expert time of a GPU: the slower of FLOPs and weight reads, plus the fixed part
+        (arrays element-wise; plain numbers in plain Python, for the emulator's per-request
+        timing)."""
+        if isinstance(pairs, int | float) and isinstance(distinct, int | float):
+            width, hidden = self.expert_width(model), model.hidden_size
+            flop = (
+                pairs
+                * 6.0
+                * hidden
+                * width
+                / (self.flops_efficiency * self.gpu.tflops(self.expert_weights) * 1e6)
+            )
+            reads = (
+                distinct
+                * self.expert_bytes(model)
+                / (self.hbm_efficiency * self.gpu.hbm_gbps * 1e3)
+            )
+            return self.expert_fixed_us + max(flop, reads)  # type: ignore[return-value]
         return self.expert_fixed_us + np.maximum(
             self.flop_us(pairs, model), self.weight_read_us(distinct, model)
         )
-
-    def compute_us(
-        self, max_gpu_token_experts: float, model: ModelShape, distinct: float | None = None
-    ) -> float:
-        """Expert time of one GPU with ``max_gpu_token_experts`` pairs and ``distinct``
-        experts to read (default: as many as the pairs, at most every expert)."""
-        if distinct is None:
-            distinct = min(max_gpu_token_experts, model.num_experts)
-        return float(self.expert_us(max_gpu_token_experts, distinct, model))
 
     # ------------------------------------------------------------------ layers
 
