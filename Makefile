@@ -74,6 +74,7 @@ bench: setup
 	$(BIN)/python benchmarks/policy_grid.py --data $(DATA)
 	$(BIN)/python benchmarks/frontend.py --data $(DATA)
 	$(BIN)/python benchmarks/dataplane.py --data $(DATA)
+	$(BIN)/python benchmarks/policy_grid_production.py --data $(DATA)
 	$(BIN)/python benchmarks/render.py
 
 clean:

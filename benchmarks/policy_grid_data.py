@@ -75,22 +75,32 @@ def _workload(
     request_ids: list[str],
     classes: list[str],
     histograms: list[np.ndarray | None],
+    prefill_ids: list[np.ndarray] | None = None,
+    split_phase: int = 0,
 ) -> Workload:
     """Decode-only replay: ``ids`` per request [tokens, layers, top_k]; the labels and
-    histograms are the *predicted* ones."""
+    histograms are the *predicted* ones. With ``prefill_ids`` (per request, same shape)
+    each request's prefill tokens are packed before its decode tokens (two-phase
+    replay, e.g. the production-size prefill replay); ``split_phase``: how many of them
+    were one recorded phase split in two."""
     decode = np.array([len(x) for x in ids], dtype=np.int64)
+    prefill = np.zeros(len(ids), dtype=np.int64)
+    packed = ids
+    if prefill_ids is not None:
+        prefill = np.array([len(x) for x in prefill_ids], dtype=np.int64)
+        packed = [x for pair in zip(prefill_ids, ids, strict=True) for x in pair]
     hist = np.empty(len(ids), dtype=object)
     hist[:] = histograms
     return Workload(
         request_ids=request_ids,
         labels=list(classes),
-        token_ids=np.concatenate(ids).astype(np.int16),
-        offset=np.concatenate([[0], np.cumsum(decode)])[:-1],
-        prefill=np.zeros(len(ids), dtype=np.int64),
+        token_ids=np.concatenate(packed).astype(np.int16),
+        offset=np.concatenate([[0], np.cumsum(prefill + decode)])[:-1],
+        prefill=prefill,
         decode=decode,
         arrival_s=np.full(len(ids), np.nan),
         histogram=hist,
-        split_phase=0,
+        split_phase=split_phase,
     )
 
 
@@ -119,19 +129,27 @@ def dispersion(first: np.ndarray, second: np.ndarray, labels: list[str]) -> tupl
 def sample_tokens(q: np.ndarray, tokens: int, top_k: int, rng: np.random.Generator) -> np.ndarray:
     """``tokens`` tokens per row of ``q [m, layers, experts]`` (per-layer distributions),
     each drawing ``top_k`` distinct experts proportionally to q (Gumbel-top-k: the k
-    smallest Exp(1) / q). Returns [m, tokens, layers, top_k] int16."""
+    smallest Exp(1) / q). Returns [m, tokens, layers, top_k] int16. Drawn in blocks of
+    rows of at most ~64M keys (the same draws as in one block: the generator's stream
+    does not depend on how it is split)."""
     m, layers, experts = q.shape
-    keys = rng.standard_exponential(size=(m, tokens, layers, experts), dtype=np.float32)
-    with np.errstate(divide="ignore"):
-        keys /= q[:, None].astype(np.float32)
-    flat = keys.reshape(-1, experts)
-    out = np.empty((flat.shape[0], top_k), dtype=np.int16)
-    rows = np.arange(flat.shape[0])
-    for j in range(top_k):
-        pick = flat.argmin(axis=1)
-        out[:, j] = pick
-        flat[rows, pick] = np.inf
-    return out.reshape(m, tokens, layers, top_k)
+    out = np.empty((m, tokens, layers, top_k), dtype=np.int16)
+    block = max(1, (1 << 26) // max(tokens * layers * experts, 1))
+    for start in range(0, m, block):
+        stop = min(m, start + block)
+        keys = rng.standard_exponential(
+            size=(stop - start, tokens, layers, experts), dtype=np.float32
+        )
+        with np.errstate(divide="ignore"):
+            keys /= q[start:stop, None].astype(np.float32)
+        flat = keys.reshape(-1, experts)
+        part = out[start:stop].reshape(-1, top_k)
+        rows = np.arange(flat.shape[0])
+        for j in range(top_k):
+            pick = flat.argmin(axis=1)
+            part[:, j] = pick
+            flat[rows, pick] = np.inf
+    return out
 
 
 def _dirichlet(p: np.ndarray, alpha: float, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -175,11 +193,15 @@ def _split(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[:cut], ids[cut:]
 
 
-def esft_dataset(esft: dict[str, Any], max_decode: int | None = None) -> tuple[GridDataset, float]:
+def esft_dataset(
+    esft: dict[str, Any], max_decode: int | None = None, *, two_phase: bool = False
+) -> tuple[GridDataset, float]:
     """The real held-out ESFT dataset, and the dispersion calibrated on its fit half.
 
     ``max_decode``: replay at most the first that many decode tokens of each request
-    (the longest ESFT sequences would otherwise set the simulated time alone)."""
+    (the longest ESFT sequences would otherwise set the simulated time alone).
+    ``two_phase``: the workload also carries each replayed sequence's first half as its
+    prefill tokens (for a prefill replay; the predictions are the same)."""
     model: ModelShape = esft["model"]
     e = model.num_experts
     fit, test = esft["fit"], esft["test"]
@@ -191,7 +213,15 @@ def esft_dataset(esft: dict[str, Any], max_decode: int | None = None) -> tuple[G
     classes = predictor.predict_classes(test_pre)
     pairs = np.array([len(d) * model.top_k for d in decode_ids], dtype=np.float64)
     hists = predictor.predict_histograms(test_pre, pairs)
-    work = _workload(decode_ids, list(test["rid"]), classes, list(hists))
+    prefill_ids = [_split(x)[0] for x in test["ids"]] if two_phase else None
+    work = _workload(
+        decode_ids,
+        list(test["rid"]),
+        classes,
+        list(hists),
+        prefill_ids,
+        len(decode_ids) if two_phase else 0,
+    )
     accuracy = float(np.mean([a == b for a, b in zip(classes, test["label"], strict=True)]))
     full: dict[str, np.ndarray] = {}
     for ids, label in zip(fit["ids"], fit["label"], strict=True):
@@ -235,6 +265,7 @@ def _synthetic(
     decode_tokens: int,
     sub_profiles: int | None,
     histogram: str,
+    two_phase: bool = False,
 ) -> GridDataset:
     """A calibrated synthetic dataset (see the module docstring)."""
     names = sorted(class_shares)
@@ -269,13 +300,14 @@ def _synthetic(
         "dirichlet_alpha": alpha,
         "sub_profiles_per_class": sub_profiles,
         "histogram_predictor": histogram,
+        "prefill_replayed": two_phase,
     }
 
     def workload(seed: int) -> Workload:
         if seed in cache:
             return cache[seed]
         rng = np.random.default_rng(1000 + seed)
-        ids, rids, classes, hists, hits = [], [], [], [], 0
+        ids, pres, rids, classes, hists, hits = [], [], [], [], [], 0
         chunk = 2000
         for start in range(0, requests, chunk):
             n = min(chunk, requests - start)
@@ -287,10 +319,11 @@ def _synthetic(
             classes += predicted
             hits += sum(a == names[b] for a, b in zip(predicted, c, strict=True))
             ids += list(d)
+            pres += list(p) if two_phase else []
             rids += [f"s{seed}/{start + i}" for i in range(n)]
         facts[f"heldout_class_accuracy_seed{seed}"] = hits / requests
         cache.clear()  # keep one seed in memory
-        cache[seed] = _workload(ids, rids, classes, hists)
+        cache[seed] = _workload(ids, rids, classes, hists, pres if two_phase else None)
         return cache[seed]
 
     return GridDataset(
@@ -310,7 +343,17 @@ def v3_class_shares(data: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def v3_dataset(data: Path, alpha: float, requests: int, decode_tokens: int) -> GridDataset:
+def v3_dataset(
+    data: Path,
+    alpha: float,
+    requests: int,
+    decode_tokens: int,
+    prefill_tokens: int = 16,
+    *,
+    two_phase: bool = False,
+) -> GridDataset:
+    """``two_phase``: the workload also carries the requests' ``prefill_tokens`` prompt
+    tokens (for a prefill replay)."""
     return _synthetic(
         "deepseek-v3-synthetic",
         "SYNTHETIC per-request DeepSeek-V3 workload calibrated on SGLang's published decode "
@@ -320,10 +363,11 @@ def v3_dataset(data: Path, alpha: float, requests: int, decode_tokens: int) -> G
         alpha,
         requests=requests,
         fit_requests=max(64, requests // 2),
-        prefill_tokens=16,
+        prefill_tokens=prefill_tokens,
         decode_tokens=decode_tokens,
         sub_profiles=None,
         histogram="ridge",
+        two_phase=two_phase,
     )
 
 

@@ -21,6 +21,10 @@ from renderers import RENDERERS  # benchmarks/renderers/, one module per benchma
 
 BENCH_DIR = Path(__file__).resolve().parent
 
+#: Result files (by stem) whose sections lead RESULTS.md, in this order; the rest
+#: follow by file name.
+LEAD = ("policy_grid_production",)
+
 
 def render_generic(data: dict[str, Any], source: Path) -> list[str]:
     name = data.get("benchmark", source.stem)
@@ -46,7 +50,10 @@ def render(results_dir: Path) -> str:
         "Regenerate with `make bench`.",
         "",
     ]
-    files = sorted(results_dir.glob("*.json"))
+    files = sorted(
+        results_dir.glob("*.json"),
+        key=lambda p: (LEAD.index(p.stem) if p.stem in LEAD else len(LEAD), p.name),
+    )
     if not files:
         lines += ["No results yet.", ""]
     for path in files:

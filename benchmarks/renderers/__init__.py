@@ -9,6 +9,7 @@ from renderers.emulator import render_emulator
 from renderers.frontend import render_frontend
 from renderers.placement import render_placement
 from renderers.policy_grid import render_policy_grid
+from renderers.policy_grid_production import render_policy_grid_production
 from renderers.predictors import render_predictors
 from renderers.profile_scale import render_profile_scale
 
@@ -20,6 +21,7 @@ RENDERERS: dict[str, Renderer] = {
     "placement": render_placement,
     "accounting": render_accounting,
     "policy_grid": render_policy_grid,
+    "policy_grid_production": render_policy_grid_production,
     "frontend": render_frontend,
     "dataplane": render_dataplane,
 }
