@@ -282,11 +282,14 @@ def account(
         gpu_load = np.bincount(
             gpu_index.ravel(), weights=counts3.ravel(), minlength=layers * num_ranks
         ).astype(np.int64)
-        r_idx, l_idx, e_idx = np.nonzero(counts3)
-        served.append((gpu_index[r_idx, l_idx, e_idx] * experts + e_idx).astype(np.int64))
+        reached = counts3 > 0
+        cells = gpu_index[reached] * experts + np.nonzero(reached)[2]
+        hit = np.bincount(cells, minlength=layers * num_ranks * experts) > 0
+        distinct = hit.reshape(layers * num_ranks, experts).sum(axis=1)
+    else:
+        cells = np.unique(np.concatenate(served)) if served else np.zeros(0, np.int64)
+        distinct = np.bincount(cells // experts, minlength=layers * num_ranks)
     gpu_load = gpu_load.reshape(layers, num_ranks)
-    cells = np.unique(np.concatenate(served)) if served else np.zeros(0, np.int64)
-    distinct = np.bincount(cells // experts, minlength=layers * num_ranks)
 
     size = bytes_per_copy(model.hidden_size, fp8_scales)
     rank_node_copies = np.bincount(ranks, weights=node_copies_tok, minlength=num_ranks)
@@ -351,7 +354,7 @@ def _event_stats(
     dest = flat_dest.take(dest_index[valid])
     cell = (np.broadcast_to(layer, ids.shape)[valid] * num_ranks + dest).astype(np.int64)
     gpu_load += np.bincount(cell, minlength=gpu_load.size)
-    return np.unique(cell * (width - 1) + ids[valid])
+    return cell * (width - 1) + ids[valid]
 
 
 def _step_traffic(
