@@ -106,13 +106,16 @@ class Admission:
     def _fifo(
         policy: RoutingPolicy, window: list[RequestInfo], ranks: RankState
     ) -> list[int | None]:
-        running = ranks.running.copy()
+        running: np.ndarray | None = None  # copied only once a second request follows
         chosen: list[int | None] = []
         for request in window:
-            rank = policy.choose_rank(request, replace(ranks, running=running.copy()))
+            state = ranks if running is None else replace(ranks, running=running.copy())
+            rank = policy.choose_rank(request, state)
             if rank is None:
                 break  # the head waits; nobody behind it overtakes
-            rank = _checked(policy, rank, running, ranks.capacity)
+            rank = _checked(policy, rank, state.running, ranks.capacity)
+            if running is None:
+                running = ranks.running.copy()
             running[rank] += 1
             chosen.append(rank)
         return chosen + [None] * (len(window) - len(chosen))
