@@ -283,12 +283,11 @@ def account(
             gpu_index.ravel(), weights=counts3.ravel(), minlength=layers * num_ranks
         ).astype(np.int64)
         reached = counts3 > 0
-        cells = gpu_index[reached] * experts + np.nonzero(reached)[2]
-        hit = np.bincount(cells, minlength=layers * num_ranks * experts) > 0
-        distinct = hit.reshape(layers * num_ranks, experts).sum(axis=1)
-    else:
-        cells = np.unique(np.concatenate(served)) if served else np.zeros(0, np.int64)
-        distinct = np.bincount(cells // experts, minlength=layers * num_ranks)
+        served = [gpu_index[reached] * experts + np.nonzero(reached)[2]]
+    hit = np.zeros(layers * num_ranks * experts, dtype=bool)  # (layer, gpu, expert) served
+    for cells in served:
+        hit[cells] = True
+    distinct = hit.reshape(layers * num_ranks, experts).sum(axis=1)
     gpu_load = gpu_load.reshape(layers, num_ranks)
 
     size = bytes_per_copy(model.hidden_size, fp8_scales)
