@@ -101,13 +101,16 @@ def test_fifo_stops_at_the_first_refused_head() -> None:
     policy = Recording()
     fifo = Admission(0.0, 8)
     ranks = state([0, 0, 0, 0])
-    # the head is refused: nobody behind it overtakes, and nobody behind it is asked
+    # the head is refused: nobody behind it overtakes (one joint call for the queue)
     assert fifo.decide(policy, [req("x0"), req("a"), req("b")], ranks) == [None] * 3
-    assert policy.rank_calls == ["x0"] and policy.window_calls == []
+    assert policy.window_calls == [["x0", "a", "b"]]
     # a refused request further back stops the pass there
     got = fifo.decide(policy, [req("a"), req("b"), req("x1"), req("c")], ranks)
     assert got == [0, 1, None, None]
-    assert policy.rank_calls[1:] == ["a", "b", "x1"]
+    # a single request is the fast path: choose_rank alone
+    policy.rank_calls.clear()
+    assert fifo.decide(policy, [req("d")], ranks) == [0]
+    assert policy.rank_calls == ["d"] and len(policy.window_calls) == 2
     # each request sees the previous ones' assignments; a full cluster stops the pass
     assert fifo.decide(TotalRequests(), [req(f"r{i}") for i in range(6)], ranks) == [
         0,
@@ -155,7 +158,7 @@ def test_max_window_cuts_the_decision() -> None:
         (Admission(0.01, 8), Answers(many=[True, None]), "non-rank True"),
         (Admission(0.0, 8), Answers(one=3), "rank 3 is full"),  # rank 3 is already full
         (Admission(0.0, 8), Answers(one=0), "rank 0 is full"),  # the second one overfills
-        (Admission(0.0, 8), Answers(one="0"), "non-rank '0'"),
+        (Admission(0.01, 8), Answers(many=["0", None]), "non-rank '0'"),
     ],
 )
 def test_contract_violations_are_refused(
@@ -237,7 +240,6 @@ def test_dispatcher_at_window_0_lets_nobody_overtake_a_refused_head() -> None:
             behind = asyncio.ensure_future(d.acquire(req("a")))
             await asyncio.sleep(0.01)
             assert not head.done() and not behind.done() and d.queued == 2
-            assert "a" not in policy.rank_calls  # asked only once it is the head
             head.cancel()  # the head leaves: the next one is decided
             assert await asyncio.wait_for(behind, 5.0) == 0
         finally:

@@ -12,10 +12,12 @@ and their backend. A caller keeps one FIFO queue of requests, oldest first, and:
 2. **What.** :meth:`Admission.decide` gives one rank, or None (stays queued), to each of
    the first ``max_window`` queued requests:
 
-   * ``window_s = 0``: one request at a time, head first, each through
-     :meth:`~scheduler.policies.RoutingPolicy.choose_rank` seeing the previous ones'
-     assignments; the first None ends the pass, so nobody overtakes a waiting head
-     (strict FIFO).
+   * ``window_s = 0``: the queued requests go to
+     :meth:`~scheduler.policies.RoutingPolicy.choose_ranks` (whose default asks
+     ``choose_rank`` head first, each seeing the previous ones' assignments; a window
+     policy answers jointly, in one solve, as a backlog needs), and the answer is cut at
+     its first None, so nobody overtakes a waiting head (strict FIFO). A single request
+     goes to ``choose_rank`` (the server's fast path).
    * ``window_s > 0``: the window goes to
      :meth:`~scheduler.policies.RoutingPolicy.choose_ranks` jointly (whose default asks
      ``choose_rank`` in order, and may let a later request pass an earlier one answered
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -86,8 +88,9 @@ class Admission:
         window = list(requests[: self.max_window])
         if not window:
             return []
-        if self.window_s == 0:
-            return self._fifo(policy, window, ranks)
+        if len(window) == 1 and self.window_s == 0:  # the fast path: one choose_rank
+            rank = policy.choose_rank(window[0], ranks)
+            return [None if rank is None else _checked(policy, rank, ranks.running, ranks.capacity)]
         answer = policy.choose_ranks(window, ranks)
         if len(answer) != len(window):
             raise PolicyContractError(
@@ -96,27 +99,11 @@ class Admission:
         chosen: list[int | None] = []
         running = ranks.running.copy()
         for rank in answer:
+            if rank is None and self.window_s == 0:
+                break  # strict FIFO: nobody overtakes a head that waits
             if rank is not None:
                 rank = _checked(policy, rank, running, ranks.capacity)
                 running[rank] += 1
-            chosen.append(rank)
-        return chosen
-
-    @staticmethod
-    def _fifo(
-        policy: RoutingPolicy, window: list[RequestInfo], ranks: RankState
-    ) -> list[int | None]:
-        running: np.ndarray | None = None  # copied only once a second request follows
-        chosen: list[int | None] = []
-        for request in window:
-            state = ranks if running is None else replace(ranks, running=running.copy())
-            rank = policy.choose_rank(request, state)
-            if rank is None:
-                break  # the head waits; nobody behind it overtakes
-            rank = _checked(policy, rank, state.running, ranks.capacity)
-            if running is None:
-                running = ranks.running.copy()
-            running[rank] += 1
             chosen.append(rank)
         return chosen + [None] * (len(window) - len(chosen))
 
