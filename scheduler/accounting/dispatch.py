@@ -53,9 +53,8 @@ def static_dispatch_table(placement: Placement) -> np.ndarray:
     dest = first_gpu[:, :, node_of_rank]  # [layers, experts, ranks]
     decided = narrows[:, :, node_of_rank]
     # Step 2 overrides step 3; step 1 is step 2 or 4 with a single replica.
-    own = has  # has[l, e, r]: GPU r holds a replica
-    dest = np.where(own, np.arange(ranks), dest)
-    decided |= own
+    dest = np.where(has, np.arange(ranks), dest)  # has[l, e, r]: GPU r holds a replica
+    decided |= has
 
     # Step 4: deal the replicas (in slot order) to the undecided ranks, in a random order.
     order = np.argsort(placement.phy2log, axis=1, kind="stable")  # slots grouped by expert

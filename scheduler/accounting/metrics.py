@@ -22,7 +22,8 @@ per-layer padding of the all-to-all needs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -101,10 +102,22 @@ class Accounting:
     rank_intra_node_bytes: np.ndarray
     gpu_load: np.ndarray
     gpu_load_imbalance: np.ndarray
-    gpu_distinct_experts: np.ndarray
+    #: (layer, GPU, expert) cells reached, as ``(layer * gpus + gpu) * experts + e``
+    #: (repeats allowed); :attr:`gpu_distinct_experts` is derived from them on first use.
+    served_cells: np.ndarray = field(repr=False)
+    num_experts: int
     steps: StepTraffic | None = None
     rank_layer_node_copies: np.ndarray | None = None
     rank_layer_intra_node_copies: np.ndarray | None = None
+
+    @cached_property
+    def gpu_distinct_experts(self) -> np.ndarray:
+        """[layers, gpus] distinct experts each GPU serves (computed when first asked for:
+        the server's per-request accounting never needs it)."""
+        layers, gpus = self.gpu_load.shape
+        hit = np.zeros(layers * gpus * self.num_experts, dtype=bool)
+        hit[self.served_cells] = True
+        return hit.reshape(layers, gpus, self.num_experts).sum(axis=2)
 
     @property
     def inter_node_bytes(self) -> int:
@@ -284,10 +297,6 @@ def account(
         ).astype(np.int64)
         reached = counts3 > 0
         served = [gpu_index[reached] * experts + np.nonzero(reached)[2]]
-    hit = np.zeros(layers * num_ranks * experts, dtype=bool)  # (layer, gpu, expert) served
-    for cells in served:
-        hit[cells] = True
-    distinct = hit.reshape(layers * num_ranks, experts).sum(axis=1)
     gpu_load = gpu_load.reshape(layers, num_ranks)
 
     size = bytes_per_copy(model.hidden_size, fp8_scales)
@@ -314,7 +323,8 @@ def account(
         rank_intra_node_bytes=rank_intra_copies * size.total,
         gpu_load=gpu_load,
         gpu_load_imbalance=max_over_mean(gpu_load),
-        gpu_distinct_experts=distinct.reshape(layers, num_ranks),
+        served_cells=np.concatenate(served) if served else np.zeros(0, np.int64),
+        num_experts=experts,
         steps=step_traffic,
         rank_layer_node_copies=(
             rank_layer_node.reshape(num_ranks, layers).astype(np.int64) if per_layer else None

@@ -251,8 +251,7 @@ def _steady(
             "prefill only), so there are no decode steps to replay. Use --phase prefill, "
             "or --split-phase to replay each sequence's second half as decode (a proxy)"
         )
-    label = _predictions(args, workload, model)
-    workload = label[1]
+    source, workload = _predictions(args, workload, model)
     results: dict[str, Any] = {}
     for name in phases:
         try:
@@ -267,14 +266,14 @@ def _steady(
             raise ConfigError(f"--{e}") from None
         policy = make_policy(args.policy, **params)
         s = replay_steady(workload, policy, placement, topology, model, config, bound=args.bound)
-        results[name] = {**s.to_dict(), "predictions": label[0]}
+        results[name] = {**s.to_dict(), "predictions": source}
         point = (
             f"{config.running_per_rank} running/rank"
             if name == "decode"
             else f"{config.prefill_tokens_per_rank} prompt tokens/rank/step"
         )
         print(
-            f"simulate {s.policy} {name} (RESAMPLED real routing, {label[0]} predictions): "
+            f"simulate {s.policy} {name} (RESAMPLED real routing, {source} predictions): "
             f"{point} on {topology.nodes}x{topology.gpus_per_node} GPUs, {s.steps} steps, "
             f"{s.requests_drawn} requests drawn"
         )
