@@ -30,9 +30,9 @@ POLICIES: dict[str, tuple[type[RoutingPolicy], str]] = {
     ),
     "locality_window": (
         LocalityWindow,
-        "ours: each window's requests to nodes by an exact capacity- and balance-"
-        "constrained locality assignment, least-loaded rank there (needs placement, "
-        "optional slack)",
+        "ours: each window's requests to ranks, keeping the busiest rank's predicted "
+        "inter-node traffic per MoE layer low, under capacity and a load cap (needs "
+        "placement, optional balance)",
     ),
 }
 

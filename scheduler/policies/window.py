@@ -1,51 +1,88 @@
-"""Ours: capacity- and balance-constrained assignment of a scheduling window to nodes that
-maximises expected locality (``locality_window``; docs/policies.md).
+"""Ours: assignment of a scheduling window to DP ranks against the busiest rank's
+predicted inter-node traffic (``locality_window``; docs/policies.md).
 
-For one window of queued requests (oldest first), the policy
+The all-to-all kernels of every MoE layer wait for the busiest rank, so what a routing
+decision should keep low is, per MoE layer, the largest number of remote (token, expert)
+pairs any one rank sends, not the mean. For one window of queued requests (oldest
+first) the policy
 
 1. admits the oldest ``A = min(len(window), free slots)`` requests (FIFO-fair: a younger
    request never takes the place of an older one; the rest stay queued);
-2. scores each admitted request with a predicted ``expert_histogram`` against every node:
-   ``gain[i, n] = sum over (layer, expert) of histogram[i] x [node n holds a replica]``,
-   the expected number of the request's (token, expert) pairs served on node ``n`` (under
-   SGLang's static dispatch an expert with a replica on the rank's node never leaves it);
-   so a request's weight is its predicted token count;
-3. solves the transportation problem "each request to one node, node ``n`` takes at most
-   ``limit[n]`` requests, maximise the total gain" exactly as a min-cost flow (OR-Tools
-   ``SimpleMinCostFlow``; requests with identical gain rows are merged into one supply
-   node, so a class-profile predictor gives a handful of nodes whatever the window);
-4. places each node's requests on its least-loaded ranks (water-filling, lowest rank on
-   ties), and the requests without a histogram on the least-loaded ranks anywhere.
+2. predicts, for each admitted request with an ``expert_histogram [layers, experts]`` and
+   every node ``n``, its **remote vector** ``remote[n, l] = sum over experts e of
+   histogram[l, e] x [node n holds no replica of (l, e)]``
+   (``placement.replicas_per_node()``): its (token, expert) pairs that leave the node in
+   MoE layer ``l`` if it runs on a rank of node ``n`` (under SGLang's static dispatch an
+   expert with a replica on the rank's node is reached there). The histogram is used as
+   given, so a request weighs what its histogram counts: the server's predictions
+   (``scheduler/server/predict.py``) are per-token expert shares times the prompt +
+   max new tokens, the simulator's oracle (``scheduler/simulation/workload.py``, also
+   what ``steady.py`` hands out) counts the request's prefill tokens (its decode tokens
+   when it has no prefill), ``benchmarks/policy_grid.py``'s held-out predictions the
+   predicted decode tokens; a per-step (decode) histogram would weigh every running
+   request alike;
+3. keeps, per rank and MoE layer, the **predicted traffic** ``T[r, l]``: the sum of the
+   remote vectors (on the rank's node) of the requests this policy placed on ``r`` that
+   have not finished (remembered by ``request_id``, forgotten in :meth:`on_finish`);
+4. places the admitted requests one at a time, in decreasing order of their mean remote
+   pairs over the nodes (the big ones first, while there is room to spread them), each on
+   the rank ``r`` (of node ``n``) minimising
 
-Balance: ``limit[n] = min(free[n], max(0, ceil(level) - load[n]))`` with ``level =
-max((1 + slack) x (L + A) / N, w)``, where ``L`` is the cluster's running + queued load,
-``load[n]`` the node's, ``free[n]`` its free slots, and ``w`` the smallest integer water
-level at which the free slots can take all ``A`` requests (so the window is always placed:
-the policy is work-conserving like SGLang's balancers). After a window no node holds more
-than ``(1 + slack)`` times its fair share of the cluster's load, rounded up, unless
-capacity forces it.
+       balance x [sum_l max(M_l, T[r, l] + remote[n, l]) - sum_l M_l]
+         + (1 - balance) x sum_l remote[n, l]
 
-Gains are rounded to integers (``2**20`` steps of the window's largest gain) for the
-flow solver, and ties are broken toward less-loaded nodes, so the answer is
-deterministic and optimal up to rounding (less than ``admitted / 2**20`` of the largest
-single gain; :func:`solve_transport`).
+   with ``M_l = max_r T[r, l]``: the increase of the sum over layers of the busiest
+   rank's predicted remote pairs, plus the request's own remote pairs (the mean term:
+   total inter-node traffic), subject to each rank's load cap (below). Ranks of one node
+   are alike for a request's traffic, so each node offers one candidate: its rank with
+   the least predicted traffic ``sum_l T[r, l]`` (then fewest requests, lowest index)
+   under its cap; ties between nodes go to the candidate with less predicted traffic,
+   then fewer requests (a ``1e-9`` relative tie-break);
+5. places the requests without a histogram on the least-loaded ranks anywhere
+   (water-filling, lowest rank on ties), as before; they add no predicted traffic.
+
+``balance`` in [0, 1] is the one knob: 1 minimises the busiest rank's predicted remote
+pairs only (the mean is a tie-break), 0 the mean only (every request to its most local
+rank under the cap: the old objective of this policy, greedily), 0.5 (default) counts
+one remote pair on the busiest rank as much as one remote pair anywhere.
+
+Load cap: rank ``r`` may take at most ``limit[r] = min(free[r], max(0, ceil(level) -
+load[r])`` of the window with ``level = max((1 + LOAD_SLACK) x (L + A) / R, w)``, where
+``L`` is the cluster's running + queued load, ``load[r]`` the rank's, ``R`` the number of
+ranks and ``w`` the smallest integer level at which the free slots take all ``A``
+requests: no rank goes more than 10 % above its fair share of the requests (rounded up)
+unless capacity forces it, and the window is always placed (work-conserving like
+SGLang's balancers).
+
+This is a greedy heuristic for a min-max assignment problem (NP-hard in general): it is
+deterministic, exact for a window of one request, and not optimal in general. Requests
+placed by an earlier policy object (before a reload) are not known to this one.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from ortools.graph.python import min_cost_flow
+from scipy import sparse
 
 from scheduler.placement.placement import Placement
 from scheduler.policies.base import RankState, RequestInfo, RoutingPolicy
 
-#: Integer resolution of the gains handed to the flow solver.
-GAIN_STEPS = 1 << 20
-#: Score vectors kept per histogram object (the simulator and server reuse them).
+#: How far above its fair share of the requests a rank may go (module docstring).
+LOAD_SLACK = 0.1
+#: Default of the ``balance`` knob.
+DEFAULT_BALANCE = 0.5
+#: Remote vectors kept per histogram object (the simulator and server reuse them).
 CACHE_ENTRIES = 1 << 16
+#: Weight of the tie-break (predicted traffic, then requests) against the cost.
+TIE = 1e-9
+#: Integer resolution of the gains handed to :func:`solve_transport`.
+GAIN_STEPS = 1 << 20
 
 
 def water_fill(
@@ -75,19 +112,20 @@ def water_fill(
     return sorted_rank[take]
 
 
-def node_limits(
-    node_load: np.ndarray, node_free: np.ndarray, admit: int, slack: float
-) -> np.ndarray:
-    """[nodes] how many of ``admit`` requests each node may take (module docstring)."""
-    nodes = node_load.size
-    fair = int(np.ceil((1.0 + slack) * (node_load.sum() + admit) / nodes - 1e-9))
-    top = int((node_load + node_free).max(initial=0))
+def node_limits(load: np.ndarray, free: np.ndarray, admit: int, slack: float) -> np.ndarray:
+    """How many of ``admit`` requests each of the bins ``load, free [bins]`` (ranks, or
+    nodes) may take: ``min(free, max(0, ceil(level) - load))`` with ``level = max((1 +
+    slack) x (sum(load) + admit) / bins, w)``, ``w`` the lowest level that takes them all
+    (module docstring)."""
+    bins = load.size
+    fair = int(np.ceil((1.0 + slack) * (load.sum() + admit) / bins - 1e-9))
+    top = int((load + free).max(initial=0))
     levels = np.arange(top + 1)[:, None]
-    room = np.minimum(node_free, np.maximum(levels - node_load, 0)).sum(axis=1)
+    room = np.minimum(free, np.maximum(levels - load, 0)).sum(axis=1)
     reach = np.flatnonzero(room >= admit)
     water = int(reach[0]) if reach.size else top
     level = max(fair, water)
-    return np.minimum(node_free, np.maximum(level - node_load, 0))
+    return np.minimum(free, np.maximum(level - load, 0))
 
 
 def solve_transport(gain: np.ndarray, limit: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
@@ -95,10 +133,13 @@ def solve_transport(gain: np.ndarray, limit: np.ndarray, tiebreak: np.ndarray) -
     most ``limit[n]``, maximising the total gain; ``tiebreak[n]`` (small non-negative
     integers) prefers some nodes among equal gains. Returns ``[requests]`` node indices.
 
-    Exact for ``tiebreak`` all zero: a min-cost flow with identical rows merged into one
-    supply node. With a tie-break the cost is ``-gain x (max tiebreak + 1) + tiebreak``,
-    so a request never gives up a gain step for a tie-break; the total may fall short of
-    the optimum by less than one gain step per request.
+    The objective this policy had before it looked at the busiest rank (maximum mean
+    locality at node granularity), kept as the reference it is compared against
+    (``tests/test_window_bottleneck.py``). Exact for ``tiebreak`` all zero: a min-cost
+    flow with identical rows merged into one supply node. With a tie-break the cost is
+    ``-gain x (max tiebreak + 1) + tiebreak``, so a request never gives up a gain step for
+    a tie-break; the total may fall short of the optimum by less than one gain step per
+    request.
     """
     requests, nodes = gain.shape
     if requests == 0:
@@ -131,65 +172,153 @@ def solve_transport(gain: np.ndarray, limit: np.ndarray, tiebreak: np.ndarray) -
     return chosen
 
 
+@dataclass(frozen=True)
+class _Score:
+    """One histogram against the placement. ``cost [nodes, layers + 1]``: the remote
+    vector on each node, then ``(1 - balance) / balance`` x its sum (the mean term, in
+    the units of the max term); ``remote [nodes]``: the remote pairs on each node;
+    ``spread``: their mean (the greedy's order)."""
+
+    histogram: np.ndarray
+    cost: np.ndarray
+    remote: list[float]
+    spread: float
+
+
 class LocalityWindow(RoutingPolicy):
-    """Ours: joint, capacity- and balance-constrained locality assignment of a window
-    (module docstring). ``slack``: how far above its fair share of the load a node may
-    go (default 0.1)."""
+    """Ours: each window's requests to ranks against the busiest rank's predicted
+    inter-node traffic (module docstring). ``balance`` in [0, 1]: the weight of the
+    busiest rank's remote pairs against the mean's (default 0.5)."""
 
     name = "locality_window"
 
-    def __init__(self, placement: Placement, slack: float = 0.1) -> None:
-        if not slack >= 0:
-            raise ValueError(f"slack must be >= 0, got {slack}")
-        self.slack = float(slack)
+    def __init__(self, placement: Placement, balance: float = DEFAULT_BALANCE) -> None:
+        if not 0 <= balance <= 1:
+            raise ValueError(f"balance must be in [0, 1], got {balance}")
+        self.balance = float(balance)
+        # Costs are divided by balance: the max term keeps weight 1 (a tie-break at 0).
+        self._mu = (1.0 - self.balance) / self.balance if self.balance > 0 else 1e6
         self.gpus_per_node = placement.gpus_per_node
-        self.present = placement.node_presence()  # [layers * experts, nodes]
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.num_nodes = placement.num_nodes
+        self.num_ranks = placement.num_gpus
+        self.layers, self.experts = placement.num_layers, placement.num_experts
+        # Sparse [layers x nodes + layers, layers x experts]: row l x nodes + n sums the
+        # cells of layer l that node n holds, row layers x nodes + l all cells of layer l.
+        layer, expert, node = np.nonzero(placement.replicas_per_node() > 0)
+        cells = self.layers * self.experts
+        self._present = sparse.csr_matrix(
+            (
+                np.ones(layer.size + cells),
+                (
+                    np.concatenate(
+                        [
+                            layer * self.num_nodes + node,
+                            self.layers * self.num_nodes + np.arange(cells) // self.experts,
+                        ]
+                    ),
+                    np.concatenate([layer * self.experts + expert, np.arange(cells)]),
+                ),
+            ),
+            shape=(self.layers * (self.num_nodes + 1), cells),
+        )
+        self._cache: OrderedDict[int, _Score] = OrderedDict()
+        # Per rank: predicted remote pairs per layer of the requests placed there (one
+        # extra column, used inside a decision for the tie-break), their sum, and how
+        # many remembered requests run there.
+        self._traffic = np.zeros((self.num_ranks, self.layers))
+        self._traffic_sum = [0.0] * self.num_ranks
+        self._requests = [0] * self.num_ranks
+        # request_id -> [(rank, remote vector on its node)], one entry per placement
+        self._placed: dict[str, list[tuple[int, _Score]]] = {}
 
-    def node_gains(self, histogram: np.ndarray) -> np.ndarray:
-        """[nodes] expected (token, expert) pairs of ``histogram`` served on each node
+    # ------------------------------------------------------------------ scoring
+
+    def node_remote(self, histogram: np.ndarray) -> np.ndarray:
+        """[nodes, layers] remote (token, expert) pairs of ``histogram`` on each node
         (cached per histogram object)."""
-        key = id(histogram)
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] is histogram:
-            self._cache.move_to_end(key)
-            return hit[1]
-        counts = np.asarray(histogram, dtype=np.float64).ravel()
-        if counts.size != self.present.shape[0]:
+        return self._scores([histogram])[0].cost[:, : self.layers]
+
+    def predicted_traffic(self) -> np.ndarray:
+        """[ranks, layers] predicted remote pairs of the remembered requests per rank."""
+        return self._traffic.copy()
+
+    def _scores(self, histograms: Sequence[np.ndarray]) -> list[_Score]:
+        out: list[_Score | None] = []
+        todo: dict[int, np.ndarray] = {}
+        for hist in histograms:
+            hit = self._cache.get(id(hist))
+            if hit is not None and hit.histogram is hist:
+                out.append(hit)
+            else:
+                out.append(None)
+                todo[id(hist)] = hist
+        for hist in todo.values():
+            self._cache[id(hist)] = self._score(hist)
+        if todo:
+            out = [
+                s if s is not None else self._cache[id(h)]
+                for s, h in zip(out, histograms, strict=True)
+            ]
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return out  # type: ignore[return-value]
+
+    def _score(self, hist: np.ndarray) -> _Score:
+        counts = np.asarray(hist, dtype=np.float64)
+        if counts.size != self.layers * self.experts:
             raise ValueError(
                 f"expert histogram has {counts.size} cells, the placement "
-                f"{self.present.shape[0]} (layers x experts)"
+                f"{self.layers * self.experts} (layers x experts)"
             )
-        gains = counts @ self.present
-        self._cache[key] = (histogram, gains)
-        if len(self._cache) > CACHE_ENTRIES:
-            self._cache.popitem(last=False)
-        return gains
+        layers, nodes = self.layers, self.num_nodes
+        both = self._present @ counts.ravel()
+        remote = both[layers * nodes :, None] - both[: layers * nodes].reshape(layers, nodes)
+        np.maximum(remote, 0.0, out=remote)  # [layers, nodes]
+        cost = np.empty((nodes, layers + 1))
+        cost[:, :layers] = remote.T
+        per_node = np.add.reduce(remote, axis=0)
+        np.multiply(per_node, self._mu, out=cost[:, layers])
+        remotes = per_node.tolist()
+        return _Score(hist, cost, remotes, sum(remotes) / nodes)
 
-    def _gains_of(self, request: RequestInfo) -> np.ndarray:
-        hist = request.expert_histogram
-        hit = self._cache.get(id(hist))
-        if hit is not None and hit[0] is hist:
-            return hit[1]
-        assert hist is not None
-        return self.node_gains(hist)
+    # ------------------------------------------------------------------ the contract
 
     def choose_rank(self, request: RequestInfo, ranks: RankState) -> int | None:
         return self.choose_ranks([request], ranks)[0]
 
     def on_finish(self, request: RequestInfo, rank: int) -> None:
-        """A finished request's histogram is not scored again: drop it from the cache (so a
-        server's per-request histograms do not pile up to CACHE_ENTRIES)."""
+        """Forget ``request``'s predicted traffic on ``rank``, and drop its histogram from
+        the score cache (so a server's per-request histograms do not pile up)."""
+        placed = self._placed.get(request.request_id)
+        if placed is not None:
+            for k, (r, score) in enumerate(placed):
+                if r == rank:
+                    del placed[k]
+                    self._forget(r, score.cost[r // self.gpus_per_node, : self.layers])
+                    break
+            if not placed:
+                del self._placed[request.request_id]
         hist = request.expert_histogram
         hit = self._cache.get(id(hist))
-        if hit is not None and hit[0] is hist:
+        if hit is not None and hit.histogram is hist:
             del self._cache[id(hist)]
+
+    def _forget(self, rank: int, vector: np.ndarray) -> None:
+        self._requests[rank] -= 1
+        row = self._traffic[rank]
+        if self._requests[rank] == 0:  # no float residue on an idle rank
+            row[:] = 0.0
+            self._traffic_sum[rank] = 0.0
+        else:
+            np.subtract(row, vector, out=row)
+            np.maximum(row, 0.0, out=row)
+            self._traffic_sum[rank] = max(0.0, self._traffic_sum[rank] - float(vector.sum()))
 
     def choose_ranks(self, requests: Sequence[RequestInfo], ranks: RankState) -> list[int | None]:
         per_node, nodes = ranks.gpus_per_node, ranks.num_nodes
-        if per_node != self.gpus_per_node or nodes != self.present.shape[1]:
+        if per_node != self.gpus_per_node or nodes != self.num_nodes:
             raise ValueError(
-                f"the placement has {self.present.shape[1]}x{self.gpus_per_node} GPUs, "
+                f"the placement has {self.num_nodes}x{self.gpus_per_node} GPUs, "
                 f"the ranks {nodes}x{per_node}"
             )
         free = np.maximum(ranks.capacity - ranks.running, 0).astype(np.int64)
@@ -198,30 +327,92 @@ class LocalityWindow(RoutingPolicy):
         chosen: list[int | None] = [None] * len(requests)
         if admit == 0:
             return chosen
-        node_of_rank = np.arange(ranks.num_ranks) // per_node
-        node_free = free.reshape(nodes, per_node).sum(axis=1)
-        node_load = load.reshape(nodes, per_node).sum(axis=1)
         window = requests[:admit]
         scored = [i for i, r in enumerate(window) if r.expert_histogram is not None]
         if scored:
-            gains = np.stack([self._gains_of(window[i]) for i in scored])
-            top = gains.max()
-            steps = np.rint(gains * (GAIN_STEPS / top)) if top > 0 else np.zeros_like(gains)
-            limit = node_limits(node_load, node_free, admit, self.slack)
-            tiebreak = np.argsort(np.argsort(node_load, kind="stable"), kind="stable")
-            node = solve_transport(steps.astype(np.int64), limit, tiebreak)
-            counts = np.bincount(node, minlength=nodes)
-            picked = water_fill(load, free, node_of_rank, counts)
-            rank_of = np.empty(len(scored), dtype=np.int64)
-            rank_of[np.argsort(node, kind="stable")] = picked  # grouped by node, in order
-            np.add.at(load, rank_of, 1)
-            np.subtract.at(free, rank_of, 1)
-            for i, rank in zip(scored, rank_of.tolist(), strict=True):
+            scores = self._scores([window[i].expert_histogram for i in scored])  # type: ignore[misc]
+            limit = node_limits(load, free, admit, LOAD_SLACK)
+            picked = self._greedy(scores, limit, load)
+            placed = self._placed
+            for i, rank, score in zip(scored, picked, scores, strict=True):
                 chosen[i] = rank
+                entry = (rank, score)
+                got = placed.get(window[i].request_id)
+                if got is None:
+                    placed[window[i].request_id] = [entry]
+                else:
+                    got.append(entry)
+            taken = np.bincount(picked, minlength=ranks.num_ranks)
+            load += taken
+            free -= taken
         rest = [i for i, r in enumerate(window) if r.expert_histogram is None]
         if rest:
             anywhere = np.zeros(ranks.num_ranks, dtype=np.int64)
-            picked = water_fill(load, free, anywhere, np.array([len(rest)]))
-            for i, rank in zip(rest, picked.tolist(), strict=True):
+            picked_rest = water_fill(load, free, anywhere, np.array([len(rest)]))
+            for i, rank in zip(rest, picked_rest.tolist(), strict=True):
                 chosen[i] = rank
         return chosen
+
+    def _greedy(self, scores: list[_Score], limit: np.ndarray, load: np.ndarray) -> list[int]:
+        """Ranks for ``scores`` (module docstring, step 4); commits their traffic."""
+        layers, per_node = self.layers, self.gpus_per_node
+        traffic = np.zeros((self.num_ranks, layers + 1))
+        traffic[:, :layers] = self._traffic
+        total = self._traffic_sum
+        count = load.tolist()
+        cap = limit.tolist()
+        unit = max(sum(s.spread for s in scores) / len(scores), 1.0)
+        for r in range(self.num_ranks):
+            traffic[r, layers] = TIE * (total[r] + unit * count[r])
+        peak = np.empty(layers + 1)
+        peak[:layers] = traffic[:, :layers].max(axis=0)
+        peak[layers] = -np.inf
+        # Per node, a heap of its ranks with room: (predicted traffic, requests, rank).
+        heaps = []
+        for n in range(self.num_nodes):
+            heap = [
+                (total[r], count[r], r) for r in range(n * per_node, (n + 1) * per_node) if cap[r]
+            ]
+            heapq.heapify(heap)
+            heaps.append(heap)
+        cand = [h[0][2] if h else -1 for h in heaps]
+        offer = traffic[np.maximum(cand, 0)]  # [nodes, layers + 1]: each node's candidate
+        for n, r in enumerate(cand):
+            if r < 0:
+                offer[n] = np.inf
+        peaks = np.tile(peak, (self.num_nodes, 1))
+        ones = np.ones(layers + 1)
+        after = np.empty_like(offer)
+        top = np.empty_like(offer)
+        order = np.argsort([-s.spread for s in scores], kind="stable").tolist()
+        out = [0] * len(scores)
+        add, maximum, dot = np.add, np.maximum, np.dot
+        heapreplace, heappop, inf = heapq.heapreplace, heapq.heappop, np.inf
+        for k in order:
+            score = scores[k]
+            add(offer, score.cost, out=after)
+            maximum(after, peaks, out=top)
+            n = int(dot(top, ones).argmin())
+            r = cand[n]
+            row = traffic[r]
+            row[:] = after[n]
+            peaks[:, :layers] = top[n, :layers]  # every row of peaks is the peak
+            t = total[r] = total[r] + score.remote[n]
+            c = count[r] = count[r] + 1
+            row[layers] = TIE * (t + unit * c)
+            out[k] = r
+            heap = heaps[n]
+            cap[r] -= 1
+            if cap[r]:
+                heapreplace(heap, (t, c, r))
+            else:
+                heappop(heap)
+            if heap:
+                cand[n] = q = heap[0][2]
+                offer[n] = traffic[q]
+            else:
+                offer[n] = inf
+        self._traffic = traffic[:, :layers].copy()
+        for r in out:
+            self._requests[r] += 1
+        return out

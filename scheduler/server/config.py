@@ -98,6 +98,9 @@ class PolicySection:
     window_ms: float = 2.0
     max_window: int = 256
     band: float = 0.1
+    #: locality_window: weight of the busiest rank's predicted inter-node pairs against
+    #: the mean's, in [0, 1] (docs/policies.md).
+    balance: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -278,6 +281,8 @@ def _check(c: ServerConfig) -> None:
         fail(f"prediction.mode {c.prediction.mode!r} needs prediction.bundle (moe-scheduler fit)")
     if not 0 <= c.backend.routed_experts_fraction <= 1:
         fail("backend.routed_experts_fraction must be in [0, 1]")
+    if not 0 <= c.policy.balance <= 1:
+        fail(f"policy.balance must be in [0, 1], got {c.policy.balance}")
     if c.feedback.worker not in WORKER_KINDS:
         fail(f"feedback.worker must be one of {', '.join(WORKER_KINDS)}")
     if (c.server.tls_cert is None) != (c.server.tls_key is None):

@@ -118,6 +118,7 @@ def build_policy(config: ServerConfig, cluster: ClusterState) -> RoutingPolicy:
         "placement": cluster.placement,
         "class_to_node_share": cluster.class_to_node_share,
         "band": config.policy.band,
+        "balance": config.policy.balance,
     }
     cls = POLICIES[name][0] if name in POLICIES else None
     params = {}

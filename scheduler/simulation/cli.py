@@ -45,11 +45,12 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--band", type=float, default=0.1, help="locality_band margin (default 0.1)")
     p.add_argument(
-        "--slack",
+        "--balance",
         type=float,
-        default=0.1,
-        help="locality_window: how far above its fair share of the load a node may go "
-        "(default 0.1)",
+        default=0.5,
+        help="locality_window: weight in [0, 1] of the busiest rank's predicted inter-node "
+        "pairs against the mean's (1: busiest rank only, 0: mean locality only; default "
+        "0.5; docs/policies.md)",
     )
     p.add_argument(
         "--window-ms",
@@ -168,7 +169,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elif args.policy == "locality_band":
         params = {"placement": placement, "band": args.band}
     elif args.policy == "locality_window":
-        params = {"placement": placement, "slack": args.slack}
+        params = {"placement": placement, "balance": args.balance}
     if args.max_requests is not None:
         workload = workload.select(np.arange(min(args.max_requests, len(workload))))
     if steady:
