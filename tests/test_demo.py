@@ -7,6 +7,7 @@ from pathlib import Path
 
 from scheduler.cli import main
 from scheduler.emulator.workload import DEFAULT_PROFILE
+from scheduler.server.demo import DEMO_BALANCES
 from tests.server_harness import write_bundle, write_placement
 
 
@@ -35,7 +36,8 @@ def test_demo_runs_both_policies_and_cleans_up(shared_data: Path, tmp_path: Path
     ]
     assert main(argv) == 0
     results = json.loads((out / "serving.json").read_text())
-    assert len(results) == 2
+    assert len(results) == 1 + len(DEMO_BALANCES)  # round_robin, ours at each setting
+    assert all(any(f"balance {b:g}" in name for name in results) for b in DEMO_BALANCES)
     for result in results.values():
         assert result["statuses"] == {"OK": 30}
         assert result["inter_node_bytes_per_token"] > 0

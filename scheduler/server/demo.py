@@ -1,7 +1,9 @@
 """``moe-scheduler demo``: the whole serving path on this machine. Starts the SGLang
-emulator with a placement, then the scheduler twice — SGLang's default ``round_robin``
-without prediction, and our policy with the text classifier — replays the same held-out
-real prompts through the gRPC client under each, and prints a side-by-side table.
+emulator with a placement, then the scheduler once per setting — SGLang's default
+``round_robin`` without prediction, and our ``locality_window`` with the text classifier
+at each ``--balance`` (default 0 and 0.5: the mean-locality end of the knob and the
+default; docs/policies.md) — replays the same held-out real prompts through the gRPC
+client under each, and prints a side-by-side table.
 
 Every process it starts is stopped on exit, on error and on Ctrl-C.
 """
@@ -23,6 +25,8 @@ from scheduler.errors import ConfigError
 from scheduler.jsonio import write_json_atomic
 
 STARTUP_TIMEOUT_S = 120
+#: The locality_window settings of ``[policy] balance`` the demo compares.
+DEMO_BALANCES = (0.0, 0.5)
 
 
 class Process:
@@ -77,6 +81,7 @@ def _config(
     bundle: Path,
     profile: Path,
     capacity: int,
+    balance: float | None = None,
 ) -> Path:
     text = f"""# written by moe-scheduler demo
 [server]
@@ -95,6 +100,7 @@ placement = "{placement.resolve()}"
 name = "{policy}"
 capacity = {capacity}
 window_ms = {2.0 if mode != "none" else 0.0}
+{"" if balance is None else f"balance = {balance:g}"}
 
 [prediction]
 mode = "{mode}"
@@ -185,7 +191,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     plan = json.loads((args.placement / PLAN).read_text())
     nodes, per_node = plan["cluster"]["nodes"], plan["cluster"]["gpus_per_node"]
     model = ModelShape.from_dict(plan["model"])
-    runs = [("round_robin", "none"), ("locality_window", "text")]
+    runs: list[tuple[str, str, float | None]] = [("round_robin", "none", None)]
+    runs += [("locality_window", "text", b) for b in args.balance]
     cost = CostModel.from_topology(Topology(nodes, per_node))
 
     print(
@@ -232,10 +239,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         processes.append(emulator)
         backend = emulator.match.group(1)
         print(f"emulator: {backend} (log {out / 'emulator.log'})", flush=True)
-        for policy, mode in runs:
-            name = f"{policy}+{mode}"
+        for policy, mode, balance in runs:
+            stem = f"{policy}+{mode}" + ("" if balance is None else f"-balance{balance:g}")
+            name = f"{policy}+{mode}" + ("" if balance is None else f", balance {balance:g}")
             config = _config(
-                out / f"{name}.toml",
+                out / f"{stem}.toml",
                 backend,
                 args.placement,
                 policy,
@@ -243,12 +251,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 args.bundle,
                 args.profile,
                 args.capacity,
+                balance,
             )
             server = Process(
                 f"scheduler ({name})",
                 [*_command(), "serve", "--config", str(config)],
                 r"grpc listening on (\S+)",
-                out / f"{name}.log",
+                out / f"{stem}.log",
             )
             processes.append(server)
             target = server.match.group(1)
@@ -311,26 +320,36 @@ def render_table(results: dict[str, Any]) -> str:
             f"{r['throughput_rps']:.0f} | {failed} |"
         )
     names = list(results)
-    if len(names) == 2:
-        a, b = (results[n]["step_at_load"]["moe_layer_us"] for n in names)
-        x, y = (results[n]["inter_node_bytes_per_token"] for n in names)
+    base = names[0] if names else ""
+    a = results[base]["step_at_load"]["moe_layer_us"] if names else 0.0
+    x = results[base]["inter_node_bytes_per_token"] if names else 0.0
+    notes = []
+    for name in names[1:]:
+        b = results[name]["step_at_load"]["moe_layer_us"]
+        y = results[name]["inter_node_bytes_per_token"]
         if a and b and x and y:
-            lines.append("")
             time_change = 100 * (b / a - 1)
             bytes_change = 100 * (y / x - 1)
-            lines.append(
-                f"{names[1]} {'cuts' if time_change < 0 else 'raises'} the modelled all-to-all "
-                f"time per MoE layer by {abs(time_change):.1f}% against {names[0]} at the "
-                f"demo's load ({results[names[1]]['step_at_load']['in_flight']:.0f} requests "
+            notes.append(
+                f"{name} {'cuts' if time_change < 0 else 'raises'} the modelled all-to-all "
+                f"time per MoE layer by {abs(time_change):.1f}% against {base} at the "
+                f"demo's load ({results[name]['step_at_load']['in_flight']:.0f} requests "
                 f"in flight; the kernels pay for the busiest rank), while mean inter-node "
                 f"bytes per token {'fall' if bytes_change < 0 else 'rise'} "
-                f"{abs(bytes_change):.1f}%. Modelled from the served bytes, not timed on a GPU."
+                f"{abs(bytes_change):.1f}%."
             )
+    if notes:
+        lines.append("")
+        lines += [f"- {n}" for n in notes]
+        lines.append("")
+        lines.append("Modelled from the served bytes, not timed on a GPU.")
     return "\n".join(lines)
 
 
 def add_commands(sub: Any) -> None:
-    p = sub.add_parser("demo", help="emulator + scheduler end to end: round_robin vs ours")
+    p = sub.add_parser(
+        "demo", help="emulator + scheduler end to end: round_robin vs ours at two settings"
+    )
     p.add_argument("--data", type=Path, default=Path("../shared/data"), help="real data")
     p.add_argument("--placement", type=Path, required=True, help="`place` output directory")
     p.add_argument("--profile", type=Path, required=True, help="profile the placement used")
@@ -342,4 +361,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--capacity", type=int, default=32, help="running requests per rank")
     p.add_argument("--time-scale", type=float, default=1.0, help="emulator time scale")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--balance",
+        type=float,
+        nargs="+",
+        default=list(DEMO_BALANCES),
+        help="locality_window's [policy] balance settings to run (default "
+        f"{' '.join(f'{b:g}' for b in DEMO_BALANCES)})",
+    )
     p.set_defaults(handler=cmd_demo)
