@@ -50,7 +50,7 @@ from scheduler.policies import POLICIES, make_policy  # noqa: E402
 from scheduler.simulation import SimulationConfig, Workload, simulate  # noqa: E402
 
 UTILISATION = 0.7
-PEER_EXCLUDED_METHODS = ("ours",)
+PEER_EXCLUDED_METHODS = ("ours", "ours-remote-hits")
 OURS = ("ours", "locality_window")
 
 #: name -> per-dataset settings. "redundancy": fractions of the experts.

@@ -88,7 +88,7 @@ def best_peer(
     peers = [
         c
         for c, recs in by_combo.items()
-        if c[0] != OURS[0] and c[1] != OURS[1] and _time(recs.get(point)) is not None
+        if not c[0].startswith(OURS[0]) and c[1] != OURS[1] and _time(recs.get(point)) is not None
     ]
     return min(peers, key=lambda c: _t(by_combo[c][point])) if peers else None
 

@@ -60,6 +60,26 @@ def add_commands(sub: Any) -> None:
         help="CP-SAT threads (default 1: runs repeat exactly; more are faster, not reproducible)",
     )
     p.add_argument(
+        "--objective",
+        default="time",
+        choices=["time", "remote-hits"],
+        help="what --method ours minimises: the modelled MoE-layer time at the operating "
+        "point (default; busiest rank and GPU included, mean bytes second) or, for "
+        "comparison, the expected remote (token, expert) hits",
+    )
+    p.add_argument(
+        "--phase",
+        default="decode",
+        choices=["decode", "prefill"],
+        help="operating point of --objective time (default decode)",
+    )
+    p.add_argument(
+        "--tokens-per-rank",
+        type=int,
+        help="tokens per DP rank per step at the operating point (default: 128 running "
+        "requests in decode, 8192 prompt tokens in prefill)",
+    )
+    p.add_argument(
         "--current",
         type=Path,
         metavar="DIR",
@@ -80,6 +100,7 @@ def cmd_place(args: argparse.Namespace) -> int:
     from scheduler.placement.metrics import predicted_metrics
     from scheduler.placement.plan import check_placement_dir, write_placement_dir
     from scheduler.placement.problem import PlacementProblem
+    from scheduler.placement.step_time import OperatingPoint
     from scheduler.placement.topology import load_topology
     from scheduler.profile import load_profile
 
@@ -131,6 +152,8 @@ def cmd_place(args: argparse.Namespace) -> int:
         workers=args.workers,
         current=current,
         max_moves=args.max_moves,
+        objective=args.objective,
+        operating_point=OperatingPoint.of(args.phase, args.tokens_per_rank),
     )
     print(
         f"placing {profile.model.num_experts} experts x {profile.model.num_moe_layers} layers "
@@ -147,7 +170,23 @@ def cmd_place(args: argparse.Namespace) -> int:
         fingerprints["current_sha256"] = fingerprint(args.current / "expert_location.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_placement_dir(args.out, problem, result, fingerprints)
-    gap = f", gap {result.gap:.2%}" if result.gap is not None else ""
+    relaxed = result.details.get("balance_relaxed")
+    if relaxed:
+        by_layer = relaxed.get("gpu_load_imbalance_by_layer") or {
+            layer: None for layer in relaxed.get("layers", [])
+        }
+        shown = ", ".join(
+            f"layer {layer}" + (f" {value:.2f}" if value is not None else "")
+            for layer, value in list(by_layer.items())[:8]
+        )
+        print(
+            f"BALANCE_RELAXED: GPU expert load above +{problem.balance_tolerance:.0%} of the "
+            f"mean in {len(by_layer)} MoE layer(s) (max/mean: {shown}"
+            f"{', ...' if len(by_layer) > 8 else ''}); the best-balanced placement found is "
+            "written. More --redundant-experts lets a hot expert be split further.",
+            file=sys.stderr,
+        )
+    gap = f", gap {result.gap:.2%} to the joint bound" if result.gap is not None else ""
     print(
         f"wrote {args.out}/expert_location.json and plan.json ({result.status}, "
         f"{result.solve_seconds:.1f} s{gap})"

@@ -2,9 +2,9 @@
 
 The token source is the node a class's requests are served on (``class_to_node_share``),
 with each node's demand spread evenly over its ranks. Replica choice follows SGLang's
-static dispatch in expectation: a replica on the rank's own GPU, else one on its node
-(spread evenly over the node's replicas), else the fixed per-rank choice among all
-replicas, which over ranks is an even spread.
+static dispatch in expectation: a replica on the rank's own GPU, else the node's
+lowest-slot replica when the node holds some but not all replicas, else the fixed
+per-rank choice among all replicas, which over ranks is an even spread.
 """
 
 from __future__ import annotations
@@ -37,34 +37,31 @@ def remote_cost(
 
 
 def gpu_loads(node_dem: np.ndarray, placement: Placement) -> np.ndarray:
-    """[layers, gpus] expected tokens processed per GPU (static dispatch, see module doc)."""
+    """[layers, gpus] expected tokens processed per GPU (static dispatch, see module doc).
+
+    A rank without its own replica sends to its node's lowest-slot replica when the node
+    holds some but not all replicas, else (none on the node, or all) to one dealt at
+    random: in expectation an even spread over the replicas."""
     nodes, layers, experts = node_dem.shape
     g_per_node = placement.gpus_per_node
     rep = placement.replicas_per_gpu().astype(np.float64)  # [layers, experts, gpus]
-    node_of = np.arange(placement.num_gpus) // g_per_node
     loads = np.zeros((layers, placement.num_gpus))
     for layer in range(layers):
         r = rep[layer]  # [experts, gpus]
         has = r > 0
         total = r.sum(axis=1)  # [experts]
         for n in range(nodes):
-            gpus = node_of == n
+            gpus = slice(n * g_per_node, (n + 1) * g_per_node)
             per_rank = node_dem[n, layer] / g_per_node  # [experts]
             own = has[:, gpus].sum(axis=1)  # ranks of node n holding e
             loads[layer, gpus] += (has[:, gpus] * per_rank[:, None]).sum(axis=0)
             rest = per_rank * (g_per_node - own)  # demand of ranks without their own replica
             node_reps = r[:, gpus].sum(axis=1)
-            on_node = node_reps > 0
-            # spread over the node's replicas, or over all replicas when the node has none
-            spread = np.zeros_like(r)
-            spread[:, gpus] = np.divide(
-                r[:, gpus],
-                node_reps[:, None],
-                out=np.zeros_like(r[:, gpus]),
-                where=on_node[:, None],
-            )
-            spread[~on_node] = r[~on_node] / total[~on_node, None]
-            loads[layer] += (rest[:, None] * spread).sum(axis=0)
+            narrow = (node_reps > 0) & (node_reps < total)
+            first = n * g_per_node + has[:, gpus].argmax(axis=1)
+            np.add.at(loads[layer], first[narrow], rest[narrow])
+            spread = ~narrow
+            loads[layer] += (rest[spread, None] * r[spread] / total[spread, None]).sum(axis=0)
     return loads
 
 

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from scheduler import __version__
 from scheduler.errors import InputError
 from scheduler.jsonio import read_json, write_json_atomic
@@ -30,6 +32,7 @@ def plan_json(
         result.class_to_node_share,
         problem.topology,
     )
+    metrics.update(modelled_step(problem, result))
     return {
         "format": "moe-scheduler-plan",
         "version": 1,
@@ -57,9 +60,28 @@ def plan_json(
             "slots_per_gpu": problem.slots_per_gpu,
             "balance_tolerance": problem.balance_tolerance,
         },
+        "objective_kind": problem.objective,
         "model": problem.profile.model.to_dict(),
         "inputs": fingerprints,
         "details": result.details,
+    }
+
+
+def modelled_step(problem: PlacementProblem, result: PlacementResult) -> dict[str, Any]:
+    """The expected modelled MoE-layer time of the result at the problem's operating
+    point (step_time.py), the same model for every method."""
+    from scheduler.accounting.cost_model import CostModel
+    from scheduler.placement.methods.ours_time import evaluate_rows
+    from scheduler.placement.step_time import LayerCost
+
+    cost = LayerCost.of(CostModel.from_topology(problem.topology), problem.profile.model)
+    evals = evaluate_rows(problem, result.placement.phy2log, result.class_to_node_share, cost)
+    point = problem.operating_point
+    return {
+        "operating_point": {"phase": point.phase, "tokens_per_rank": point.tokens_per_rank},
+        "modelled_moe_layer_us": float(np.mean([e.time_us for e in evals])),
+        "busiest_rank_copies_per_layer": float(np.mean([e.max_inter for e in evals])),
+        "mean_rank_copies_per_layer": float(np.mean([e.mean_inter for e in evals])),
     }
 
 

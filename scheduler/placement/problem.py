@@ -9,8 +9,13 @@ import numpy as np
 
 from scheduler.errors import ConfigError
 from scheduler.placement.placement import Placement
+from scheduler.placement.step_time import OperatingPoint
 from scheduler.placement.topology import Topology
 from scheduler.profile import WorkloadProfile
+
+#: What ``ours`` minimises: the modelled MoE-layer time at the operating point, or (for
+#: comparison) the expected remote (token, expert) hits.
+OBJECTIVES = ("time", "remote-hits")
 
 
 @dataclass(frozen=True)
@@ -19,7 +24,9 @@ class PlacementProblem:
 
     demand: [classes, layers, experts] token counts per class (decode, else prefill, else
     mixed); weights: [classes] token shares. ``current`` and ``max_moves`` ask for a
-    re-placement that moves at most ``max_moves`` expert weights.
+    re-placement that moves at most ``max_moves`` expert weights. ``objective`` and
+    ``operating_point`` are what ``ours`` optimises (other methods ignore them; the plan's
+    predicted metrics report the time at the operating point for every method).
     """
 
     profile: WorkloadProfile
@@ -31,10 +38,16 @@ class PlacementProblem:
     workers: int = 1
     current: Placement | None = None
     max_moves: int | None = None
+    objective: str = "time"
+    operating_point: OperatingPoint = field(default_factory=OperatingPoint)
 
     def __post_init__(self) -> None:
         m, t = self.profile.model, self.topology
         slots = m.num_experts + self.redundant_experts
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
         if self.redundant_experts < 0:
             raise ConfigError(f"--redundant-experts must be >= 0, got {self.redundant_experts}")
         if slots % t.num_gpus:

@@ -16,7 +16,16 @@ Method = Callable[[PlacementProblem], PlacementResult]
 
 #: name -> (module, function, one-line description)
 METHODS: dict[str, tuple[str, str, str]] = {
-    "ours": ("ours", "solve", "joint class-to-node shares and expert placement (CP-SAT)"),
+    "ours": (
+        "ours",
+        "solve",
+        "joint class shares and placement minimising modelled MoE-layer time (--objective)",
+    ),
+    "ours-remote-hits": (
+        "ours",
+        "solve_remote_hits",
+        "ours with --objective remote-hits (CP-SAT per layer), kept for comparison",
+    ),
     "trivial": ("trivial", "solve", "SGLang's default: slot p holds expert p mod E"),
     "eplb": ("eplb", "solve_global", "DeepSeek EPLB, global policy (SGLang `deepseek`)"),
     "eplb-hierarchical": (

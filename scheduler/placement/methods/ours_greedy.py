@@ -12,6 +12,11 @@ import numpy as np
 from scheduler.placement.metrics import gpu_loads
 from scheduler.placement.placement import Placement
 
+#: Above this many expert-GPU binaries per layer ``ours`` skips its CP-SAT model (and,
+#: with the time objective, the locality heuristic's start, whose balance repair is
+#: quadratic in the experts).
+MAX_CPSAT_BINARIES = 4096
+
 
 def replica_counts(dem: np.ndarray, slots: int) -> np.ndarray:
     """[experts] replicas per expert: one each, then the redundant slots go to the largest
