@@ -39,6 +39,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ from policy_grid import make, solve_placements  # noqa: E402
 
 from scheduler.accounting import CostModel  # noqa: E402
 from scheduler.placement.topology import Topology  # noqa: E402
-from scheduler.policies import POLICIES  # noqa: E402
+from scheduler.policies import POLICIES, make_policy  # noqa: E402
+from scheduler.profile import ClassProfile, WorkloadProfile  # noqa: E402
 from scheduler.simulation import Workload  # noqa: E402
 from scheduler.simulation.steady import (  # noqa: E402
     SteadyConfig,
@@ -68,6 +70,11 @@ OURS = ("ours", "locality_window")
 SGLANG_DEFAULT = ("trivial", "round_robin")
 EPLB = ("eplb", "round_robin")
 SEED = 0
+#: "ours" placed on the replayed requests' own decode routing (by the labels the policies
+#: see): the best placement found for the true workload, served by locality_window.
+ORACLE = "oracle"
+#: Extra settings of locality_window's one knob, run with our placement only.
+BALANCE_VARIANTS = (0.0, 1.0)
 
 #: name -> settings. Per dataset: topologies, redundant experts (kept where the slots
 #: divide over the GPUs), steps per decode / prefill run, the prefill chunk per rank.
@@ -192,6 +199,47 @@ def decode_bound(
     return float(np.mean([bound(work.token_ids[index]) for index in tokens]))
 
 
+def variant_name(balance: float) -> str:
+    return f"{OURS[1]}[balance={balance:g}]"
+
+
+def make_variant(policy: str, placed: dict[str, Any]) -> Any:
+    """:func:`policy_grid.make`, plus the ``locality_window[balance=B]`` variants."""
+    if policy.startswith(OURS[1] + "["):
+        balance = float(policy.split("=", 1)[1].rstrip("]"))
+        return make_policy(OURS[1], placement=placed["placement"], balance=balance)
+    return make(policy, placed)
+
+
+def policies_of(method: str) -> list[str]:
+    if method == ORACLE:
+        return [OURS[1]]
+    if method == OURS[0]:
+        return list(POLICIES) + [variant_name(b) for b in BALANCE_VARIANTS]
+    return list(POLICIES)
+
+
+def oracle_profile(work: Workload, model: Any) -> WorkloadProfile:
+    """The replayed requests' own decode routing as a profile, one class per label the
+    policies see (token shares as weights)."""
+    e = model.num_experts
+    counts: dict[str, np.ndarray] = {}
+    for i, label in enumerate(work.labels):
+        start = int(work.offset[i] + work.prefill[i])
+        ids = work.token_ids[start : start + int(work.decode[i])]  # [tokens, layers, k]
+        layer = np.broadcast_to(np.arange(ids.shape[1])[None, :, None], ids.shape)
+        cell = (layer * e + ids.astype(np.int64)).ravel()
+        c = np.bincount(cell, minlength=ids.shape[1] * e).reshape(ids.shape[1], e)
+        key = label or "unlabelled"
+        counts[key] = counts.get(key, 0) + c
+    total = sum(float(c.sum()) for c in counts.values())
+    classes = {
+        k: ClassProfile(float(c.sum()) / total, {"decode": c.astype(np.float64)})
+        for k, c in sorted(counts.items())
+    }
+    return WorkloadProfile(model, classes, {"source": "replayed requests (oracle)"})
+
+
 def run_case(
     dataset: grid_data.GridDataset,
     work: Workload,
@@ -221,6 +269,12 @@ def run_case(
         return {**case, "status": "skipped", "message": "slots do not divide over the GPUs"}, []
     start = time.perf_counter()
     placed = solve_placements(dataset, topology, redundant, methods, grid["time_limit_s"])
+    if OURS[0] in methods:
+        oracle = replace(dataset, profile=oracle_profile(work, model))
+        placed[ORACLE] = solve_placements(
+            oracle, topology, redundant, [OURS[0]], grid["time_limit_s"]
+        )[OURS[0]]
+        methods = [*methods, ORACLE]
     case["placements"] = {
         m: {k: v for k, v in p.items() if k in ("status", "solve_s", "message")}
         for m, p in placed.items()
@@ -237,7 +291,7 @@ def run_case(
         method_start = time.perf_counter()
         if p["status"] == "error":
             for config in points:
-                for policy in POLICIES:
+                for policy in policies_of(method):
                     records.append(
                         {
                             **base,
@@ -257,7 +311,7 @@ def run_case(
                 bounds[method][point_name(config)] = decode_bound(
                     work, step_bound, topology, config
                 )
-            for policy in POLICIES:
+            for policy in policies_of(method):
                 rec: dict[str, Any] = {
                     **base,
                     "method": method,
@@ -278,7 +332,7 @@ def run_case(
                 try:
                     s = replay_steady(
                         work,
-                        make(policy, p),
+                        make_variant(policy, p),
                         p["placement"],
                         topology,
                         model,
@@ -303,7 +357,7 @@ def run_case(
                 )
                 records.append(rec)
         log(
-            f"    {method}: {len(points) * len(POLICIES)} runs in "
+            f"    {method}: {len(points) * len(policies_of(method))} runs in "
             f"{time.perf_counter() - method_start:.1f} s"
         )
     for rec in records:  # the bound of the record's placement and operating point
@@ -446,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         "policies": list(POLICIES),
         "special": {
             "ours": list(OURS),
+            "oracle": [ORACLE, OURS[1]],
+            "balance_variants": [variant_name(b) for b in BALANCE_VARIANTS],
             "sglang_default": list(SGLANG_DEFAULT),
             "eplb": list(EPLB),
         },

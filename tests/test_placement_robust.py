@@ -235,3 +235,26 @@ def test_place_cli_reports_a_relaxed_balance(tmp_path, capsys):
         "tokens_per_rank": 128,
     }
     assert plan["gap"] is not None
+
+
+@pytest.mark.parametrize(
+    "name, objective, redundant",
+    [
+        ("mixtral-humaneval-gsm8k-small", "time", "8"),
+        ("mixtral-humaneval-gsm8k-small", "remote-hits", "8"),
+        ("sglang-deepseek-v3-eplb-stats", "time", "0"),
+    ],
+)
+def test_place_on_real_trace_sets(shared_data, tmp_path, name, objective, redundant, capsys):
+    """Profiles the project builds from its data place (the Mixtral set once crashed the
+    locality heuristic with 8 redundant slots on 4x2 GPUs; ESFT is placed elsewhere)."""
+    topo = tmp_path / "4x2.toml"
+    topo.write_text("[cluster]\nnodes = 4\ngpus_per_node = 2\n")
+    store, profile, out = tmp_path / "store", tmp_path / "profile.json", tmp_path / "plan"
+    assert main(["import", str(shared_data / "traces" / name), "--out", str(store)]) == 0
+    assert main(["profile", str(store), "--by", "label", "--out", str(profile)]) == 0
+    args = ["place", "--profile", str(profile), "--topology", str(topo)]
+    args += ["--redundant-experts", redundant, "--time-limit", "1"]
+    assert main([*args, "--objective", objective, "--out", str(out)]) == 0
+    assert main([*args, "--check", str(out)]) == 0
+    capsys.readouterr()

@@ -10,6 +10,12 @@ from typing import Any
 from renderers.common import _fmt, _machine_line, _table
 
 OURS = ("ours", "locality_window")
+ORACLE = ("oracle", "locality_window")
+#: locality_window's knob at the settings the benchmark runs besides the default (0.5)
+BALANCE_VARIANTS = (
+    (OURS[0], "locality_window[balance=0]"),
+    (OURS[0], "locality_window[balance=1]"),
+)
 SGLANG_DEFAULT = ("trivial", "round_robin")
 EPLB = ("eplb", "round_robin")
 HEADLINE_DECODE = "decode_128"
@@ -88,7 +94,10 @@ def best_peer(
     peers = [
         c
         for c, recs in by_combo.items()
-        if not c[0].startswith(OURS[0]) and c[1] != OURS[1] and _time(recs.get(point)) is not None
+        if not c[0].startswith(OURS[0])
+        and c[0] != ORACLE[0]
+        and not c[1].startswith(OURS[1])
+        and _time(recs.get(point)) is not None
     ]
     return min(peers, key=lambda c: _t(by_combo[c][point])) if peers else None
 
@@ -119,6 +128,8 @@ def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
                 "peer_combo": peer,
                 "peer": by_combo[peer][point] if peer else None,
                 "bound": bounds.get(case, {}).get(OURS[0], {}).get(point),
+                "oracle": by_combo.get(ORACLE, {}).get(point),
+                **{v[1]: by_combo.get(v, {}).get(point) for v in BALANCE_VARIANTS},
             }
         rows.append(row)
     return rows
@@ -139,6 +150,11 @@ def _headline_table(heads: list[dict[str, Any]]) -> list[str]:
             ("SGLang default (`trivial` + `round_robin`)", "default"),
             ("EPLB (`eplb` + `round_robin`)", "eplb"),
             (f"best peer: {peer_name}", "peer"),
+            *((f"ours, knob: `{v[1]}`", v[1]) for v in BALANCE_VARIANTS),
+            (
+                "oracle: `ours` placed on the replayed requests' own routing + `locality_window`",
+                "oracle",
+            ),
         ]
         chunk = f"; prefill {_point_label(p['point']).split(' ', 1)[1]}" if p else ""
         first = True
@@ -228,6 +244,7 @@ def _answer(heads: list[dict[str, Any]]) -> list[str]:
                 if c.get("bound") and c.get("default") and _t(c["default"]) > c["bound"]
             ]
             wins = sum(int(_t(c["ours"]) < _t(c["peer"])) for c in cells if c.get("peer"))
+            to_oracle = rel("oracle")
             parts.append(
                 f"**{_point_label(cells[0]['point']).split(' ')[0]}** "
                 f"({len(cells)} case{'s' if len(cells) > 1 else ''}): "
@@ -235,6 +252,7 @@ def _answer(heads: list[dict[str, Any]]) -> list[str]:
                 f"EPLB, {_span(rel('peer'))} vs the best peer (ours lower in {wins} of "
                 f"{len(cells)}); ours is {_span(above)} above the bound on its placement"
                 + (f", closing {_range(closed)} of SGLang default's gap to it" if closed else "")
+                + (f"; {_span(to_oracle)} vs the oracle placement" if to_oracle else "")
             )
         lines.append(f"- {kind}: " + "; ".join(parts) + ".")
     return lines
@@ -409,7 +427,12 @@ def render_policy_grid_production(data: dict[str, Any], source: Path) -> list[st
         "peer: the lowest time among the combinations with neither our placement nor our "
         "policy. Bound: a proven lower bound on the modelled time of **any** assignment "
         "of the same steps' tokens to ranks, on ours' placement (decode: the same steps "
-        "for every policy; prefill: the steps of round_robin's run).",
+        "for every policy; prefill: the steps of round_robin's run). Knob rows: ours with "
+        "`locality_window`'s `[policy] balance` at 0 (mean locality only) and 1 (busiest "
+        "rank only) instead of the default 0.5. Oracle: `ours` placed on the replayed "
+        "requests' own decode routing (what no deployment can know in advance), served by "
+        "`locality_window` with the same predictions: the best placement found for the "
+        "true workload.",
         "",
     ]
     lines += _headline_table(heads)

@@ -12,9 +12,8 @@ import numpy as np
 from scheduler.placement.metrics import gpu_loads
 from scheduler.placement.placement import Placement
 
-#: Above this many expert-GPU binaries per layer ``ours`` skips its CP-SAT model (and,
-#: with the time objective, the locality heuristic's start, whose balance repair is
-#: quadratic in the experts).
+#: Above this many expert-GPU binaries per layer ``--objective remote-hits`` skips its
+#: CP-SAT model (the large-instance path).
 MAX_CPSAT_BINARIES = 4096
 
 
@@ -68,9 +67,14 @@ def heuristic_layer(
             if free[n] > 0:
                 holders[e].append(int(n))
         while len(holders[e]) < k[e]:  # nodes it prefers are full: take any with room
-            holders[e].append(
-                int(next(n for n in np.argsort(load) if free[n] > 0 and n not in holders[e]))
-            )
+            room = [
+                int(n)
+                for n in np.argsort(load, kind="stable")
+                if free[n] - holders[e].count(int(n)) > 0
+            ]
+            # a node without e if one has room, else (only slots on e's nodes are left)
+            # a second replica on one of them
+            holders[e].append(next((n for n in room if n not in holders[e]), room[0]))
         for n in holders[e]:
             free[n] -= 1
             load[n] += _replica_load(dem, e, holders[e], n)
@@ -124,7 +128,11 @@ def _pack_gpus(
     item_load: dict[tuple[int, int], float] = {}
     for n in range(nodes):
         items = sorted(
-            ((_replica_load(dem, e, h, n), e) for e, h in enumerate(holders) if n in h),
+            (
+                (_replica_load(dem, e, h, n), e)
+                for e, h in enumerate(holders)
+                for _ in range(h.count(n))
+            ),
             reverse=True,
         )
         local = list(range(n * g_per_node, (n + 1) * g_per_node))

@@ -37,11 +37,7 @@ import numpy as np
 
 from scheduler.accounting.cost_model import CostModel
 from scheduler.placement.joint_bound import joint_bound
-from scheduler.placement.methods.ours_greedy import (
-    MAX_CPSAT_BINARIES,
-    heuristic_layer,
-    replica_counts,
-)
+from scheduler.placement.methods.ours_greedy import heuristic_layer, replica_counts
 from scheduler.placement.placement import Placement
 from scheduler.placement.problem import PlacementProblem, PlacementResult, balanced_class_shares
 from scheduler.placement.step_time import (
@@ -54,6 +50,10 @@ from scheduler.placement.step_time import (
 )
 
 ROUNDS = 2
+#: The locality-heuristic and remote-hits (CP-SAT) starts are used up to this many
+#: expert-GPU pairs per layer (DeepSeek-V2-Lite on 16 GPUs); above it building them
+#: costs more than the search they would save (DeepSeek-V3 on 8 GPUs: ~6x the limit).
+SMALL_LAYER = 1024
 #: Candidates per kind and search step (busiest node: experts in x slots out).
 FOCUS = 6
 RANDOM_PAIRS = 8
@@ -78,15 +78,14 @@ class LayerPlan:
 def _starts(
     p: np.ndarray, tokens: np.ndarray, eplb_row: np.ndarray, problem: PlacementProblem
 ) -> list[tuple[str, np.ndarray]]:
-    """The layer's start placements: EPLB's, SGLang's trivial one and (on instances the
-    CP-SAT start would take, redundancy within one replica per node) the locality
-    heuristic's."""
+    """The layer's start placements: EPLB's, SGLang's trivial one and (on small layers,
+    redundancy within one replica per node) the locality heuristic's."""
     t = problem.topology
     trivial = np.arange(problem.num_slots) % problem.profile.model.num_experts
     starts = [("eplb", eplb_row), ("trivial", trivial)]
     dem = p * tokens[:, None]  # [nodes, experts] pairs per rank per step
     m = problem.profile.model
-    small = m.num_experts * t.num_gpus <= MAX_CPSAT_BINARIES  # its balance repair is slow
+    small = m.num_experts * t.num_gpus <= SMALL_LAYER  # its balance repair is quadratic
     if small and problem.redundant_experts <= m.num_experts * (t.nodes - 1):
         k = replica_counts(dem, problem.num_slots)
         row = heuristic_layer(
@@ -315,7 +314,7 @@ def remote_hits_start_fits(problem: PlacementProblem) -> bool:
     m, t = problem.profile.model, problem.topology
     return (
         t.nodes > 1
-        and m.num_experts * t.num_gpus <= MAX_CPSAT_BINARIES
+        and m.num_experts * t.num_gpus <= SMALL_LAYER
         and problem.redundant_experts <= m.num_experts * (t.nodes - 1)
         and problem.current is None
     )
