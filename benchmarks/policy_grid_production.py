@@ -203,11 +203,14 @@ def variant_name(balance: float) -> str:
     return f"{OURS[1]}[balance={balance:g}]"
 
 
-def make_variant(policy: str, placed: dict[str, Any]) -> Any:
-    """:func:`policy_grid.make`, plus the ``locality_window[balance=B]`` variants."""
-    if policy.startswith(OURS[1] + "["):
-        balance = float(policy.split("=", 1)[1].rstrip("]"))
-        return make_policy(OURS[1], placement=placed["placement"], balance=balance)
+def make_variant(policy: str, placed: dict[str, Any], phase: str) -> Any:
+    """:func:`policy_grid.make`, plus the ``locality_window[balance=B]`` variants;
+    locality_window weighs requests for ``phase`` (a decode step holds one token of
+    every running request, a prefill chunk whole prompts)."""
+    if policy.startswith(OURS[1]):
+        balance = float(policy.split("=", 1)[1].rstrip("]")) if "[" in policy else None
+        extra = {} if balance is None else {"balance": balance}
+        return make_policy(OURS[1], placement=placed["placement"], weight=phase, **extra)
     return make(policy, placed)
 
 
@@ -332,7 +335,7 @@ def run_case(
                 try:
                     s = replay_steady(
                         work,
-                        make_variant(policy, p),
+                        make_variant(policy, p, config.phase),
                         p["placement"],
                         topology,
                         model,

@@ -13,14 +13,12 @@ first) the policy
    histogram[l, e] x [node n holds no replica of (l, e)]``
    (``placement.replicas_per_node()``): its (token, expert) pairs that leave the node in
    MoE layer ``l`` if it runs on a rank of node ``n`` (under SGLang's static dispatch an
-   expert with a replica on the rank's node is reached there). The histogram is used as
-   given, so a request weighs what its histogram counts: the server's predictions
-   (``scheduler/server/predict.py``) are per-token expert shares times the prompt +
-   max new tokens, the simulator's oracle (``scheduler/simulation/workload.py``, also
-   what ``steady.py`` hands out) counts the request's prefill tokens (its decode tokens
-   when it has no prefill), ``benchmarks/policy_grid.py``'s held-out predictions the
-   predicted decode tokens; a per-step (decode) histogram would weigh every running
-   request alike;
+   expert with a replica on the rank's node is reached there). The histogram only gives
+   the shape: it is scaled to one token (its cells summing to the number of MoE layers),
+   then weighed by what the request puts into a step: one token per running request with
+   ``weight="decode"`` (the default: a decode step holds one token of every running
+   request, whatever its length), its prompt tokens with ``weight="prefill"`` (a
+   prefill router: the prompt goes through in its chunks);
 3. keeps, per rank and MoE layer, the **predicted traffic** ``T[r, l]``: the sum of the
    remote vectors (on the rank's node) of the requests this policy placed on ``r`` that
    have not finished (remembered by ``request_id``, forgotten in :meth:`on_finish`);
@@ -77,6 +75,8 @@ from scheduler.policies.base import RankState, RequestInfo, RoutingPolicy
 LOAD_SLACK = 0.1
 #: Default of the ``balance`` knob.
 DEFAULT_BALANCE = 0.5
+#: What a request weighs (module docstring): one token per step (decode), or its prompt.
+WEIGHTS = ("decode", "prefill")
 #: Remote vectors kept per histogram object (the simulator and server reuse them).
 CACHE_ENTRIES = 1 << 16
 #: Weight of the tie-break (predicted traffic, then requests) against the cost.
@@ -185,6 +185,18 @@ class _Score:
     spread: float
 
 
+def _weighted(score: _Score, tokens: int) -> _Score:
+    """``score`` for a request of ``tokens`` tokens (scores are per token)."""
+    if tokens == 1:
+        return score
+    return _Score(
+        score.histogram,
+        score.cost * tokens,
+        [v * tokens for v in score.remote],
+        score.spread * tokens,
+    )
+
+
 class LocalityWindow(RoutingPolicy):
     """Ours: each window's requests to ranks against the busiest rank's predicted
     inter-node traffic (module docstring). ``balance`` in [0, 1]: the weight of the
@@ -192,10 +204,15 @@ class LocalityWindow(RoutingPolicy):
 
     name = "locality_window"
 
-    def __init__(self, placement: Placement, balance: float = DEFAULT_BALANCE) -> None:
+    def __init__(
+        self, placement: Placement, balance: float = DEFAULT_BALANCE, weight: str = "decode"
+    ) -> None:
         if not 0 <= balance <= 1:
             raise ValueError(f"balance must be in [0, 1], got {balance}")
+        if weight not in WEIGHTS:
+            raise ValueError(f"weight must be one of {', '.join(WEIGHTS)}, got {weight!r}")
         self.balance = float(balance)
+        self.weight = weight
         # Costs are divided by balance: the max term keeps weight 1 (a tie-break at 0).
         self._mu = (1.0 - self.balance) / self.balance if self.balance > 0 else 1e6
         self.gpus_per_node = placement.gpus_per_node
@@ -270,6 +287,9 @@ class LocalityWindow(RoutingPolicy):
                 f"expert histogram has {counts.size} cells, the placement "
                 f"{self.layers * self.experts} (layers x experts)"
             )
+        total = float(counts.sum())
+        if total > 0:  # per token: one (decode) token's pairs sum to `layers`
+            counts = counts * (self.layers / total)
         layers, nodes = self.layers, self.num_nodes
         both = self._present @ counts.ravel()
         remote = both[layers * nodes :, None] - both[: layers * nodes].reshape(layers, nodes)
@@ -331,6 +351,11 @@ class LocalityWindow(RoutingPolicy):
         scored = [i for i, r in enumerate(window) if r.expert_histogram is not None]
         if scored:
             scores = self._scores([window[i].expert_histogram for i in scored])  # type: ignore[misc]
+            if self.weight == "prefill":  # a prompt sends all its tokens in its chunk
+                scores = [
+                    _weighted(score, max(window[i].prompt_tokens, 1))
+                    for i, score in zip(scored, scores, strict=True)
+                ]
             limit = node_limits(load, free, admit, LOAD_SLACK)
             picked = self._greedy(scores, limit, load)
             placed = self._placed

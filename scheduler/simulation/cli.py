@@ -265,7 +265,8 @@ def _steady(
             )
         except ValueError as e:
             raise ConfigError(f"--{e}") from None
-        policy = make_policy(args.policy, **params)
+        weighed = {"weight": name} if args.policy == "locality_window" else {}
+        policy = make_policy(args.policy, **params, **weighed)
         s = replay_steady(workload, policy, placement, topology, model, config, bound=args.bound)
         results[name] = {**s.to_dict(), "predictions": source}
         point = (

@@ -210,11 +210,25 @@ def simulate(
             if queue and changed:
                 wake = min(wake, due())
             clock = max(clock, wake)
-        while next_arrival < n and times[next_arrival] <= clock:
-            queue.append(next_arrival)
-            next_arrival += 1
-            changed = True
         admitted: list[int] = []
+        while next_arrival < n and times[next_arrival] <= clock:
+            i, next_arrival = next_arrival, next_arrival + 1
+            if not queue and admission.immediate(1):
+                # the server's fast path (Dispatcher.try_acquire): an arrival that finds
+                # no queue is decided on its own, at once
+                state = RankState(
+                    running.copy(), np.zeros(ranks_n, np.int64), config.capacity, per_node
+                )
+                tic = time.perf_counter()
+                rank = admission.decide(policy, [infos[i]], state)[0]
+                decision_s.append(time.perf_counter() - tic)
+                if rank is not None:
+                    rank_of[i], start[i] = rank, clock
+                    running[rank] += 1
+                    admitted.append(i)
+                    continue
+            queue.append(i)
+            changed = True
         while queue and changed and due() <= clock:
             # One admission decision; another at once while it assigns and the rest is due.
             window = list(itertools.islice(queue, admission.max_window))
