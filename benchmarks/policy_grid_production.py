@@ -80,7 +80,8 @@ BALANCE_VARIANTS = (0.0, 1.0)
 #: divide over the GPUs), steps per decode / prefill run, the prefill chunk per rank.
 GRIDS: dict[str, dict[str, Any]] = {
     "full": {
-        "time_limit_s": 3.0,
+        # the CLI's default: what `moe-scheduler place` spends unless told otherwise
+        "time_limit_s": 30.0,
         "methods": None,  # all
         "decode_running": [64, 128, 256],
         "small_batch_running": 8,

@@ -61,7 +61,7 @@ RANDOM_PAIRS = 8
 #: repeats exactly on any machine: ``--time-limit`` x this many (about what one core
 #: evaluates per second at DeepSeek-V2-Lite size), with a wall-clock safety net of
 #: WALL_SAFETY x the time limit.
-EVALUATIONS_PER_SECOND = 3000
+EVALUATIONS_PER_SECOND = 6000
 WALL_SAFETY = 1.5
 #: Imbalance above the tolerance below this is rounding, not a relaxation.
 BALANCE_EPS = BALANCE_SLACK
