@@ -11,6 +11,8 @@ from typing import Any
 
 def add_commands(sub: Any) -> None:
     from scheduler.placement.methods import METHODS
+    from scheduler.placement.problem import OBJECTIVES
+    from scheduler.placement.step_time import DEFAULT_TOKENS, PHASES
 
     p = sub.add_parser(
         "place",
@@ -61,23 +63,24 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument(
         "--objective",
-        default="time",
-        choices=["time", "remote-hits"],
+        default=OBJECTIVES[0],
+        choices=list(OBJECTIVES),
         help="what --method ours minimises: the modelled MoE-layer time at the operating "
         "point (default; busiest rank and GPU included, mean bytes second) or, for "
         "comparison, the expected remote (token, expert) hits",
     )
     p.add_argument(
         "--phase",
-        default="decode",
-        choices=["decode", "prefill"],
+        default=PHASES[0],
+        choices=list(PHASES),
         help="operating point of --objective time (default decode)",
     )
     p.add_argument(
         "--tokens-per-rank",
         type=int,
-        help="tokens per DP rank per step at the operating point (default: 128 running "
-        "requests in decode, 8192 prompt tokens in prefill)",
+        help="tokens per DP rank per step at the operating point (default: "
+        f"{DEFAULT_TOKENS['decode']} running requests in decode, "
+        f"{DEFAULT_TOKENS['prefill']} prompt tokens in prefill)",
     )
     p.add_argument(
         "--current",

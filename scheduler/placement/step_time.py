@@ -12,9 +12,11 @@ SGLang's static dispatch (:mod:`scheduler.accounting.dispatch`) taken in expecta
   on the node, or all of them on it) one replica dealt at random: in expectation an even
   spread over the replicas;
 * a token sends one copy per distinct other node it reaches (DeepEP normal kernels, as
-  the accounting counts it): with ``pi[n, m]`` the share of its picks that land on node
-  ``m``, the expected copies are ``1 - (1 - pi)^top_k`` (exact for top-1); likewise for
-  the other GPUs of its own node over NVLink;
+  the accounting counts it): with ``pi[c, n, m]`` the share of a class-``c`` token's
+  picks that land on node ``m`` from node ``n``, the expected copies are
+  ``1 - (1 - pi)^top_k`` (exact for top-1), mixed by the node's class shares (so the
+  experts a class uses together count once per node they sit on); likewise, with the
+  node's mix, for the other GPUs of its own node over NVLink;
 * the layer time is the cost model's: dispatch and combine padded to the busiest rank,
   experts at the busiest GPU (max of FLOPs over its pairs and reads of its distinct
   experts, an expert counting ``1 - exp(-pairs)`` of a read).
@@ -155,7 +157,9 @@ class LayerEval:
 class LayerState:
     """One MoE layer's placement with every expert's contribution to the expected step.
 
-    ``p [nodes, experts]`` picks per token, ``tokens [nodes]`` per rank, ``row [slots]``.
+    ``pc [classes, experts]`` picks per token of each class, ``mix [nodes, classes]``
+    each node's class shares, ``tokens [nodes]`` per rank per step, ``row [slots]`` the
+    expert of every slot.
     """
 
     def __init__(

@@ -63,8 +63,6 @@ RANDOM_PAIRS = 8
 #: WALL_SAFETY x the time limit.
 EVALUATIONS_PER_SECOND = 6000
 WALL_SAFETY = 1.5
-#: Imbalance above the tolerance below this is rounding, not a relaxation.
-BALANCE_EPS = BALANCE_SLACK
 
 
 @dataclass
@@ -370,7 +368,7 @@ def solve(problem: PlacementProblem) -> PlacementResult:
         for layer, plan in enumerate(plans)
         if plan.evaluation.mean_load > 0
         and plan.evaluation.max_load
-        > (1 + problem.balance_tolerance + BALANCE_EPS) * plan.evaluation.mean_load
+        > (1 + problem.balance_tolerance + BALANCE_SLACK) * plan.evaluation.mean_load
     }
     objective = _mean_time(plans)
     bound = joint_bound(problem, layer_cost)
