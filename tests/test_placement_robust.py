@@ -107,7 +107,8 @@ def test_hot_expert_more_redundancy_balances_better():
         )
         _, evals = check(problem)
         imbalance.append(evals[0].max_load / evals[0].mean_load)
-    assert imbalance[0] > imbalance[1] > imbalance[2]
+    # one slot cannot split a 90 % expert; 4 or 16 spare slots bring it within +10 %
+    assert imbalance[0] > 1.1 + 2e-3 >= max(imbalance[1:])
 
 
 def test_remote_hits_objective_relaxes_instead_of_refusing():

@@ -4,8 +4,8 @@ The placement objective of ``ours`` (``--objective time``). Pure numpy; the phys
 the project's one cost model (:class:`~scheduler.accounting.cost_model.CostModel`) and
 SGLang's static dispatch (:mod:`scheduler.accounting.dispatch`) taken in expectation:
 
-* every rank of node ``n`` runs ``tokens[n]`` tokens per step whose picks follow the
-  node's class mix: ``p[n, e]`` expected picks of expert ``e`` per token (``sum_e p =
+* every rank runs ``tokens`` tokens per step (the operating point) whose picks follow
+  its node's class mix: ``p[n, e]`` expected picks of expert ``e`` per token (``sum_e p =
   top_k``), so rank demand is ``tokens[n] x p[n, e]`` (token, expert) pairs;
 * a rank's pick of ``e`` reaches its own GPU if it holds a replica, else the node's
   lowest-slot replica when the node holds some but not all replicas, else (no replica
@@ -104,13 +104,13 @@ def node_operating_point(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pc [classes, layers, experts] picks per token, mix [nodes, classes] each node's
     class shares, tokens [nodes] per rank per step) when class ``c`` sends a share
-    ``shares[c, n]`` of its requests to node ``n`` and the mean rank runs
-    ``tokens_per_rank`` tokens (a node's ranks run in proportion to its load)."""
+    ``shares[c, n]`` of its requests to node ``n``. Every rank runs ``tokens_per_rank``
+    tokens: the routing policies keep ranks at the same load (capacity, load caps), so a
+    class mix that moves changes what a node's ranks run, not how much."""
     probs = pick_probabilities(demand, top_k)  # [classes, layers, experts]
     mass = weights[:, None] * shares  # [classes, nodes]
     load = mass.sum(axis=0)  # [nodes]
-    nodes = shares.shape[1]
-    tokens = tokens_per_rank * load * nodes / max(load.sum(), 1e-12)
+    tokens = np.full(shares.shape[1], float(tokens_per_rank))
     mix = np.divide(mass, load[None, :], out=np.full_like(mass, 1.0 / len(weights)), where=load > 0)
     return probs, mix.T, tokens
 
