@@ -73,8 +73,24 @@ def from_profile(name: str, profile: WorkloadProfile) -> DatasetStats:
         source=profile.source,
     )
     reason = "needs per-request traces; a profile holds class totals only"
-    ds.notes.update(accuracy=reason, pd_requests=reason, coact="needs token-level traces")
+    coact = coactivation_undefined(profile.model) or "needs token-level traces"
+    ds.notes.update(accuracy=reason, pd_requests=reason, coact=coact)
     return ds
+
+
+def coactivation_undefined(model: ModelShape) -> str | None:
+    """Why co-activation means nothing for ``model``'s routing, or None when it does."""
+    if model.top_k == 1:
+        return (
+            "co-activation is undefined for top-1 routing: each token activates one routed "
+            "expert per layer, so no two experts are ever activated together"
+        )
+    if model.top_k >= model.num_experts:
+        return (
+            f"co-activation carries no information when top-k equals the expert count "
+            f"({model.num_experts}): every token activates every expert pair"
+        )
+    return None
 
 
 def from_traces(
@@ -95,6 +111,7 @@ def _request_level(
     keep_p = min(1.0, MAX_REQUESTS / max(traces.num_requests, 1))
     vectors, labels, pd_corr, token_blocks = [], [], [], []
     coact_tokens = 0
+    undefined = coactivation_undefined(ds.model)
     for batch in traces.batches():
         keep = rng.random(len(batch)) < keep_p
         phase_of = np.full(len(batch), "", dtype=object)
@@ -114,16 +131,20 @@ def _request_level(
                     )
                 )
         for ids, _ in batch.token_ids.values():
-            if coact_tokens < MAX_COACT_TOKENS:
+            if undefined is None and coact_tokens < MAX_COACT_TOKENS:
                 block = ids[: MAX_COACT_TOKENS - coact_tokens].copy()
                 token_blocks.append(block)
                 coact_tokens += len(block)
     if progress:
         progress(f"{ds.name}: request-level statistics over {len(vectors)} sampled requests")
 
-    classes, per_class = np.unique(np.array(labels), return_counts=True)
+    classes, per_class = np.unique(np.array(labels, dtype=str), return_counts=True)
     if traces.granularity != "request":
         ds.notes["accuracy"] = "records are aggregates over many requests, not requests"
+    elif traces.num_labelled < traces.num_requests:
+        ds.notes["accuracy"] = (
+            f"needs every request labelled ({traces.num_labelled} of {traces.num_requests} are)"
+        )
     elif len(classes) < 2:
         ds.notes["accuracy"] = "needs at least two labelled classes"
     elif per_class.min() < MIN_REQUESTS_PER_CLASS:
@@ -142,7 +163,9 @@ def _request_level(
     else:
         ds.notes["pd_requests"] = "no record has both prefill and decode routing"
 
-    if token_blocks:
+    if undefined is not None:
+        ds.notes["coact"] = undefined
+    elif token_blocks:
         ids = np.concatenate(token_blocks)
         ds.coact = stats.coactivation(ids, ds.model.num_experts)
         ds.coact_tokens = int((ids >= 0).any(axis=(1, 2)).sum())

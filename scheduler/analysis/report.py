@@ -25,6 +25,40 @@ def _fmt(x: float | np.floating, digits: int = 2) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
+def _finite(values: np.ndarray) -> np.ndarray:
+    """The finite entries of ``values``, flattened."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    return values[np.isfinite(values)]
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean of the finite entries; nan (printed n/a) when there are none."""
+    return float(stats.finite_mean(values))
+
+
+def _min(values: np.ndarray) -> float:
+    finite = _finite(values)
+    return float(finite.min()) if finite.size else np.nan
+
+
+def _max(values: np.ndarray) -> float:
+    finite = _finite(values)
+    return float(finite.max()) if finite.size else np.nan
+
+
+def _argmax(values: np.ndarray) -> int | None:
+    """Index of the largest finite entry of a 1-D array; None when none is finite."""
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values)
+    return int(np.argmax(np.where(ok, values, -np.inf))) if ok.any() else None
+
+
+def _argmin(values: np.ndarray) -> int | None:
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values)
+    return int(np.argmin(np.where(ok, values, np.inf))) if ok.any() else None
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
@@ -106,6 +140,9 @@ def _line_plot(
 ) -> str:
     import matplotlib.pyplot as plt
 
+    series = {k: v for k, v in series.items() if _finite(v).size}
+    if not series:
+        return f"(No figure of {title}: every value is n/a.)"
     fig, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
     for label, values in series.items():
         ax.plot(np.arange(len(values)), values, marker=".", linewidth=1, label=label)
@@ -151,15 +188,15 @@ def _section_imbalance(ds: DatasetStats, figs: _Figures) -> list[str]:
         if len(entries) == 2:  # a single class is the same as "all"
             entries = entries[:1]
         for name, counts in entries:
-            imb = stats.load_imbalance(counts)
-            worst = int(np.nanargmax(imb))
+            imb = stats.load_imbalance(counts)  # nan for a layer without load
+            worst = _argmax(imb)
             rows.append(
                 [
                     name,
                     phase,
-                    _fmt(np.nanmean(imb)),
-                    _fmt(imb[worst]),
-                    str(ds.model.moe_layer_ids[worst]),
+                    _fmt(_mean(imb)),
+                    "n/a" if worst is None else _fmt(imb[worst]),
+                    "n/a (no load)" if worst is None else str(ds.model.moe_layer_ids[worst]),
                 ]
             )
             if name == "all classes":
@@ -176,7 +213,10 @@ def _section_imbalance(ds: DatasetStats, figs: _Figures) -> list[str]:
     for phase in ds.phases:
         for layer, expert, rel in stats.hottest_experts(ds.total_counts(phase), 5):
             hot_rows.append([phase, str(ds.model.moe_layer_ids[layer]), str(expert), _fmt(rel)])
-    lines += _table(["phase", "model layer", "expert", "load / mean"], hot_rows)
+    if hot_rows:
+        lines += _table(["phase", "model layer", "expert", "load / mean"], hot_rows)
+    else:
+        lines += ["None: no expert has any load.", ""]
     lines += [
         "Expert load heatmaps (layers x experts, per class; red = hotter than the layer mean):",
         "",
@@ -190,16 +230,19 @@ def _section_specificity(ds: DatasetStats, figs: _Figures) -> list[str]:
     placement = ds.class_placement_counts()
     if len(placement) < 2:
         return lines + ["Only one class: nothing to compare.", ""]
-    pairs = stats.pairwise_js(placement)
-    js_mean = np.mean(np.stack(list(pairs.values())), axis=0)
+    pairs = stats.pairwise_js(placement)  # nan where a class has no load in a layer
+    js_mean = stats.finite_mean(np.stack(list(pairs.values())), axis=0)
+
+    def layer(i: int | None) -> str:
+        return "n/a" if i is None else str(ds.model.moe_layer_ids[i])
+
     lines += [
         "Jensen-Shannon divergence (bits, 0 = identical, 1 = disjoint) between the classes' "
         "per-layer expert distributions (decode counts where present, else prefill):",
         "",
-        f"- mean over layers and class pairs: **{_fmt(float(js_mean.mean()), 3)}**; "
-        f"most specific layer: {ds.model.moe_layer_ids[int(np.argmax(js_mean))]} "
-        f"({_fmt(float(js_mean.max()), 3)}); least: "
-        f"{ds.model.moe_layer_ids[int(np.argmin(js_mean))]} ({_fmt(float(js_mean.min()), 3)})",
+        f"- mean over layers and class pairs: **{_fmt(_mean(js_mean), 3)}**; "
+        f"most specific layer: {layer(_argmax(js_mean))} ({_fmt(_max(js_mean), 3)}); "
+        f"least: {layer(_argmin(js_mean))} ({_fmt(_min(js_mean), 3)})",
         "",
     ]
     lines += _table(
@@ -207,12 +250,14 @@ def _section_specificity(ds: DatasetStats, figs: _Figures) -> list[str]:
         [
             [
                 f"{a} / {b}",
-                _fmt(float(v.mean()), 3),
-                f"{_fmt(float(v.max()), 3)} ({ds.model.moe_layer_ids[int(np.argmax(v))]})",
+                _fmt(_mean(v), 3),
+                f"{_fmt(_max(v), 3)} ({layer(_argmax(v))})",
             ]
             for (a, b), v in sorted(pairs.items())
         ],
     )
+    if any(not np.isfinite(v).all() for v in pairs.values()):
+        lines += ["n/a: a class has no load in that layer (nothing to compare).", ""]
     series = {"mean pairwise JS (bits)": js_mean}
     if ds.accuracy is not None:
         series["class-from-activation accuracy"] = ds.accuracy
@@ -259,24 +304,34 @@ def _section_prefill_decode(ds: DatasetStats, figs: _Figures) -> list[str]:
             [
                 f"class {name}",
                 str(ds.class_requests.get(name, 0)),
-                _fmt(np.nanmean(r)),
-                _fmt(np.nanmin(r)),
-                _fmt(np.nanmax(r)),
+                _fmt(_mean(r)),
+                _fmt(_min(r)),
+                _fmt(_max(r)),
             ]
         )
+    undefined = any(not np.isfinite(r).all() for r in series.values())
     if ds.pd_corr_requests is not None and ds.granularity == "request":
-        per_layer = np.nanmean(ds.pd_corr_requests, axis=0)
+        undefined = undefined or not np.isfinite(ds.pd_corr_requests).all()
+        per_layer = stats.finite_mean(ds.pd_corr_requests, axis=0)
         series["per request (mean)"] = per_layer
         rows.append(
             [
                 "each request separately",
                 str(len(ds.pd_corr_requests)),
-                _fmt(np.nanmean(per_layer)),
-                _fmt(np.nanmin(per_layer)),
-                _fmt(np.nanmax(per_layer)),
+                _fmt(_mean(per_layer)),
+                _fmt(_min(per_layer)),
+                _fmt(_max(per_layer)),
             ]
         )
     lines += _table(["over", "records", "mean over layers", "min layer", "max layer"], rows)
+    if undefined:
+        lines += [
+            "Pearson's r is undefined for a layer whose per-expert counts are all equal in "
+            "prefill or in decode (no variance: every expert takes the same number of "
+            "tokens, e.g. when top-k equals the expert count); such layers are left out "
+            "of the means, and n/a means every layer was.",
+            "",
+        ]
     lines += [
         _line_plot(
             ds, figs, "prefill-decode", "prefill-decode Pearson per layer", "Pearson r", series
@@ -292,52 +347,90 @@ def _section_coactivation(ds: DatasetStats, figs: _Figures) -> list[str]:
     lines = ["### Co-activation within a layer", ""]
     if ds.coact is None:
         return lines + [f"Not available: {ds.notes.get('coact')}.", ""]
-    lift = stats.coactivation_lift(ds.coact, ds.coact_tokens)
-    share = stats.top_pair_share(ds.coact, TOP_FRACTION)
-    best = int(np.nanargmax(share))
-    with np.errstate(invalid="ignore"):
-        max_lift = np.nanmax(np.where(np.isfinite(lift), lift, -np.inf), axis=(1, 2))
+    share = stats.top_pair_share(ds.coact, TOP_FRACTION)  # nan: no co-activated pair
+    best = _argmax(share)
+    if best is None:
+        return lines + [
+            f"Not available: over {ds.coact_tokens} tokens no layer has a token with two "
+            "experts recorded.",
+            "",
+        ]
+    lift = stats.coactivation_lift(ds.coact, ds.coact_tokens)  # nan: expected < 5 times
+    finite = np.isfinite(lift)
+    has_lift = finite.any(axis=(1, 2))
+    max_lift = np.where(has_lift, np.where(finite, lift, -np.inf).max(axis=(1, 2)), np.nan)
+    if has_lift.any():
+        lift_text = (
+            f"Highest pair lift (observed / expected if independent, pairs expected >= 5 "
+            f"times) per layer: median {_fmt(float(np.median(max_lift[has_lift])))}, max "
+            f"{_fmt(_max(max_lift))}"
+            + (
+                f" ({int(has_lift.sum())} of {len(has_lift)} layers have such a pair)."
+                if not has_lift.all()
+                else "."
+            )
+        )
+    else:
+        lift_text = (
+            "Pair lift (observed / expected if independent) is not estimated: no pair is "
+            f"expected >= 5 times in {ds.coact_tokens} tokens."
+        )
     lines += [
         f"Over {ds.coact_tokens} tokens: the top {int(TOP_FRACTION * 100)}% of expert pairs "
-        f"carry **{_fmt(float(np.nanmean(share)) * 100, 1)}%** of a layer's co-activations on "
+        f"carry **{_fmt(_mean(share) * 100, 1)}%** of a layer's co-activations on "
         f"average ({int(TOP_FRACTION * 100)}% if uniform; range "
-        f"{_fmt(float(np.nanmin(share)) * 100, 1)}-{_fmt(float(np.nanmax(share)) * 100, 1)}%). "
-        f"Highest pair lift (observed / expected if independent, pairs expected >= 5 times) "
-        f"per layer: median {_fmt(float(np.nanmedian(max_lift)))}, max "
-        f"{_fmt(float(np.nanmax(max_lift)))}.",
+        f"{_fmt(_min(share) * 100, 1)}-{_fmt(_max(share) * 100, 1)}%"
+        + (
+            f"; {int(np.isnan(share).sum())} layers without a co-activated pair left out"
+            if np.isnan(share).any()
+            else ""
+        )
+        + f"). {lift_text}",
         "",
     ]
     layer_lift = lift[best]
-    pairs = [
-        (float(layer_lift[i, j]), i, j)
-        for i in range(layer_lift.shape[0])
-        for j in range(i + 1, layer_lift.shape[0])
-        if np.isfinite(layer_lift[i, j])
-    ]
-    pairs.sort(reverse=True)
-    layer_id = ds.model.moe_layer_ids[best]
-    lines += [f"Most concentrated layer: {layer_id}; its strongest pairs:", ""]
-    lines += _table(
-        ["experts", "co-activations", "lift"],
-        [[f"{i} + {j}", str(int(ds.coact[best, i, j])), _fmt(v)] for v, i, j in pairs[:5]],
+    iu, ju = np.triu_indices(layer_lift.shape[0], k=1)
+    keep = np.isfinite(layer_lift[iu, ju])
+    pairs = sorted(
+        zip(layer_lift[iu, ju][keep].tolist(), iu[keep].tolist(), ju[keep].tolist(), strict=True),
+        reverse=True,
     )
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    layer_id = ds.model.moe_layer_ids[best]
+    if pairs:
+        lines += [f"Most concentrated layer: {layer_id}; its strongest pairs:", ""]
+        lines += _table(
+            ["experts", "co-activations", "lift"],
+            [[f"{i} + {j}", str(int(ds.coact[best, i, j])), _fmt(v)] for v, i, j in pairs[:5]],
+        )
+    else:
+        lines += [
+            f"Most concentrated layer: {layer_id}; none of its pairs is expected >= 5 times, "
+            "so no pair lift is listed.",
+            "",
+        ]
+    panels = 2 if pairs else 1
+    fig, axes = plt.subplots(
+        1, panels, figsize=(5 * panels, 3.8), squeeze=False, layout="constrained"
+    )
+    ax1 = axes[0, 0]
     ax1.plot(share * 100, marker=".")
     ax1.axhline(TOP_FRACTION * 100, color="grey", linestyle="--", linewidth=1)
     ax1.set_xlabel("MoE layer index")
     ax1.set_ylabel(f"% co-activations in top {int(TOP_FRACTION * 100)}% pairs")
     ax1.grid(alpha=0.3)
-    im = ax2.imshow(
-        np.log2(np.nan_to_num(layer_lift, nan=1.0).clip(1 / 8, 8)),
-        cmap="RdBu_r",
-        vmin=-3,
-        vmax=3,
-        interpolation="nearest",
-    )
-    ax2.set_title(f"pair lift, layer {layer_id} (log2)", fontsize=9)
-    ax2.set_xlabel("expert")
-    ax2.set_ylabel("expert")
-    fig.colorbar(im, ax=ax2, shrink=0.8)
+    if pairs:
+        ax2 = axes[0, 1]
+        im = ax2.imshow(
+            np.log2(np.nan_to_num(layer_lift, nan=1.0).clip(1 / 8, 8)),
+            cmap="RdBu_r",
+            vmin=-3,
+            vmax=3,
+            interpolation="nearest",
+        )
+        ax2.set_title(f"pair lift, layer {layer_id} (log2)", fontsize=9)
+        ax2.set_xlabel("expert")
+        ax2.set_ylabel("expert")
+        fig.colorbar(im, ax=ax2, shrink=0.8)
     fig.suptitle(f"{ds.name}: co-activation", fontsize=10)
     lines += [figs.save(fig, f"{_slug(ds.name)}-coactivation.png", f"{ds.name} co-activation"), ""]
     return lines
@@ -349,18 +442,20 @@ def _summary(datasets: Sequence[DatasetStats]) -> list[str]:
     for ds in datasets:
         placement = ds.class_placement_counts()
         phase = next(p for p in ("decode", "prefill", "mixed") if p in ds.phases)
-        imbalance = float(np.nanmean(stats.load_imbalance(ds.total_counts(phase))))
+        imbalance = _mean(stats.load_imbalance(ds.total_counts(phase)))
         pairs = stats.pairwise_js(placement)
-        js = float(np.mean([v.mean() for v in pairs.values()])) if pairs else np.nan
-        pd = [
-            float(np.nanmean(stats.pearson_per_layer(c["prefill"], c["decode"])))
-            for c in ds.class_counts.values()
-            if "prefill" in c and "decode" in c
-        ]
+        js = _mean(np.array([_mean(v) for v in pairs.values()])) if pairs else np.nan
+        pd = _finite(
+            np.array(
+                [
+                    _mean(stats.pearson_per_layer(c["prefill"], c["decode"]))
+                    for c in ds.class_counts.values()
+                    if "prefill" in c and "decode" in c
+                ]
+            )
+        )
         share = (
-            float(np.nanmean(stats.top_pair_share(ds.coact, TOP_FRACTION)))
-            if ds.coact is not None
-            else np.nan
+            _mean(stats.top_pair_share(ds.coact, TOP_FRACTION)) if ds.coact is not None else np.nan
         )
         rows.append(
             [
@@ -372,7 +467,7 @@ def _summary(datasets: Sequence[DatasetStats]) -> list[str]:
                 _fmt(float(ds.accuracy.mean()) * 100, 1) + "%"
                 if ds.accuracy is not None
                 else "n/a",
-                _fmt(float(np.mean(pd))) if pd else "n/a",
+                _fmt(float(np.mean(pd))) if pd.size else "n/a",
                 _fmt(share * 100, 1) + "%" if np.isfinite(share) else "n/a",
             ]
         )

@@ -10,6 +10,18 @@ import warnings
 import numpy as np
 
 
+def finite_mean(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Mean of the finite values (along ``axis``); nan where there are none.
+
+    ``np.nanmean`` without its "Mean of empty slice" warning; also skips infinities.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values)
+    n = ok.sum(axis=axis)
+    total = np.where(ok, values, 0.0).sum(axis=axis)
+    return np.divide(total, n, out=np.full(np.shape(n), np.nan), where=n > 0)
+
+
 def load_imbalance(counts: np.ndarray) -> np.ndarray:
     """Per-layer max / mean expert load. counts [layers, experts] -> [layers] (nan if empty)."""
     mean = counts.mean(axis=1)
@@ -18,10 +30,14 @@ def load_imbalance(counts: np.ndarray) -> np.ndarray:
 
 
 def hottest_experts(counts: np.ndarray, n: int = 5) -> list[tuple[int, int, float]]:
-    """The ``n`` heaviest (layer index, expert, load / layer mean) cells over all layers."""
+    """The ``n`` heaviest (layer index, expert, load / layer mean) cells over all layers.
+
+    Only cells with load: fewer than ``n`` when fewer carry any, none for empty counts.
+    """
     mean = counts.mean(axis=1, keepdims=True)
     rel = np.divide(counts, mean, out=np.zeros_like(counts, dtype=np.float64), where=mean > 0)
-    flat = np.argsort(rel, axis=None)[::-1][:n]
+    flat = np.argsort(rel, axis=None, kind="stable")[::-1]
+    flat = flat[rel.ravel()[flat] > 0][:n]  # an unused expert (or an empty layer) is not hot
     layers, experts = np.unravel_index(flat, rel.shape)
     return [
         (int(layer), int(e), float(rel[layer, e])) for layer, e in zip(layers, experts, strict=True)
@@ -36,8 +52,10 @@ def _normalise_rows(counts: np.ndarray) -> np.ndarray:
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Jensen-Shannon divergence in bits between count rows (normalised here).
 
-    p, q: [..., experts] -> [...]; 0 for identical distributions, at most 1.
+    p, q: [..., experts] -> [...]; 0 for identical distributions, at most 1; nan where
+    either row is empty (no distribution to compare).
     """
+    empty = (np.sum(p, axis=-1) <= 0) | (np.sum(q, axis=-1) <= 0)
     p, q = _normalise_rows(p), _normalise_rows(q)
     m = (p + q) / 2
 
@@ -45,7 +63,7 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
         ratio = np.divide(a, m, out=np.ones_like(a), where=a > 0)
         return (a * np.log2(ratio)).sum(axis=-1)
 
-    return np.clip((kl(p) + kl(q)) / 2, 0.0, 1.0)
+    return np.where(empty, np.nan, np.clip((kl(p) + kl(q)) / 2, 0.0, 1.0))
 
 
 def pairwise_js(class_counts: dict[str, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
@@ -138,7 +156,9 @@ def coactivation_lift(co: np.ndarray, tokens: int, min_expected: float = 5.0) ->
 def top_pair_share(co: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     """Share of all co-activations carried by the top ``fraction`` of expert pairs, per layer.
 
-    co [layers, E, E] -> [layers]. Uniform co-activation gives ``fraction``.
+    co [layers, E, E] -> [layers]. Uniform co-activation gives ``fraction``; nan for a
+    layer without any co-activated pair (top-1 routing, or no token with two experts
+    recorded).
     """
     e = co.shape[1]
     iu = np.triu_indices(e, k=1)

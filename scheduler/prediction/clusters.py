@@ -135,10 +135,16 @@ class ActivationClusters:
             df = (counts[:, self.layers_] > 0).sum(axis=0)
             self.idf_ = np.log((1.0 + n) / (1.0 + df)) + 1.0
         x = self.transform(counts)
-        model = KMeans(
-            n_clusters=self.n_clusters, n_init=self.n_init, random_state=self.random_state
-        ).fit(x)
-        self.centers_ = model.cluster_centers_.astype(np.float32)
+        # Fewer distinct activation vectors than clusters (e.g. top-k equal to the expert
+        # count: every request's vector is the same): k-means on the distinct ones, and
+        # the extra clusters stay empty -- copies of centre 0 placed after it, so the
+        # nearest-centre rule of predict() never picks them.
+        fit_k = min(self.n_clusters, len(np.unique(x, axis=0)))
+        model = KMeans(n_clusters=fit_k, n_init=self.n_init, random_state=self.random_state).fit(x)
+        centers = model.cluster_centers_
+        if fit_k < self.n_clusters:
+            centers = np.vstack([centers, np.repeat(centers[:1], self.n_clusters - fit_k, 0)])
+        self.centers_ = centers.astype(np.float32)
         self.labels_ = model.labels_.astype(np.int64)
         self.inertia_ = float(model.inertia_)
         self._set_cluster_counts(counts, self.labels_)
