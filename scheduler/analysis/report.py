@@ -59,6 +59,13 @@ def _argmin(values: np.ndarray) -> int | None:
     return int(np.argmin(np.where(ok, values, np.inf))) if ok.any() else None
 
 
+def _layer_list(ds: DatasetStats, mask: np.ndarray) -> str:
+    """'model layer 3' / 'model layers 3, 5, ...' for the MoE layer indices set in ``mask``."""
+    ids = [str(ds.model.moe_layer_ids[i]) for i in np.flatnonzero(mask)]
+    shown = ", ".join(ids[:12]) + (f", ... ({len(ids)} in all)" if len(ids) > 12 else "")
+    return f"model layer{'s' if len(ids) > 1 else ''} {shown}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
@@ -202,6 +209,14 @@ def _section_imbalance(ds: DatasetStats, figs: _Figures) -> list[str]:
             if name == "all classes":
                 series[phase] = imb
     lines += _table(["class", "phase", "mean over layers", "worst layer", "worst layer id"], rows)
+    for phase in ds.phases:
+        empty = ds.total_counts(phase).sum(axis=1) <= 0
+        if empty.any():
+            lines += [
+                f"No {phase} load recorded in {_layer_list(ds, empty)}: left out of the "
+                "imbalance (undefined there).",
+                "",
+            ]
     lines += [
         _line_plot(
             ds, figs, "imbalance", "load imbalance per layer (all classes)", "max / mean", series
@@ -256,8 +271,13 @@ def _section_specificity(ds: DatasetStats, figs: _Figures) -> list[str]:
             for (a, b), v in sorted(pairs.items())
         ],
     )
-    if any(not np.isfinite(v).all() for v in pairs.values()):
-        lines += ["n/a: a class has no load in that layer (nothing to compare).", ""]
+    undefined = np.any([~np.isfinite(v) for v in pairs.values()], axis=0)
+    if undefined.any():
+        lines += [
+            f"In {_layer_list(ds, undefined)} a class has no load: nothing to compare, so "
+            "the JS divergence of those pairs is undefined there and left out.",
+            "",
+        ]
     series = {"mean pairwise JS (bits)": js_mean}
     if ds.accuracy is not None:
         series["class-from-activation accuracy"] = ds.accuracy
@@ -309,9 +329,11 @@ def _section_prefill_decode(ds: DatasetStats, figs: _Figures) -> list[str]:
                 _fmt(_max(r)),
             ]
         )
-    undefined = any(not np.isfinite(r).all() for r in series.values())
+    undefined = np.zeros(ds.model.num_moe_layers, dtype=bool)
+    for r in series.values():
+        undefined |= ~np.isfinite(r)
     if ds.pd_corr_requests is not None and ds.granularity == "request":
-        undefined = undefined or not np.isfinite(ds.pd_corr_requests).all()
+        undefined |= ~np.isfinite(ds.pd_corr_requests).all(axis=0)
         per_layer = stats.finite_mean(ds.pd_corr_requests, axis=0)
         series["per request (mean)"] = per_layer
         rows.append(
@@ -324,12 +346,13 @@ def _section_prefill_decode(ds: DatasetStats, figs: _Figures) -> list[str]:
             ]
         )
     lines += _table(["over", "records", "mean over layers", "min layer", "max layer"], rows)
-    if undefined:
+    if undefined.any():
         lines += [
-            "Pearson's r is undefined for a layer whose per-expert counts are all equal in "
-            "prefill or in decode (no variance: every expert takes the same number of "
-            "tokens, e.g. when top-k equals the expert count); such layers are left out "
-            "of the means, and n/a means every layer was.",
+            f"Pearson's r is undefined in {_layer_list(ds, undefined)} for some of the rows: "
+            "per-expert counts without variance in prefill or in decode (no load, or every "
+            "expert taking the same number of tokens, e.g. when top-k equals the expert "
+            "count). Those layers are left out of the row's figures; n/a means every layer "
+            "was.",
             "",
         ]
     lines += [
@@ -364,11 +387,7 @@ def _section_coactivation(ds: DatasetStats, figs: _Figures) -> list[str]:
             f"Highest pair lift (observed / expected if independent, pairs expected >= 5 "
             f"times) per layer: median {_fmt(float(np.median(max_lift[has_lift])))}, max "
             f"{_fmt(_max(max_lift))}"
-            + (
-                f" ({int(has_lift.sum())} of {len(has_lift)} layers have such a pair)."
-                if not has_lift.all()
-                else "."
-            )
+            + ("." if has_lift.all() else f" (over {_layer_list(ds, has_lift)} only).")
         )
     else:
         lift_text = (
@@ -381,7 +400,7 @@ def _section_coactivation(ds: DatasetStats, figs: _Figures) -> list[str]:
         f"average ({int(TOP_FRACTION * 100)}% if uniform; range "
         f"{_fmt(_min(share) * 100, 1)}-{_fmt(_max(share) * 100, 1)}%"
         + (
-            f"; {int(np.isnan(share).sum())} layers without a co-activated pair left out"
+            f"; no co-activated pair in {_layer_list(ds, np.isnan(share))}, left out"
             if np.isnan(share).any()
             else ""
         )
