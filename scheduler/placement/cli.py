@@ -175,12 +175,9 @@ def cmd_place(args: argparse.Namespace) -> int:
     write_placement_dir(args.out, problem, result, fingerprints)
     relaxed = result.details.get("balance_relaxed")
     if relaxed:
-        by_layer = relaxed.get("gpu_load_imbalance_by_layer") or {
-            layer: None for layer in relaxed.get("layers", [])
-        }
+        by_layer = relaxed["gpu_load_imbalance_by_layer"]
         shown = ", ".join(
-            f"layer {layer}" + (f" {value:.2f}" if value is not None else "")
-            for layer, value in list(by_layer.items())[:8]
+            f"layer {layer} {value:.2f}" for layer, value in list(by_layer.items())[:8]
         )
         print(
             f"BALANCE_RELAXED: GPU expert load above +{problem.balance_tolerance:.0%} of the "

@@ -42,9 +42,10 @@ from scheduler.placement.methods.ours_greedy import (
     large_layers,
     replica_counts,
 )
-from scheduler.placement.metrics import node_demand, remote_cost
+from scheduler.placement.metrics import gpu_loads, imbalance, node_demand, remote_cost
 from scheduler.placement.placement import Placement
 from scheduler.placement.problem import PlacementProblem, PlacementResult, balanced_class_shares
+from scheduler.placement.step_time import BALANCE_SLACK
 
 ROUNDS = 3
 #: CP-SAT linearization level 2 (full LP relaxation): with redundancy it takes the bound
@@ -313,8 +314,12 @@ def solve_remote_hits(problem: PlacementProblem) -> PlacementResult:
             problem.current  # type: ignore[arg-type]
         )
         history.append({"moves": placement_moves})
-    # A layer with no placement within the tolerance keeps its best-balanced heuristic row.
-    relaxed = [layer for layer, s in enumerate(statuses) if s == "INFEASIBLE"]
+    # A layer CP-SAT proved infeasible, or gave no solution in time, keeps its heuristic
+    # row; its balance is whatever that row reaches, checked here.
+    loads = gpu_loads(node_demand(demand, shares), Placement(rows, m.num_experts, t.num_gpus, g))
+    over = imbalance(loads) > 1 + problem.balance_tolerance + BALANCE_SLACK
+    relaxed = [layer for layer, s in enumerate(statuses) if s == "INFEASIBLE" or over[layer]]
+    fell_back = any(s not in ("OPTIMAL", "FEASIBLE", "HEURISTIC") for s in statuses)
     status = (
         "BALANCE_RELAXED"
         if relaxed
@@ -322,6 +327,8 @@ def solve_remote_hits(problem: PlacementProblem) -> PlacementResult:
         if statuses and all(s == "OPTIMAL" for s in statuses)
         else "HEURISTIC"
         if all(s == "HEURISTIC" for s in statuses)
+        else "FALLBACK"
+        if fell_back
         else "FEASIBLE"
     )
     if relaxed:
@@ -349,7 +356,14 @@ def solve_remote_hits(problem: PlacementProblem) -> PlacementResult:
             "conditional_bound_scope": "sum of per-layer CP-SAT bounds given the final class "
             "shares (not a bound on the joint problem)",
             **(
-                {"balance_relaxed": {"tolerance": problem.balance_tolerance, "layers": relaxed}}
+                {
+                    "balance_relaxed": {
+                        "tolerance": problem.balance_tolerance,
+                        "gpu_load_imbalance_by_layer": {
+                            layer: round(float(imbalance(loads)[layer]), 4) for layer in relaxed
+                        },
+                    }
+                }
                 if relaxed
                 else {}
             ),
