@@ -152,7 +152,7 @@ def render_policy_grid(data: dict[str, Any], source: Path) -> list[str]:
             "",
             "Random placements and histograms (a timing, not a workload). Cold: every "
             "histogram scored once against the placement (done once per request on "
-            "arrival); warm: the assignment itself (min-cost flow + rank choice). "
+            "arrival); warm: the assignment itself (the greedy rank assignment). "
             "Target 10 ms.",
             "",
         ]
