@@ -332,9 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     grid = GRIDS["quick" if args.quick else "full"]
     methods = grid["methods"] or method_names()
     wall = time.perf_counter()
-    # Timed first, in a process that holds no grid data yet: with the 100k-request
-    # workloads alive, Python's collector traverses millions of objects during the timing
-    # (13-17 ms warm instead of 6-8 ms), which a server holding its own requests does not.
+    # Timed first, before the grid's workloads are loaded, so the timing does not depend
+    # on what the grid left in memory.
     solve = window_solve_times(grid["window_solve_reps"])
     esft = grid_data.load_esft(args.data)
     esft_ds, alpha = grid_data.esft_dataset(esft, grid["esft-heldout"].get("max_decode"))
