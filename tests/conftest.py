@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,13 @@ from scheduler.model_shape import ModelShape
 from scheduler.traces.store import RequestTrace, TraceWriter
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def render_results(results: Path, md: Path) -> str:
+    """``benchmarks/render.py`` over the JSON files in ``results``: the Markdown it writes."""
+    command = [sys.executable, str(REPO / "benchmarks" / "render.py"), "--results", str(results)]
+    subprocess.run([*command, "--out", str(md)], cwd=REPO, check=True, timeout=60)
+    return md.read_text()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, render_results
 
 SCENARIOS = ["cancel_deadline", "stream_length", "overload", "soak", "backend_restart"]
 
@@ -48,11 +48,6 @@ def test_dataplane_benchmark_quick(shared_data, tmp_path):
     assert events["kill_s"] < events["spawn_s"] < events["ready_s"]
 
     md = tmp_path / "RESULTS.md"
-    subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "render.py"), "--results", str(out.parent),
-         "--out", str(md)],
-        cwd=REPO, check=True, timeout=60,
-    )  # fmt: skip
-    text = md.read_text()
+    text = render_results(out.parent, md)
     assert "## Data plane: soak and faults (`dataplane`)" in text and "Quick mode" in text
     assert "### Reconciliation" in text and "### Backend restart" in text

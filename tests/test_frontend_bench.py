@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, render_results
 
 
 def test_frontend_benchmark_quick(shared_data, tmp_path):
@@ -50,10 +50,5 @@ def test_frontend_benchmark_quick(shared_data, tmp_path):
     assert prediction["probe"]["inter_node_bytes_per_token"] > 0
 
     md = tmp_path / "RESULTS.md"
-    subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "render.py"), "--results", str(out.parent),
-         "--out", str(md)],
-        cwd=REPO, check=True, timeout=60,
-    )  # fmt: skip
-    text = md.read_text()
+    text = render_results(out.parent, md)
     assert "## Scheduler front-end (`frontend`)" in text and "Quick mode" in text

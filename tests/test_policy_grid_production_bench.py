@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, render_results
 
 
 def test_policy_grid_production_quick(shared_data, tmp_path):
@@ -70,12 +70,7 @@ def test_policy_grid_production_quick(shared_data, tmp_path):
 
     md = tmp_path / "RESULTS.md"
     (out.parent / "other.json").write_text(json.dumps({"benchmark": "accounting"}))
-    subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "render.py"), "--results", str(out.parent),
-         "--out", str(md)],
-        cwd=REPO, check=True, timeout=60,
-    )  # fmt: skip
-    text = md.read_text()
+    text = render_results(out.parent, md)
     sections = [line for line in text.splitlines() if line.startswith("## ")]
     assert "policy_grid_production" in sections[0]  # leads RESULTS.md
     assert "QUICK RUN" in text and "SYNTHETIC, resampled" in text and "real, resampled" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -68,11 +69,14 @@ class PlacementProblem:
     def class_names(self) -> list[str]:
         return list(self.profile.classes)
 
-    @property
+    @cached_property
     def demand(self) -> np.ndarray:
-        return np.stack([c.placement_counts() for c in self.profile.classes.values()])
+        """Built once per problem (every method and metric reads it); read-only."""
+        demand = np.stack([c.placement_counts() for c in self.profile.classes.values()])
+        demand.setflags(write=False)
+        return demand
 
-    @property
+    @cached_property
     def weights(self) -> np.ndarray:
         w = np.array([c.weight for c in self.profile.classes.values()], dtype=np.float64)
         return w / w.sum()

@@ -203,6 +203,14 @@ def simulate(
     def due() -> float:
         return admission.due(float(times[queue[0]]), len(queue))
 
+    def decide(window: list[int]) -> list[int | None]:
+        """One admission decision for the requests ``window`` (timed)."""
+        state = RankState(running.copy(), np.zeros(ranks_n, np.int64), config.capacity, per_node)
+        tic = time.perf_counter()
+        ranks = admission.decide(policy, [infos[i] for i in window], state)
+        decision_s.append(time.perf_counter() - tic)
+        return ranks
+
     while next_arrival < n or queue or run_req.size:
         if not run_req.size:
             # Idle: the clock jumps to the next arrival or the queue's due time.
@@ -216,12 +224,7 @@ def simulate(
             if not queue and admission.immediate(1):
                 # the server's fast path (Dispatcher.try_acquire): an arrival that finds
                 # no queue is decided on its own, at once
-                state = RankState(
-                    running.copy(), np.zeros(ranks_n, np.int64), config.capacity, per_node
-                )
-                tic = time.perf_counter()
-                rank = admission.decide(policy, [infos[i]], state)[0]
-                decision_s.append(time.perf_counter() - tic)
+                rank = decide([i])[0]
                 if rank is not None:
                     rank_of[i], start[i] = rank, clock
                     running[rank] += 1
@@ -232,12 +235,7 @@ def simulate(
         while queue and changed and due() <= clock:
             # One admission decision; another at once while it assigns and the rest is due.
             window = list(itertools.islice(queue, admission.max_window))
-            state = RankState(
-                running.copy(), np.zeros(ranks_n, np.int64), config.capacity, per_node
-            )
-            tic = time.perf_counter()
-            ranks = admission.decide(policy, [infos[i] for i in window], state)
-            decision_s.append(time.perf_counter() - tic)
+            ranks = decide(window)
             kept = [i for i, rank in zip(window, ranks, strict=True) if rank is None]
             if len(kept) == len(window):
                 changed = False  # nobody assigned: wait for an arrival or a finish

@@ -317,7 +317,8 @@ def solve_remote_hits(problem: PlacementProblem) -> PlacementResult:
     # A layer CP-SAT proved infeasible, or gave no solution in time, keeps its heuristic
     # row; its balance is whatever that row reaches, checked here.
     loads = gpu_loads(node_demand(demand, shares), Placement(rows, m.num_experts, t.num_gpus, g))
-    over = imbalance(loads) > 1 + problem.balance_tolerance + BALANCE_SLACK
+    layer_imbalance = imbalance(loads)
+    over = layer_imbalance > 1 + problem.balance_tolerance + BALANCE_SLACK
     relaxed = [layer for layer, s in enumerate(statuses) if s == "INFEASIBLE" or over[layer]]
     fell_back = any(s not in ("OPTIMAL", "FEASIBLE", "HEURISTIC") for s in statuses)
     status = (
@@ -360,7 +361,7 @@ def solve_remote_hits(problem: PlacementProblem) -> PlacementResult:
                     "balance_relaxed": {
                         "tolerance": problem.balance_tolerance,
                         "gpu_load_imbalance_by_layer": {
-                            layer: round(float(imbalance(loads)[layer]), 4) for layer in relaxed
+                            layer: round(float(layer_imbalance[layer]), 4) for layer in relaxed
                         },
                     }
                 }
