@@ -106,10 +106,19 @@ def write_config(
     }
     for name, keys in sections.items():
         values.setdefault(name, {}).update(keys)
+    instances = values["backend"].pop("instances", None)
+    if instances is not None:  # [[backend.instances]] instead of backend.url + cluster.placement
+        del values["backend"]["url"], values["cluster"]["placement"]
     lines = []
     for name, keys in values.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+        for table in instances or [] if name == "backend" else []:
+            lines.append("[[backend.instances]]")
+            lines += [
+                f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}"
+                for k, v in table.items()
+            ]
     path = tmp / "scheduler.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

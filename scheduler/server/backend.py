@@ -1,5 +1,6 @@
 """SGLang's HTTP API as the scheduler uses it (docs/server.md): ``/generate`` (unary and
-server-sent events), ``/health`` and ``/v1/loads``.
+server-sent events), ``/health``, ``/v1/loads`` and ``/server_info``; one
+:class:`SGLangBackend` per SGLang instance.
 
 Responses are read as bytes (``wire.py``): the routed experts stay raw base64 for the
 telemetry worker, streamed chunks are decoded only where they are new, and no event is
@@ -40,6 +41,8 @@ class BackendError(Exception):
         self.unreachable = unreachable
         self.rank_failed = rank_failed
         self.invalid = invalid
+        #: Name of the instance that failed (set by the caller that knows it).
+        self.instance = ""
 
 
 @dataclass
@@ -156,6 +159,23 @@ class SGLangBackend:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
+
+    async def server_info(self, timeout_s: float) -> dict[str, Any]:
+        """``/server_info`` (SGLang's resolved server arguments and ``version``); raises
+        BackendError."""
+        try:
+            async with self.session.get(
+                f"{self.url}/server_info", timeout=self._timeout(timeout_s)
+            ) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise _http_error(resp.status, body)
+                data = loads(body)
+        except (aiohttp.ClientError, TimeoutError, WireError) as e:
+            raise BackendError(f"/server_info failed: {e}", retryable=True) from e
+        if not isinstance(data, dict):
+            raise BackendError("/server_info answered a non-object", retryable=True)
+        return data
 
     async def loads(self, num_ranks: int, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
         """(running [ranks], waiting [ranks]) from ``/v1/loads``; raises BackendError."""

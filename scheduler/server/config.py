@@ -7,13 +7,19 @@ import hashlib
 import math
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from scheduler.errors import ConfigError
+from scheduler.sglang_versions import SglangVersion
 
 PREDICTION_MODES = ("none", "text", "probe", "conversation")
+#: What an SGLang instance serves (SGLang's --disaggregation-mode; mixed: both phases).
+ROLES = ("mixed", "prefill", "decode")
+#: SGLang's default --disaggregation-bootstrap-port.
+DEFAULT_BOOTSTRAP_PORT = 8998
 WORKER_KINDS = ("process", "thread")
 #: Environment variables that override the secret files (Kubernetes Secrets).
 ADMIN_TOKEN_ENV = "MOE_SCHEDULER_ADMIN_TOKEN"
@@ -77,6 +83,26 @@ class BackendSection:
     failed_rank_cooldown_s: float = 5.0
     #: File holding SGLang's --api-key ($MOE_SCHEDULER_BACKEND_API_KEY overrides it).
     api_key_file: Path | None = None
+    #: The single instance's SGLang version ("": read from its /server_info).
+    sglang_version: str = ""
+
+
+@dataclass(frozen=True)
+class InstanceSection:
+    """One SGLang instance (a ``[[backend.instances]]`` table; the single-instance form
+    ``backend.url`` + ``[cluster]`` is one of these too)."""
+
+    url: str = ""
+    placement: Path = Path()
+    topology: Path | None = None
+    model: str | None = None
+    #: "" : read from the instance's /server_info.
+    sglang_version: str = ""
+    role: str = "mixed"
+    #: Label in metrics, stats and logs ("": the URL's host:port).
+    name: str = ""
+    #: A prefill instance's --disaggregation-bootstrap-port (sent to decode as bootstrap_port).
+    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
 
 
 @dataclass(frozen=True)
@@ -140,6 +166,14 @@ class ServerConfig:
     policy: PolicySection
     prediction: PredictionSection
     feedback: FeedbackSection
+    #: Every SGLang instance behind the scheduler, in rank order (mixed, prefill, decode).
+    instances: tuple[InstanceSection, ...] = ()
+    #: The instances came from [[backend.instances]] (else from backend.url + [cluster]).
+    instance_tables: bool = False
+
+    @property
+    def disaggregated(self) -> bool:
+        return any(i.role != "mixed" for i in self.instances)
 
 
 _SECTIONS: dict[str, type] = {
@@ -158,6 +192,8 @@ _PATH_KEYS = {
     ("backend", "api_key_file"),
     ("cluster", "placement"),
     ("cluster", "topology"),
+    ("instance", "placement"),
+    ("instance", "topology"),
     ("prediction", "bundle"),
     ("prediction", "profile"),
     ("feedback", "dir"),
@@ -176,12 +212,47 @@ def load_config(path: Path) -> ServerConfig:
     unknown = set(data) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+    backend = data.get("backend", {})
+    tables = backend.pop("instances", None) if isinstance(backend, dict) else None
     sections = {
         name: _section(path, name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()
     }
     config = ServerConfig(path=path, version=hashlib.sha256(raw).hexdigest()[:12], **sections)
+    config = replace(config, instances=_instances(config, tables), instance_tables=bool(tables))
     _check(config)
     return config
+
+
+def _instances(c: ServerConfig, tables: Any) -> tuple[InstanceSection, ...]:
+    """The instances of ``[[backend.instances]]``, or the single one of ``backend.url``
+    and ``[cluster]``; sorted by role (stable), so that each role's ranks are contiguous."""
+    if tables is None:
+        b, k = c.backend, c.cluster
+        single = InstanceSection(b.url, k.placement, k.topology, k.model, b.sglang_version)
+        return (replace(single, name=_default_name(single.url)),)
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{c.path}: backend.instances must be [[backend.instances]] tables")
+    if c.backend.url or c.cluster.placement != Path() or c.cluster.topology or c.cluster.model:
+        raise ConfigError(
+            f"{c.path}: give either backend.url with [cluster] placement/topology/model (one "
+            "instance) or [[backend.instances]] tables (each with url and placement), not both"
+        )
+    out = []
+    for i, table in enumerate(tables):
+        where = f"backend.instances[{i}]"
+        inst = _section(c.path, where, InstanceSection, table)
+        for key in ("url", "placement"):
+            if key not in table:
+                raise ConfigError(f"{c.path}: {where} needs {key}")
+        if inst.role not in ROLES:
+            raise ConfigError(f"{c.path}: {where}.role must be one of {', '.join(ROLES)}")
+        out.append(replace(inst, name=inst.name or _default_name(inst.url)))
+    return tuple(sorted(out, key=lambda inst: ROLES.index(inst.role)))
+
+
+def _default_name(url: str) -> str:
+    parsed = urlsplit(url)
+    return parsed.netloc or url
 
 
 def _section(path: Path, name: str, cls: type, values: Any) -> Any:
@@ -193,7 +264,7 @@ def _section(path: Path, name: str, cls: type, values: Any) -> Any:
         if key not in known:
             raise ConfigError(f"{path}: unknown key {name}.{key}; known: {', '.join(known)}")
         default = getattr(cls(), key)
-        if (name, key) in _PATH_KEYS:
+        if (name.partition("[")[0].replace("backend.instances", "instance"), key) in _PATH_KEYS:
             if value == "" and default is None:  # an optional file, left unset
                 kwargs[key] = None
                 continue
@@ -223,10 +294,33 @@ def _check(c: ServerConfig) -> None:
     def fail(message: str) -> None:
         raise ConfigError(f"{c.path}: {message}")
 
-    if not c.backend.url.startswith(("http://", "https://")):
-        fail("backend.url must be an http:// or https:// URL of SGLang (node 0) or the emulator")
-    if c.cluster.placement == Path():
-        fail("cluster.placement is required (a directory written by `moe-scheduler place`)")
+    for i, inst in enumerate(c.instances):
+        where = f"backend.instances[{i}]" if c.instance_tables else "backend"
+        if not inst.url.startswith(("http://", "https://")):
+            fail(
+                f"{where}.url must be an http:// or https:// URL of SGLang (node 0) or the emulator"
+            )
+        if inst.placement == Path():
+            where = where if c.instance_tables else "cluster"
+            fail(f"{where}.placement is required (a directory written by `moe-scheduler place`)")
+        if inst.sglang_version:
+            try:
+                SglangVersion.parse(inst.sglang_version)
+            except ConfigError as e:
+                fail(f"{where}.sglang_version: {e}")
+        if not 0 < inst.bootstrap_port <= 65535:
+            fail(f"{where}.bootstrap_port must be a port number, got {inst.bootstrap_port}")
+    for key in ("name", "url"):
+        values = [getattr(inst, key) for inst in c.instances]
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            fail(f"backend.instances: {key} {', '.join(repeated)} given more than once")
+    roles = {inst.role for inst in c.instances}
+    if roles - {"mixed"} and roles != {"prefill", "decode"}:
+        fail(
+            "backend.instances: prefill/decode disaggregation needs at least one prefill and one "
+            f"decode instance and no mixed one (roles given: {', '.join(sorted(roles))})"
+        )
     for key in ("listen", "metrics_listen"):
         value = getattr(c.server, key)
         host, _, port = value.rpartition(":")

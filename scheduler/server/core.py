@@ -1,6 +1,13 @@
 """The scheduler's request path, independent of gRPC: validate, predict, take a rank slot,
 dispatch to SGLang (retrying with backoff before the first token), relay the answer.
 
+Several SGLang instances can stand behind one scheduler (``cluster.py``): a mixed fleet
+(each request runs on one (instance, rank)) or a prefill/decode disaggregated one (each
+request gets a prefill (instance, rank) and a decode (instance, rank), chosen at arrival,
+and both legs are sent at once with the same ``bootstrap_room``, as sgl-router's PD mode
+sends them). An instance that stops answering is taken out as a whole (SGLang fails per
+instance, not per rank); requests that have sent no token go to another instance.
+
 The serving loop only relays and decides. The routed experts that come back (asked for
 on a sampled share of requests, ``telemetry.RoutedSampler``) are decoded and accounted by
 the telemetry worker; a full worker drops telemetry, never the request. The gRPC
@@ -10,6 +17,8 @@ every call once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -25,7 +34,7 @@ import numpy as np
 from scheduler.errors import MoeSchedulerError
 from scheduler.policies import POLICIES, RequestInfo, RoutingPolicy, make_policy
 from scheduler.server.backend import Answer, BackendError, SGLangBackend
-from scheduler.server.cluster import ClusterState, load_cluster
+from scheduler.server.cluster import ClusterState, InstanceState, load_cluster
 from scheduler.server.config import (
     ADMIN_TOKEN_ENV,
     BACKEND_API_KEY_ENV,
@@ -44,6 +53,7 @@ from scheduler.server.telemetry import (
     RoutedSampler,
     TelemetryWorker,
 )
+from scheduler.sglang_versions import SglangVersion, rank_field
 
 log = logging.getLogger("moe_scheduler.server")
 
@@ -90,11 +100,19 @@ class Job:
 
 @dataclass
 class Outcome:
+    """``rank``: the fleet rank that answered (the decode rank when disaggregated);
+    ``dp_rank`` / ``node``: its SGLang DP rank and node within ``instance``."""
+
     request_id: str
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     rank: int = -1
+    dp_rank: int = -1
     node: int = -1
+    instance: str = ""
+    #: Disaggregated: the prefill leg's instance and SGLang DP rank.
+    prefill_instance: str = ""
+    prefill_dp_rank: int = -1
     predicted_class: str = ""
     prediction_source: str = "none"
     prompt_tokens: int = 0
@@ -111,14 +129,20 @@ class Outcome:
 Chunk = Callable[[str, list[int]], Awaitable[None]]
 
 
-def build_policy(config: ServerConfig, cluster: ClusterState) -> RoutingPolicy:
-    """The configured policy, given whichever of the cluster's facts its constructor takes."""
+def build_policy(
+    config: ServerConfig, cluster: ClusterState, role: str | None = None
+) -> RoutingPolicy:
+    """The configured policy of the pool of ``role`` (default: the pool that answers the
+    client), given whichever of the pool's facts its constructor takes. A prefill pool's
+    policy weighs requests by their prompt tokens (what a prefill pass computes)."""
     name = config.policy.name
+    pool = cluster.pools[role] if role is not None else cluster.serving_pool
     available: dict[str, Any] = {
-        "placement": cluster.placement,
-        "class_to_node_share": cluster.class_to_node_share,
+        "placement": pool.placement,
+        "class_to_node_share": pool.class_to_node_share,
         "band": config.policy.band,
         "balance": config.policy.balance,
+        "weight": "prefill" if pool.role == "prefill" else "decode",
     }
     cls = POLICIES[name][0] if name in POLICIES else None
     params = {}
@@ -227,26 +251,34 @@ class SchedulerCore:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.cluster = load_cluster(config)
-        policy = build_policy(config, self.cluster)
         self.metrics = ServerMetrics()
-        self.backend = self._backend(config)
-        self.dispatcher = Dispatcher(
-            policy,
-            self.cluster.num_ranks,
-            self.cluster.topology.gpus_per_node,
-            self.capacity_share(config),
-            window_s=config.policy.window_ms / 1000,
-            max_window=config.policy.max_window,
-            max_queue=config.server.max_queue,
-            cooldown_s=config.backend.failed_rank_cooldown_s,
-        )
+        self.backends = self._backends(config, self.cluster)
+        self.dispatchers = {
+            role: Dispatcher(
+                build_policy(config, self.cluster, role),
+                pool.num_ranks,
+                self.cluster.topology.gpus_per_node,
+                self.capacity_share(config),
+                window_s=config.policy.window_ms / 1000,
+                max_window=config.policy.max_window,
+                max_queue=config.server.max_queue,
+                cooldown_s=config.backend.failed_rank_cooldown_s,
+            )
+            for role, pool in self.cluster.pools.items()
+        }
+        #: Per instance: whether its /health answers, the SGLang version it runs (from
+        #: the configuration or its /server_info) and its bootstrap port (prefill).
+        self.instance_up = {i.name: False for i in self.cluster.instances}
+        self.sglang_versions: dict[str, SglangVersion | None] = {
+            i.name: i.sglang_version for i in self.cluster.instances
+        }
+        self.bootstrap_ports = {i.name: i.bootstrap_port for i in self.cluster.instances}
         self.predictor = RequestPredictor(self.cluster)
         self.feedback = Feedback(self.cluster, config.feedback.buffer_size)
         self.telemetry = self._telemetry(config, self.cluster)
         self.sampler = self._sampler(config)
         self.max_event_bytes = max_event_bytes(config, self.cluster)
         self.admin_token = self._admin_token(config)
-        self.backend_healthy = False
         self.started = time.monotonic()
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.in_progress = 0
@@ -261,10 +293,26 @@ class SchedulerCore:
     def capacity_share(config: ServerConfig) -> int:
         return config.policy.capacity // config.server.replicas
 
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The dispatcher of the pool that answers the client (mixed, or decode)."""
+        return self.dispatchers[self.cluster.serving_pool.role]
+
+    @property
+    def backend_healthy(self) -> bool:
+        """Every pool has an instance whose /health answers."""
+        return all(
+            any(self.instance_up[i.name] for i in pool.instances)
+            for pool in self.cluster.pools.values()
+        )
+
     @staticmethod
-    def _backend(config: ServerConfig) -> SGLangBackend:
+    def _backends(config: ServerConfig, cluster: ClusterState) -> dict[str, SGLangBackend]:
         key = read_secret(config.backend.api_key_file, BACKEND_API_KEY_ENV, "backend.api_key_file")
-        return SGLangBackend(config.backend.url, config.backend.connect_timeout_s, key)
+        return {
+            i.name: SGLangBackend(i.url, config.backend.connect_timeout_s, key)
+            for i in cluster.instances
+        }
 
     @staticmethod
     def _admin_token(config: ServerConfig) -> str:
@@ -287,7 +335,8 @@ class SchedulerCore:
         s = self.config.server
         if s.max_concurrent_rpcs:
             return s.max_concurrent_rpcs
-        return s.max_queue + self.cluster.num_ranks * self.capacity_share(self.config)
+        ranks = self.cluster.serving_pool.num_ranks
+        return s.max_queue + ranks * self.capacity_share(self.config)
 
     def refuse_new_call(self) -> str | None:
         """Why a new call cannot be admitted now, or None."""
@@ -317,9 +366,15 @@ class SchedulerCore:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.telemetry.warm)
-        self.dispatcher.start()
+        for dispatcher in self.dispatchers.values():
+            dispatcher.start()
+        # The first health round (versions, bootstrap ports) before the first request.
+        await asyncio.gather(*(self._poll_once(i) for i in self.cluster.instances))
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._poll_backend(), name="poll-backend"))
+        for inst in self.cluster.instances:
+            self._tasks.append(
+                loop.create_task(self._poll_instance(inst.name), name=f"poll-{inst.name}")
+            )
         self._tasks.append(loop.create_task(self._watch_loop(), name="watch-loop"))
         if self.config.feedback.dir is not None:
             self._tasks.append(loop.create_task(self._flush_feedback(), name="flush-feedback"))
@@ -329,32 +384,92 @@ class SchedulerCore:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        await self.dispatcher.stop()
+        for dispatcher in self.dispatchers.values():
+            await dispatcher.stop()
         await asyncio.to_thread(self.telemetry.close)
         if self.config.feedback.dir is not None:
             await asyncio.to_thread(
                 write_feedback, self.config.feedback.dir, *self.feedback.snapshot()
             )
-        await self.backend.close()
+        for backend in self.backends.values():
+            await backend.close()
 
-    async def _poll_backend(self) -> None:
+    def pool_ranks(self, inst: InstanceState) -> range:
+        """The instance's ranks in its pool's numbering."""
+        start = inst.first_rank - self.cluster.pools[inst.role].first_rank
+        return range(start, start + inst.num_ranks)
+
+    def _instance_down(self, inst: InstanceState, why: str) -> None:
+        """Take the whole instance out (SGLang fails per instance); the health poll brings
+        it back when /health answers again."""
+        was_serving = self.backend_healthy
+        if self.instance_up[inst.name]:
+            log.warning("instance %s (%s) is DOWN: %s", inst.name, inst.url, why)
+        self.instance_up[inst.name] = False
+        # Out until the next health round could see it back (renewed while it stays down).
+        hold = max(2 * self.config.backend.health_interval_s, 1.0)
+        self.dispatchers[inst.role].mark_out(self.pool_ranks(inst), hold)
+        if was_serving and not self.backend_healthy:
+            self.on_health(False)
+
+    async def _poll_once(self, inst: InstanceState) -> None:
+        """One health round of an instance: /health, then (once) /server_info, then
+        /v1/loads."""
+        backend, dispatcher = self.backends[inst.name], self.dispatchers[inst.role]
+        timeout = max(self.config.backend.health_interval_s, 1.0)
+        if not await backend.health(timeout_s=timeout):
+            self._instance_down(inst, "/health does not answer 200")
+            return
+        if not self.instance_up[inst.name]:
+            was_serving = self.backend_healthy
+            self.instance_up[inst.name] = True
+            dispatcher.mark_back(self.pool_ranks(inst))
+            log.info("instance %s (%s, %s) is up", inst.name, inst.url, inst.role)
+            await self._discover(inst, timeout)
+            if not was_serving and self.backend_healthy:
+                self.on_health(True)
+        try:
+            running, waiting = await backend.loads(inst.num_ranks, timeout_s=timeout)
+            dispatcher.update_backend_loads(running, waiting, self.pool_ranks(inst).start)
+        except BackendError as e:
+            log.warning("instance %s: %s", inst.name, e)
+
+    async def _discover(self, inst: InstanceState, timeout: float) -> None:
+        """What the configuration left open, from the instance's /server_info: its SGLang
+        version (which names the rank field) and a prefill's bootstrap port."""
+        if self.sglang_versions[inst.name] is not None and self.bootstrap_ports[inst.name]:
+            return
+        try:
+            info = await self.backends[inst.name].server_info(timeout)
+        except BackendError as e:
+            log.warning("instance %s: %s; assuming SGLang's defaults", inst.name, e)
+            return
+        if self.sglang_versions[inst.name] is None and isinstance(info.get("version"), str):
+            try:
+                self.sglang_versions[inst.name] = SglangVersion.parse(info["version"])
+            except MoeSchedulerError:
+                log.warning("instance %s reports version %r", inst.name, info["version"])
+        port = info.get("disaggregation_bootstrap_port")
+        if not self.bootstrap_ports[inst.name] and isinstance(port, int):
+            self.bootstrap_ports[inst.name] = port
+        mode = info.get("disaggregation_mode")
+        expected = "null" if inst.role == "mixed" else inst.role
+        if isinstance(mode, str) and mode not in (expected, "") and mode != str(None):
+            log.warning(
+                "instance %s is configured as %s but runs --disaggregation-mode %s",
+                inst.name,
+                inst.role,
+                mode,
+            )
+
+    async def _poll_instance(self, name: str) -> None:
         while True:
-            interval = self.config.backend.health_interval_s
-            healthy = await self.backend.health(timeout_s=max(interval, 1.0))
-            if healthy != self.backend_healthy:
-                log.info("backend %s is %s", self.backend.url, "up" if healthy else "DOWN")
-                self.backend_healthy = healthy
-                self.on_health(healthy)
-            if healthy:
-                try:
-                    running, waiting = await self.backend.loads(
-                        self.cluster.num_ranks, timeout_s=max(interval, 1.0)
-                    )
-                    self.dispatcher.update_backend_loads(running, waiting)
-                except BackendError as e:
-                    log.warning("%s", e)
+            await asyncio.sleep(self.config.backend.health_interval_s)
+            inst = next((i for i in self.cluster.instances if i.name == name), None)
+            if inst is None:
+                return
+            await self._poll_once(inst)
             self._update_rank_gauges()
-            await asyncio.sleep(interval)
 
     async def _watch_loop(self, interval_s: float = 0.02) -> None:
         """How late the loop runs: the overshoot of a short sleep, decaying by half per
@@ -377,13 +492,16 @@ class SchedulerCore:
                     log.warning("feedback: cannot write %s: %s", directory, e)
 
     def _update_rank_gauges(self) -> None:
-        d, m, per_node = self.dispatcher, self.metrics, self.cluster.topology.gpus_per_node
-        healthy = d.healthy()
-        for r in range(d.num_ranks):
-            m.rank_in_flight.labels(str(r), str(r // per_node)).set(int(d.in_flight[r]))
-            m.rank_healthy.labels(str(r)).set(int(healthy[r]))
-            m.backend_running.labels(str(r)).set(int(d.backend_running[r]))
-            m.backend_waiting.labels(str(r)).set(int(d.backend_waiting[r]))
+        m, per_node = self.metrics, self.cluster.topology.gpus_per_node
+        for inst in self.cluster.instances:
+            d = self.dispatchers[inst.role]
+            healthy = d.healthy()
+            for local, r in enumerate(self.pool_ranks(inst)):
+                labels = (inst.name, str(local))
+                m.rank_in_flight.labels(*labels, str(local // per_node)).set(int(d.in_flight[r]))
+                m.rank_healthy.labels(*labels).set(int(healthy[r]))
+                m.backend_running.labels(*labels).set(int(d.backend_running[r]))
+                m.backend_waiting.labels(*labels).set(int(d.backend_waiting[r]))
         t = self.telemetry
         m.telemetry.labels("sampled").set(self.sampler.asked)
         m.telemetry.labels("accounted").set(t.accounted)
@@ -391,16 +509,18 @@ class SchedulerCore:
 
     # ------------------------------------------------------------------ reload
 
-    def _load(self) -> tuple[ServerConfig, ClusterState, RoutingPolicy]:
+    def _load(self) -> tuple[ServerConfig, ClusterState, dict[str, RoutingPolicy]]:
         """Read and check the configuration file and all it points at (off the loop)."""
         config = load_config(self.config.path)
         cluster = load_cluster(config)
-        if (cluster.num_ranks, cluster.topology.gpus_per_node) != (
-            self.cluster.num_ranks,
-            self.cluster.topology.gpus_per_node,
-        ):
+
+        def shape(c: ClusterState) -> list[tuple[str, str, int, int]]:
+            return [(i.name, i.role, i.num_ranks, i.topology.gpus_per_node) for i in c.instances]
+
+        if shape(cluster) != shape(self.cluster):
             raise MoeSchedulerError(
-                "the cluster shape changed; restart the server to serve another cluster"
+                "the cluster shape changed (instances, roles or GPUs); restart the server "
+                "to serve another cluster"
             )
         s, old = config.server, self.config.server
         restart_keys = (
@@ -414,23 +534,38 @@ class SchedulerCore:
         changed = [k for k in restart_keys if getattr(s, k) != getattr(old, k)]
         if changed:
             raise MoeSchedulerError(f"server.{', server.'.join(changed)}: a change needs a restart")
-        return config, cluster, build_policy(config, cluster)
+        return (
+            config,
+            cluster,
+            {role: build_policy(config, cluster, role) for role in cluster.pools},
+        )
 
     async def reload(self) -> tuple[bool, str]:
         """Re-read the configuration file; on any problem keep the old one. The reading
         runs in a thread; the new configuration is swapped in at once, on the loop."""
         async with self._reload_lock:
             try:
-                config, cluster, policy = await asyncio.to_thread(self._load)
-                backend = self._backend(config) if config.backend != self.config.backend else None
+                config, cluster, policies = await asyncio.to_thread(self._load)
+                changed = (config.backend, config.instances) != (
+                    self.config.backend,
+                    self.config.instances,
+                )
+                backends = self._backends(config, cluster) if changed else None
                 admin_token = self._admin_token(config)
             except MoeSchedulerError as e:
                 self.metrics.config_reloads.labels("rejected").inc()
                 log.error("configuration reload rejected, the old one stays: %s", e)
                 return False, f"rejected, the old configuration stays: {e}"
-            old_backend, old_telemetry = None, None
-            if backend is not None:
-                old_backend, self.backend = self.backend, backend
+            old_backends, old_telemetry = None, None
+            if backends is not None:
+                old_backends, self.backends = self.backends, backends
+                for inst in cluster.instances:  # what the new configuration leaves open
+                    self.sglang_versions[inst.name] = (
+                        inst.sglang_version or self.sglang_versions[inst.name]
+                    )
+                    self.bootstrap_ports[inst.name] = (
+                        inst.bootstrap_port or self.bootstrap_ports[inst.name]
+                    )
             if cluster.version != self.cluster.version or config.feedback != self.config.feedback:
                 old_telemetry, self.telemetry = self.telemetry, self._telemetry(config, cluster)
             if cluster.version != self.cluster.version:
@@ -441,14 +576,15 @@ class SchedulerCore:
             self.admin_token = admin_token
             self.config, self.cluster = config, cluster
             self.max_event_bytes = max_event_bytes(config, cluster)
-            self.dispatcher.replace_policy(
-                policy,
-                self.capacity_share(config),
-                config.policy.window_ms / 1000,
-                config.policy.max_window,
-                config.server.max_queue,
-                config.backend.failed_rank_cooldown_s,
-            )
+            for role, policy in policies.items():
+                self.dispatchers[role].replace_policy(
+                    policy,
+                    self.capacity_share(config),
+                    config.policy.window_ms / 1000,
+                    config.policy.max_window,
+                    config.server.max_queue,
+                    config.backend.failed_rank_cooldown_s,
+                )
             self.metrics.config_reloads.labels("ok").inc()
             log.info(
                 "configuration %s loaded (placement %s, policy %s)",
@@ -456,8 +592,8 @@ class SchedulerCore:
                 cluster.version,
                 config.policy.name,
             )
-        if old_backend is not None:
-            await old_backend.close()
+        for old in (old_backends or {}).values():
+            await old.close()
         if old_telemetry is not None:
             await asyncio.to_thread(old_telemetry.close)
             await asyncio.to_thread(self.telemetry.warm)
@@ -488,32 +624,51 @@ class SchedulerCore:
         if deadline is not None:
             give_up = min(give_up, deadline)
         unreachable_since: float | None = None
+        prefill: _Leg | None = None
+        prefill_answer: Answer | None = None
         while True:
             out.attempts += 1
             waited = time.monotonic()
-            rank = await self._acquire(info, deadline, need_s)
+            prefill = None
+            if self.cluster.disaggregated:
+                prefill = await self._acquire_leg("prefill", info, deadline, 0.0)
+            try:
+                leg = await self._acquire_leg(
+                    self.cluster.serving_pool.role, info, deadline, need_s
+                )
+            except BaseException:
+                if prefill is not None:
+                    prefill.release()
+                raise
             dispatched = time.monotonic()
             out.queue_seconds += dispatched - waited
             self.metrics.queue.observe(dispatched - waited)
             delay = 0.0
+            timeout = max(0.001, give_up - time.monotonic())
             try:
-                payload = self._payload(job, rank, prediction.cls, routed)
-                timeout = max(0.001, give_up - time.monotonic())
-                if on_chunk is None:
-                    answer = await self.backend.generate(payload, timeout)
-                    sent.first = time.monotonic()
+                if prefill is None:
+                    payload = self._payload(job, leg, prediction.cls, routed)
+                    answer = await self._send(leg, payload, timeout, on_chunk, sent)
                 else:
-                    answer = await self._stream(payload, timeout, on_chunk, sent)
+                    answer, prefill_answer = await self._send_pair(
+                        job, prefill, leg, prediction.cls, routed, timeout, on_chunk, sent
+                    )
                 break
             except BackendError as e:
-                if e.rank_failed:
+                failed = self._failed_instance(e, leg, prefill)
+                if e.unreachable and failed is not None:
+                    self._instance_down(failed, str(e))
+                if e.rank_failed and failed is not None:
+                    rank = leg if failed is leg.instance else prefill
+                    assert rank is not None
                     log.warning(
-                        "rank %d failed (%s); taken out for %.0f s",
-                        rank,
+                        "instance %s rank %d failed (%s); taken out for %.0f s",
+                        failed.name,
+                        rank.dp_rank,
                         e,
                         self.config.backend.failed_rank_cooldown_s,
                     )
-                    self.dispatcher.mark_failed(rank)
+                    rank.dispatcher.mark_failed(rank.pool_rank)
                 if e.invalid:
                     raise RequestError("invalid", str(e)) from e
                 now = time.monotonic()
@@ -522,8 +677,19 @@ class SchedulerCore:
                     allowed = now - unreachable_since < self.config.backend.unreachable_retry_s
                 else:
                     allowed = out.attempts <= self.config.backend.retries
-                delay = self._backoff(out.attempts)
-                if not e.retryable or sent.any or not allowed or now + delay >= give_up:
+                # Another instance of the same role takes it at once; else wait for one.
+                others = leg.dispatcher.healthy().any() and (
+                    prefill is None or prefill.dispatcher.healthy().any()
+                )
+                delay = 0.0 if e.unreachable and others else self._backoff(out.attempts)
+                if sent.any:
+                    raise RequestError(
+                        "backend_error",
+                        f"instance {e.instance or leg.instance.name} failed after the stream "
+                        f"sent tokens ({e}); the answer is incomplete and is not retried, so "
+                        "that no token is sent twice",
+                    ) from e
+                if not e.retryable or not allowed or now + delay >= give_up:
                     raise RequestError("backend_error", str(e)) from e
                 self.dispatcher.reroutes += 1
                 self.metrics.reroutes.inc()
@@ -534,11 +700,17 @@ class SchedulerCore:
                     outcome, f"no answer from the backend within {timeout:.3g} s"
                 ) from e
             finally:
-                self.dispatcher.release(rank, info)
+                leg.release()
+                if prefill is not None:
+                    prefill.release()
             await asyncio.sleep(delay)
         now = time.monotonic()
         meta = answer.meta
-        out.rank, out.node = rank, rank // self.cluster.topology.gpus_per_node
+        per_node = self.cluster.topology.gpus_per_node
+        out.rank, out.dp_rank, out.instance = leg.fleet_rank, leg.dp_rank, leg.instance.name
+        out.node = leg.dp_rank // per_node
+        if prefill is not None:
+            out.prefill_instance, out.prefill_dp_rank = prefill.instance.name, prefill.dp_rank
         out.text, out.output_ids = answer.text, answer.output_ids
         out.prompt_tokens = _int(meta.get("prompt_tokens"), job.prompt_tokens)
         out.completion_tokens = _int(meta.get("completion_tokens"), 0)
@@ -553,25 +725,45 @@ class SchedulerCore:
             job.max_new_tokens,
         )
         self._estimate(out, prediction)
-        await self._account(job, out, prediction, answer.routed, deadline)
+        legs = [(answer.routed, out.rank, "all" if prefill is None else "decode")]
+        if prefill is not None and prefill_answer is not None:
+            legs.append((prefill_answer.routed, prefill.fleet_rank, "prefill"))
+        await self._account(job, out, prediction, legs, deadline)
         self.metrics.ttft.observe(out.ttft_seconds)
         self.metrics.total.observe(out.total_seconds)
         return out
+
+    @staticmethod
+    def _failed_instance(e: BackendError, leg: _Leg, prefill: _Leg | None) -> InstanceState | None:
+        for candidate in (leg, prefill):
+            if candidate is not None and candidate.instance.name == e.instance:
+                return candidate.instance
+        return None
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
         b = self.config.backend
         return random.uniform(0, min(b.retry_backoff_max_s, b.retry_backoff_s * 2 ** (attempt - 1)))
 
-    async def _acquire(self, info: RequestInfo, deadline: float | None, need_s: float) -> int:
-        rank = self.dispatcher.try_acquire(info)  # the fast path: no waiting, no task
+    async def _acquire_leg(
+        self, role: str, info: RequestInfo, deadline: float | None, need_s: float
+    ) -> _Leg:
+        dispatcher = self.dispatchers[role]
+        rank = await self._acquire(dispatcher, info, deadline, need_s)
+        pool = self.cluster.pools[role]
+        return _Leg(dispatcher, info, rank, pool.instance_of(rank), pool.first_rank + rank)
+
+    async def _acquire(
+        self, dispatcher: Dispatcher, info: RequestInfo, deadline: float | None, need_s: float
+    ) -> int:
+        rank = dispatcher.try_acquire(info)  # the fast path: no waiting, no task
         if rank is not None:
             return rank
         try:
             if deadline is None:
-                return await self.dispatcher.acquire(info)
+                return await dispatcher.acquire(info)
             return await asyncio.wait_for(
-                self.dispatcher.acquire(info, deadline, need_s),
+                dispatcher.acquire(info, deadline, need_s),
                 timeout=max(0.0, deadline - time.monotonic()),
             )
         except Overloaded as e:
@@ -584,11 +776,13 @@ class SchedulerCore:
             ) from e
 
     def _payload(
-        self, job: Job, rank: int, cls: str | None, routed: bool = False
+        self, job: Job, leg: _Leg, cls: str | None, routed: bool = False
     ) -> dict[str, Any]:
+        """The /generate body for ``leg``: the rank pin under the name the instance's
+        SGLang version knows (``routed_dp_rank``, or ``data_parallel_rank`` up to 0.5.9)."""
         payload: dict[str, Any] = {
             "rid": job.request_id,
-            "routed_dp_rank": rank,
+            rank_field(self.sglang_versions[leg.instance.name]): leg.dp_rank,
             "sampling_params": _sglang_sampling(job.sampling),
         }
         if job.text is not None:
@@ -601,11 +795,83 @@ class SchedulerCore:
             payload["return_routed_experts"] = True
         return payload
 
+    async def _send(
+        self,
+        leg: _Leg,
+        payload: dict[str, Any],
+        timeout: float,
+        on_chunk: Chunk | None,
+        sent: _Sent,
+    ) -> Answer:
+        """One /generate on ``leg``'s instance; its BackendError names the instance."""
+        backend = self.backends[leg.instance.name]
+        try:
+            if on_chunk is None:
+                answer = await backend.generate(payload, timeout)
+                sent.first = time.monotonic()
+                return answer
+            return await self._stream(backend, payload, timeout, on_chunk, sent)
+        except BackendError as e:
+            e.instance = leg.instance.name
+            raise
+
+    async def _send_pair(
+        self,
+        job: Job,
+        prefill: _Leg,
+        decode: _Leg,
+        cls: str | None,
+        routed: bool,
+        timeout: float,
+        on_chunk: Chunk | None,
+        sent: _Sent,
+    ) -> tuple[Answer, Answer | None]:
+        """Both legs of a disaggregated request at once, as sgl-router's PD mode sends
+        them: the same body with the prefill instance's bootstrap host and port and a
+        random room; the prefill leg pinned to its rank, the decode leg to its own with
+        ``disagg_prefill_dp_rank`` naming the prefill's. The client gets the decode leg;
+        the prefill leg's answer (its prompt's routed experts) comes back too, or None.
+        The prefill slot is given back when the prefill leg ends."""
+        room = random.getrandbits(63)
+        bootstrap = {
+            "bootstrap_host": prefill.instance.bootstrap_host,
+            "bootstrap_port": self.bootstrap_ports[prefill.instance.name] or 8998,
+            "bootstrap_room": room,
+        }
+        first = {**self._payload(job, prefill, cls, routed), **bootstrap}
+        second = {
+            **self._payload(job, decode, cls, routed),
+            **bootstrap,
+            "disagg_prefill_dp_rank": prefill.dp_rank,
+        }
+        prefill_task = asyncio.ensure_future(self._send(prefill, first, timeout, None, _Sent()))
+        prefill_task.add_done_callback(lambda _: prefill.release())
+        decode_task = asyncio.ensure_future(self._send(decode, second, timeout, on_chunk, sent))
+        try:
+            await asyncio.wait({prefill_task, decode_task}, return_when=asyncio.FIRST_COMPLETED)
+            if prefill_task.done() and prefill_task.exception() is not None and not sent.any:
+                raise prefill_task.exception()  # type: ignore[misc]
+            answer = await decode_task
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(prefill_task), REPLY_TELEMETRY_WAIT_S)
+            ok = prefill_task.done() and not prefill_task.cancelled()
+            return answer, prefill_task.result() if ok and not prefill_task.exception() else None
+        finally:
+            for task in (prefill_task, decode_task):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(prefill_task, decode_task, return_exceptions=True)
+
     async def _stream(
-        self, payload: dict[str, Any], timeout: float, on_chunk: Chunk, sent: _Sent
+        self,
+        backend: SGLangBackend,
+        payload: dict[str, Any],
+        timeout: float,
+        on_chunk: Chunk,
+        sent: _Sent,
     ) -> Answer:
         answer = Answer()
-        async for item in self.backend.generate_stream(payload, timeout, self.max_event_bytes):
+        async for item in backend.generate_stream(payload, timeout, self.max_event_bytes):
             if isinstance(item, Answer):
                 answer = item
                 break
@@ -642,26 +908,28 @@ class SchedulerCore:
         It runs where the text prediction would send the request, so SGLang's prefix
         cache can reuse its KV if the request follows it there."""
         guess = self._from_text(job.text, tokens) if job.text else Prediction(None, "none")
+        if self.cluster.disaggregated:
+            return None  # a prefill instance runs nothing without its decode peer
         info = RequestInfo(f"{job.request_id}-probe", guess.cls, guess.histogram, job.prompt_tokens)
-        rank = await self._acquire(info, deadline, 0.0)
+        leg = await self._acquire_leg(self.cluster.serving_pool.role, info, deadline, 0.0)
         try:
-            payload = self._payload(job, rank, guess.cls, routed=True)
+            payload = self._payload(job, leg, guess.cls, routed=True)
             payload["rid"] = info.request_id
             payload["sampling_params"] = {**payload["sampling_params"], "max_new_tokens": 1}
             timeout = self.config.backend.request_timeout_s
             if deadline is not None:
                 timeout = max(0.001, min(timeout, deadline - time.monotonic()))
-            answer = await self.backend.generate(payload, timeout)
+            answer = await self._send(leg, payload, timeout, None, _Sent())
         except (BackendError, TimeoutError) as e:
             log.info("request %s: probe failed (%s); using the text prediction", job.request_id, e)
             return None
         finally:
-            self.dispatcher.release(rank, info)
+            leg.release()
         self.probes += 1
         if answer.routed is None:
             return None
         future = self.telemetry.submit(
-            answer.routed, rank, _int(answer.meta.get("prompt_tokens"), 0)
+            answer.routed, leg.fleet_rank, _int(answer.meta.get("prompt_tokens"), 0)
         )
         if future is None:
             return None
@@ -674,7 +942,8 @@ class SchedulerCore:
 
     def _estimate(self, out: Outcome, prediction: Prediction) -> None:
         if prediction.histogram is not None:
-            far = 1.0 - self.cluster.node_present[:, out.node]
+            node = out.rank // self.cluster.topology.gpus_per_node  # the fleet's node
+            far = 1.0 - self.cluster.node_present[:, node]
             remote = float(np.asarray(prediction.histogram).ravel() @ far)
             estimate = remote * self.cluster.bytes_per_copy
             self.estimated_inter_node_bytes += estimate
@@ -685,50 +954,102 @@ class SchedulerCore:
         job: Job,
         out: Outcome,
         prediction: Prediction,
-        routed: bytes | None,
+        legs: list[tuple[bytes | None, int, str]],
         deadline: float | None,
     ) -> None:
-        """Hand the routed experts to the telemetry worker; the observation is recorded
-        whenever it comes back, and copied into ``out`` if that is soon."""
-        if routed is None:
-            return
-        future = self.telemetry.submit(routed, out.rank, out.prompt_tokens)
-        if future is None:
-            return
+        """Hand the routed experts of each leg ``(routed, fleet rank, phase)`` to the
+        telemetry worker (a disaggregated request's prefill leg counts its prompt rows
+        on the prefill rank, its decode leg the generated rows on the decode rank); each
+        observation is recorded whenever it comes back, and copied into ``out`` if that
+        is soon. The first leg counts the request, the prompt and the prediction."""
         feedback, cluster = self.feedback, self.cluster
-        entries = len(routed) * 3 // 16  # base64 bytes -> int32 ids
-
-        def record(f: asyncio.Future[Any]) -> None:
-            if f.cancelled():
-                return
-            error = f.exception()
-            if error is not None:
-                log.warning("request %s: routed experts unusable: %s", job.request_id, error)
-                return
-            obs: Observation = f.result()
-            self.sampler.observe(obs.cpu_seconds, entries)
-            if feedback is not self.feedback or cluster is not self.cluster:
-                return  # measured under a placement that has been replaced
-            feedback.record(
-                obs, prediction.cls, out.rank, job.text or "", predicted=prediction.source != "none"
+        futures = []
+        for index, (routed, rank, phase) in enumerate(legs):
+            if routed is None:
+                continue
+            future = self.telemetry.submit(routed, rank, out.prompt_tokens, phase)
+            if future is None:
+                continue
+            future.add_done_callback(
+                functools.partial(
+                    self._record, job, prediction, rank, index == 0, len(routed), feedback, cluster
+                )
             )
-            self.predictor.remember(job.conversation_id, obs.prefill + obs.decode)
-            m = self.metrics
-            m.inter_node_bytes.inc(obs.inter_node_bytes)
-            m.remote_hits.inc(obs.remote_hits)
-            m.token_layers.inc(obs.token_layers)
-            m.prediction_hit_ratio.set(feedback.prediction_hit_rate)
-
-        future.add_done_callback(record)
+            futures.append(future)
+        if not futures:
+            return
         wait = REPLY_TELEMETRY_WAIT_S
         if deadline is not None:
             wait = min(wait, deadline - time.monotonic() - 0.005)
         if wait > 0:
-            await asyncio.wait({future}, timeout=wait)
-        if future.done() and not future.cancelled() and future.exception() is None:
-            obs = future.result()
-            out.local_fraction = obs.local_fraction
-            out.inter_node_bytes = float(obs.inter_node_bytes)
+            await asyncio.wait(futures, timeout=wait)
+        observed = [
+            f.result() for f in futures if f.done() and not f.cancelled() and not f.exception()
+        ]
+        if len(observed) == len(futures):
+            pairs = sum(o.token_layers for o in observed)
+            local = sum(o.local_fraction * o.token_layers for o in observed)
+            out.local_fraction = local / pairs if pairs else 1.0
+            out.inter_node_bytes = float(sum(o.inter_node_bytes for o in observed))
+
+    def _record(
+        self,
+        job: Job,
+        prediction: Prediction,
+        rank: int,
+        first: bool,
+        encoded_bytes: int,
+        feedback: Feedback,
+        cluster: ClusterState,
+        f: asyncio.Future[Any],
+    ) -> None:
+        if f.cancelled():
+            return
+        error = f.exception()
+        if error is not None:
+            log.warning("request %s: routed experts unusable: %s", job.request_id, error)
+            return
+        obs: Observation = f.result()
+        self.sampler.observe(obs.cpu_seconds, encoded_bytes * 3 // 16)  # base64 -> int32 ids
+        if feedback is not self.feedback or cluster is not self.cluster:
+            return  # measured under a placement that has been replaced
+        feedback.record(
+            obs,
+            prediction.cls,
+            rank,
+            job.text or "" if first else "",
+            predicted=first and prediction.source != "none",
+            count_request=first,
+        )
+        if first:
+            self.predictor.remember(job.conversation_id, obs.prefill + obs.decode)
+        m = self.metrics
+        m.inter_node_bytes.inc(obs.inter_node_bytes)
+        m.remote_hits.inc(obs.remote_hits)
+        m.token_layers.inc(obs.token_layers)
+        m.prediction_hit_ratio.set(feedback.prediction_hit_rate)
+
+
+@dataclass
+class _Leg:
+    """One rank slot a request holds: the pool's dispatcher and rank, the instance and
+    its SGLang DP rank. :meth:`release` gives the slot back once."""
+
+    dispatcher: Dispatcher
+    info: RequestInfo
+    pool_rank: int
+    instance: InstanceState
+    fleet_rank: int
+    released: bool = False
+
+    @property
+    def dp_rank(self) -> int:
+        return self.fleet_rank - self.instance.first_rank
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.dispatcher.release(self.pool_rank, self.info)
 
 
 @dataclass

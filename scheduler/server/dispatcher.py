@@ -23,7 +23,9 @@ go to the policy's ``choose_ranks`` together. After a decision that assigned som
 loop decides again as soon as the rest is due. :meth:`Dispatcher.try_acquire` is the same
 decision on a one-request queue, taken without queueing when nobody waits and such a
 queue is due at once. What stays here is the asynchronous part: futures, deadlines,
-cancellation, failed ranks and SGLang's queueing ranks (both look full to the policy).
+cancellation, failed ranks, ranks of instances that are down, and SGLang's queueing
+ranks (all look full to the policy). One dispatcher serves one pool (the instances of
+one role, ``cluster.Pool``); its rank numbers are the pool's.
 
 Runs on one asyncio loop; the policy is called only from here.
 """
@@ -105,6 +107,7 @@ class Dispatcher:
         self.in_flight = np.zeros(num_ranks, dtype=np.int64)
         self.dispatched = np.zeros(num_ranks, dtype=np.int64)
         self.failed_until = np.zeros(num_ranks)  # monotonic time a failed rank returns
+        self.out_until = np.zeros(num_ranks)  # ... and a rank of an instance that is down
         self.backend_running = np.zeros(num_ranks, dtype=np.int64)
         self.backend_waiting = np.zeros(num_ranks, dtype=np.int64)
         self.reroutes = 0
@@ -131,7 +134,12 @@ class Dispatcher:
         return self.admission.max_window
 
     def healthy(self, now: float | None = None) -> np.ndarray:
-        return self.failed_until <= (time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        return (self.failed_until <= now) & (self.out_until <= now)
+
+    def _back_at(self) -> float:
+        """Monotonic time the first rank that is out comes back."""
+        return float(np.maximum(self.failed_until, self.out_until).min())
 
     def rank_state(self) -> RankState:
         """What the policy sees: ranks out of service or queueing at SGLang look full."""
@@ -143,9 +151,22 @@ class Dispatcher:
         self.failed_until[rank] = time.monotonic() + self.cooldown_s
         self._wake.set()
 
-    def update_backend_loads(self, running: np.ndarray, waiting: np.ndarray) -> None:
-        self.backend_running[:] = running
-        self.backend_waiting[:] = waiting
+    def mark_out(self, ranks: range, seconds: float) -> None:
+        """The ranks of an instance that is down (or just failed a request) take nothing
+        for ``seconds``; :meth:`mark_back` ends that early (its health came back)."""
+        self.out_until[ranks.start : ranks.stop] = time.monotonic() + seconds
+        self._wake.set()
+
+    def mark_back(self, ranks: range) -> None:
+        self.out_until[ranks.start : ranks.stop] = 0.0
+        self._wake.set()
+
+    def update_backend_loads(
+        self, running: np.ndarray, waiting: np.ndarray, start: int = 0
+    ) -> None:
+        """SGLang's own counts (``/v1/loads``) of ranks ``start, start + 1, ...``."""
+        self.backend_running[start : start + running.size] = running
+        self.backend_waiting[start : start + waiting.size] = waiting
         self._wake.set()
 
     def replace_policy(
@@ -171,7 +192,7 @@ class Dispatcher:
         """Seconds a request arriving now should wait for a slot."""
         slots = int(self.healthy().sum()) * self.capacity
         if slots == 0:
-            return float(self.failed_until.min() - time.monotonic())
+            return self._back_at() - time.monotonic()
         free = slots - int(self.in_flight.sum())
         ahead = len(self._queue) + 1 - max(free, 0)
         return max(0, ahead) * self.times.hold_s / slots + self.window_s
@@ -259,7 +280,7 @@ class Dispatcher:
             self._decide()
             if self._queue and not self.healthy().any():
                 # Every rank is out: wake when the first cool-down ends.
-                await asyncio.sleep(max(0.0, float(self.failed_until.min()) - time.monotonic()))
+                await asyncio.sleep(max(0.0, self._back_at() - time.monotonic()))
                 self._wake.set()
 
     def _due_in(self) -> float:

@@ -40,10 +40,17 @@ class Feedback:
         self.buffer: deque[dict[str, str]] = deque(maxlen=buffer_size)
 
     def record(
-        self, obs: Observation, cls: str | None, rank: int, prompt: str, predicted: bool
+        self,
+        obs: Observation,
+        cls: str | None,
+        rank: int,
+        prompt: str,
+        predicted: bool,
+        count_request: bool = True,
     ) -> None:
-        """Add ``obs`` of a request of class ``cls`` run on ``rank``; ``predicted``: the
-        rank was chosen from a prediction (counts towards the hit rate)."""
+        """Add ``obs`` of a request of class ``cls`` run on fleet rank ``rank``;
+        ``predicted``: the rank was chosen from a prediction (counts towards the hit
+        rate); ``count_request``: False for the second leg of a disaggregated request."""
         self.token_layers += obs.token_layers
         self.remote_hits += obs.remote_hits
         self.inter_node_bytes += obs.inter_node_bytes
@@ -61,7 +68,7 @@ class Feedback:
                 counts[phase] = counts.get(phase, 0) + arr
                 tokens[phase] = tokens.get(phase, 0) + n
                 self.tokens += n
-        self._requests[name] = self._requests.get(name, 0) + 1
+        self._requests[name] = self._requests.get(name, 0) + int(count_request)
         if prompt:
             self.buffer.append({"prompt": prompt, "class": name})
 

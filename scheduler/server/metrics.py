@@ -71,22 +71,25 @@ class ServerMetrics:
         self.rank_in_flight = Gauge(
             "moe_scheduler_rank_in_flight",
             "Requests in flight per DP rank",
-            ["rank", "node"],
+            ["sglang_instance", "rank", "node"],
             registry=r,
         )
         self.rank_healthy = Gauge(
-            "moe_scheduler_rank_healthy", "1 if the DP rank takes requests", ["rank"], registry=r
+            "moe_scheduler_rank_healthy",
+            "1 if the DP rank takes requests",
+            ["sglang_instance", "rank"],
+            registry=r,
         )
         self.backend_running = Gauge(
             "moe_scheduler_backend_running",
             "SGLang running requests (/v1/loads)",
-            ["rank"],
+            ["sglang_instance", "rank"],
             registry=r,
         )
         self.backend_waiting = Gauge(
             "moe_scheduler_backend_waiting",
             "SGLang waiting requests (/v1/loads)",
-            ["rank"],
+            ["sglang_instance", "rank"],
             registry=r,
         )
         self.inter_node_bytes = Counter(

@@ -84,8 +84,10 @@ def request_fields(request: pb.GenerateRequest) -> dict[str, Any]:
 
 def info_message(out: Outcome) -> pb.RequestInfo:
     info = pb.RequestInfo(
-        dp_rank=out.rank,
+        dp_rank=out.dp_rank,
         node=out.node,
+        instance=out.instance,
+        prefill_instance=out.prefill_instance,
         predicted_class=out.predicted_class,
         prediction_source=out.prediction_source,
         prompt_tokens=out.prompt_tokens,
@@ -96,6 +98,8 @@ def info_message(out: Outcome) -> pb.RequestInfo:
         total_seconds=out.total_seconds,
         attempts=out.attempts,
     )
+    if out.prefill_dp_rank >= 0:
+        info.prefill_dp_rank = out.prefill_dp_rank
     if out.local_fraction is not None:
         info.local_fraction = out.local_fraction
     if out.inter_node_bytes is not None:
@@ -284,42 +288,65 @@ class SchedulerService:
     async def get_placement(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> pb.GetPlacementResponse:
-        c = self.core.cluster
+        c, versions = self.core.cluster, self.core.sglang_versions
+        instances = [
+            pb.InstancePlacement(
+                name=i.name,
+                url=i.url,
+                role=i.role,
+                version=i.version,
+                nodes=i.topology.nodes,
+                gpus_per_node=i.topology.gpus_per_node,
+                sglang_version=str(versions[i.name] or ""),
+                expert_location_json=i.expert_location_text,
+                plan_json=i.plan_text,
+            )
+            for i in c.instances
+        ]
+        one = c.instances[0] if len(c.instances) == 1 else None
         return pb.GetPlacementResponse(
             version=c.version,
             nodes=c.topology.nodes,
             gpus_per_node=c.topology.gpus_per_node,
             model=c.model.name,
             policy=self.core.config.policy.name,
-            expert_location_json=c.expert_location_text,
-            plan_json=c.plan_text,
+            expert_location_json=one.expert_location_text if one else "",
+            plan_json=one.plan_text if one else "",
+            instances=instances,
         )
 
     async def get_stats(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> pb.GetStatsResponse:
-        core, d, fb = self.core, self.core.dispatcher, self.core.feedback
+        core, fb = self.core, self.core.feedback
         per_node = core.cluster.topology.gpus_per_node
-        healthy = d.healthy()
-        ranks = [
-            pb.RankStats(
-                rank=r,
-                node=r // per_node,
-                healthy=bool(healthy[r]),
-                in_flight=int(d.in_flight[r]),
-                capacity=d.capacity,
-                backend_running=int(d.backend_running[r]),
-                backend_waiting=int(d.backend_waiting[r]),
-                dispatched=int(d.dispatched[r]),
-            )
-            for r in range(d.num_ranks)
-        ]
+        ranks = []
+        for inst in core.cluster.instances:
+            d = core.dispatchers[inst.role]
+            healthy = d.healthy()
+            ranks += [
+                pb.RankStats(
+                    rank=local,
+                    node=local // per_node,
+                    healthy=bool(healthy[r]),
+                    in_flight=int(d.in_flight[r]),
+                    capacity=d.capacity,
+                    backend_running=int(d.backend_running[r]),
+                    backend_waiting=int(d.backend_waiting[r]),
+                    dispatched=int(d.dispatched[r]),
+                    instance=inst.name,
+                    role=inst.role,
+                )
+                for local, r in enumerate(core.pool_ranks(inst))
+            ]
+        queued = sum(d.queued for d in core.dispatchers.values())
+        reroutes = core.dispatcher.reroutes
         t = core.telemetry
         return pb.GetStatsResponse(
             ranks=ranks,
             requests_ok=core.requests_ok,
             requests_failed=core.requests_failed,
-            queued=d.queued,
+            queued=queued,
             token_layers=fb.token_layers,
             remote_hits=fb.remote_hits,
             inter_node_bytes=float(fb.inter_node_bytes),
@@ -327,7 +354,7 @@ class SchedulerService:
             estimated_inter_node_bytes=core.estimated_inter_node_bytes,
             prediction_hit_rate=fb.prediction_hit_rate,
             prediction_checks=fb.prediction_checks,
-            reroutes=d.reroutes,
+            reroutes=reroutes,
             config_version=core.config.version,
             uptime_seconds=time.monotonic() - core.started,
             outcomes=core.outcomes,

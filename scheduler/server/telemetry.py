@@ -64,13 +64,24 @@ class Observation:
     cpu_seconds: float = 0.0
 
 
+#: Which rows of a response's routed experts a measurement keeps: all of them (a mixed
+#: instance ran both phases), the prompt's (a prefill instance's leg) or the generated
+#: tokens' (a decode instance's leg, whose prompt rows another instance computed).
+PHASES = ("all", "prefill", "decode")
+
+
 def measure(
-    ctx: MeasureContext, encoded: bytes | str, rank: int, prompt_tokens: int
+    ctx: MeasureContext, encoded: bytes | str, rank: int, prompt_tokens: int, phase: str = "all"
 ) -> Observation:
-    """Account one request's routed experts served on ``rank``; ValueError if malformed."""
+    """Account one request's routed experts served on fleet rank ``rank`` (the rows of
+    ``phase``); ValueError if malformed."""
     started = time.thread_time()
     model = ctx.model
     ids = decode_routed_experts(encoded, model)[:, list(model.moe_layer_ids), :]
+    if phase == "prefill":
+        ids = ids[:prompt_tokens]
+    elif phase == "decode":
+        ids, prompt_tokens = ids[prompt_tokens:], 0
     if ids.size and (ids.max() >= model.num_experts or ids.min() < 0):
         raise ValueError("routed_experts holds expert ids outside the model's range")
     acc = account(
@@ -105,9 +116,9 @@ def _init_worker(ctx: MeasureContext) -> None:
     _CTX = ctx
 
 
-def _measure_in_worker(encoded: bytes, rank: int, prompt_tokens: int) -> Observation:
+def _measure_in_worker(encoded: bytes, rank: int, prompt_tokens: int, phase: str) -> Observation:
     assert _CTX is not None, "worker not initialised"
-    return measure(_CTX, encoded, rank, prompt_tokens)
+    return measure(_CTX, encoded, rank, prompt_tokens, phase)
 
 
 class TelemetryWorker:
@@ -132,16 +143,22 @@ class TelemetryWorker:
             1, mp_context=mp, initializer=_init_worker, initargs=(self.ctx,)
         )
 
-    def submit(self, encoded: bytes, rank: int, prompt_tokens: int) -> asyncio.Future[Any] | None:
+    def submit(
+        self, encoded: bytes, rank: int, prompt_tokens: int, phase: str = "all"
+    ) -> asyncio.Future[Any] | None:
         """The future :class:`Observation`, or None when the queue is full (counted)."""
         if self.pending >= self.max_pending:
             self.dropped += 1
             return None
         try:
             if self.kind == "thread":
-                future = self._executor.submit(measure, self.ctx, encoded, rank, prompt_tokens)
+                future = self._executor.submit(
+                    measure, self.ctx, encoded, rank, prompt_tokens, phase
+                )
             else:
-                future = self._executor.submit(_measure_in_worker, encoded, rank, prompt_tokens)
+                future = self._executor.submit(
+                    _measure_in_worker, encoded, rank, prompt_tokens, phase
+                )
         except (BrokenProcessPool, RuntimeError) as e:
             log.warning("telemetry worker unusable (%s); starting a new one", e)
             self.dropped += 1

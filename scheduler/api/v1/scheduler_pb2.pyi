@@ -45,7 +45,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., input_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., class_hint: _Optional[str] = ..., conversation_id: _Optional[str] = ...) -> None: ...
 
 class RequestInfo(_message.Message):
-    __slots__ = ("dp_rank", "node", "predicted_class", "prediction_source", "prompt_tokens", "completion_tokens", "finish_reason", "queue_seconds", "ttft_seconds", "total_seconds", "attempts", "local_fraction", "inter_node_bytes")
+    __slots__ = ("dp_rank", "node", "predicted_class", "prediction_source", "prompt_tokens", "completion_tokens", "finish_reason", "queue_seconds", "ttft_seconds", "total_seconds", "attempts", "local_fraction", "inter_node_bytes", "instance", "prefill_instance", "prefill_dp_rank")
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,9 @@ class RequestInfo(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     INTER_NODE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_DP_RANK_FIELD_NUMBER: _ClassVar[int]
     dp_rank: int
     node: int
     predicted_class: str
@@ -72,7 +75,10 @@ class RequestInfo(_message.Message):
     attempts: int
     local_fraction: float
     inter_node_bytes: float
-    def __init__(self, dp_rank: _Optional[int] = ..., node: _Optional[int] = ..., predicted_class: _Optional[str] = ..., prediction_source: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., ttft_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., attempts: _Optional[int] = ..., local_fraction: _Optional[float] = ..., inter_node_bytes: _Optional[float] = ...) -> None: ...
+    instance: str
+    prefill_instance: str
+    prefill_dp_rank: int
+    def __init__(self, dp_rank: _Optional[int] = ..., node: _Optional[int] = ..., predicted_class: _Optional[str] = ..., prediction_source: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., ttft_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., attempts: _Optional[int] = ..., local_fraction: _Optional[float] = ..., inter_node_bytes: _Optional[float] = ..., instance: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., prefill_dp_rank: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "output_ids", "info")
@@ -105,7 +111,7 @@ class GetPlacementRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetPlacementResponse(_message.Message):
-    __slots__ = ("version", "nodes", "gpus_per_node", "model", "policy", "expert_location_json", "plan_json")
+    __slots__ = ("version", "nodes", "gpus_per_node", "model", "policy", "expert_location_json", "plan_json", "instances")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     GPUS_PER_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +119,7 @@ class GetPlacementResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LOCATION_JSON_FIELD_NUMBER: _ClassVar[int]
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     version: str
     nodes: int
     gpus_per_node: int
@@ -120,14 +127,37 @@ class GetPlacementResponse(_message.Message):
     policy: str
     expert_location_json: str
     plan_json: str
-    def __init__(self, version: _Optional[str] = ..., nodes: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., model: _Optional[str] = ..., policy: _Optional[str] = ..., expert_location_json: _Optional[str] = ..., plan_json: _Optional[str] = ...) -> None: ...
+    instances: _containers.RepeatedCompositeFieldContainer[InstancePlacement]
+    def __init__(self, version: _Optional[str] = ..., nodes: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., model: _Optional[str] = ..., policy: _Optional[str] = ..., expert_location_json: _Optional[str] = ..., plan_json: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstancePlacement, _Mapping]]] = ...) -> None: ...
+
+class InstancePlacement(_message.Message):
+    __slots__ = ("name", "url", "role", "version", "nodes", "gpus_per_node", "sglang_version", "expert_location_json", "plan_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    GPUS_PER_NODE_FIELD_NUMBER: _ClassVar[int]
+    SGLANG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LOCATION_JSON_FIELD_NUMBER: _ClassVar[int]
+    PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    url: str
+    role: str
+    version: str
+    nodes: int
+    gpus_per_node: int
+    sglang_version: str
+    expert_location_json: str
+    plan_json: str
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., role: _Optional[str] = ..., version: _Optional[str] = ..., nodes: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., sglang_version: _Optional[str] = ..., expert_location_json: _Optional[str] = ..., plan_json: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class RankStats(_message.Message):
-    __slots__ = ("rank", "node", "healthy", "in_flight", "capacity", "backend_running", "backend_waiting", "dispatched")
+    __slots__ = ("rank", "node", "healthy", "in_flight", "capacity", "backend_running", "backend_waiting", "dispatched", "instance", "role")
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +166,8 @@ class RankStats(_message.Message):
     BACKEND_RUNNING_FIELD_NUMBER: _ClassVar[int]
     BACKEND_WAITING_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     node: int
     healthy: bool
@@ -144,7 +176,9 @@ class RankStats(_message.Message):
     backend_running: int
     backend_waiting: int
     dispatched: int
-    def __init__(self, rank: _Optional[int] = ..., node: _Optional[int] = ..., healthy: _Optional[bool] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., backend_running: _Optional[int] = ..., backend_waiting: _Optional[int] = ..., dispatched: _Optional[int] = ...) -> None: ...
+    instance: str
+    role: str
+    def __init__(self, rank: _Optional[int] = ..., node: _Optional[int] = ..., healthy: _Optional[bool] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., backend_running: _Optional[int] = ..., backend_waiting: _Optional[int] = ..., dispatched: _Optional[int] = ..., instance: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("ranks", "requests_ok", "requests_failed", "queued", "token_layers", "remote_hits", "inter_node_bytes", "inter_node_bytes_per_token", "estimated_inter_node_bytes", "prediction_hit_rate", "prediction_checks", "reroutes", "config_version", "uptime_seconds", "outcomes", "in_progress", "telemetry_sampled", "telemetry_accounted", "telemetry_dropped")

@@ -1,0 +1,170 @@
+"""Several SGLang instances behind one scheduler: the configuration, the fleet's rank
+numbering, requests spread over instances, and the rank field each version knows."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scheduler.client import SchedulerClient
+from scheduler.errors import ConfigError
+from scheduler.server.cluster import load_cluster, side_by_side
+from scheduler.server.config import load_config
+from scheduler.server.core import build_policy
+from tests.emulator_harness import MODEL, EmulatorServer, make_emulator
+from tests.server_harness import SchedulerServer, write_config, write_placement
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def _two(tmp: Path, url_a: str, url_b: str, **extra: object) -> list[dict[str, object]]:
+    """Instance a (2 nodes x 2 GPUs) and b (1 node x 2 GPUs), each with its placement."""
+    return [
+        {"name": "a", "url": url_a, "placement": write_placement(tmp / "pa", 2, 2), **extra},
+        {"name": "b", "url": url_b, "placement": write_placement(tmp / "pb", 1, 2), **extra},
+    ]
+
+
+def test_instances_tables_make_one_fleet(tmp_path: Path) -> None:
+    instances = _two(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    config = load_config(write_config(tmp_path, "", backend={"instances": instances}))
+    assert [i.name for i in config.instances] == ["a", "b"]
+    cluster = load_cluster(config)
+    assert cluster.num_ranks == 6 and cluster.topology.nodes == 3
+    a, b = cluster.instances
+    assert (a.first_rank, b.first_rank) == (0, 4)
+    assert cluster.instance_of(5) is b and cluster.serving_pool.instance_of(3) is a
+    # Each instance's static dispatch stays inside its own GPUs.
+    assert cluster.dest_gpu[:4].max() < 4 and cluster.dest_gpu[4:].min() >= 4
+    # Every class's node shares cover the fleet's nodes and sum to 1.
+    for row in cluster.class_to_node_share.values():
+        assert len(row) == 3 and abs(sum(row) - 1) < 1e-9
+    assert build_policy(config, cluster) is not None
+
+
+def test_side_by_side_pads_narrower_gpus_without_changing_what_they_hold() -> None:
+    from scheduler.emulator.expert_location import trivial_location
+    from scheduler.placement.placement import Placement
+
+    narrow = trivial_location(MODEL, 4, 2)  # 64 experts on 4 GPUs: 16 slots each
+    layers, experts = narrow.num_layers, narrow.num_experts
+    redundant = np.concatenate(  # 2 GPUs x 33 slots: every expert, plus 0 and 1 again
+        [np.tile(np.arange(experts), (layers, 1)), np.tile([0, 1], (layers, 1))], axis=1
+    )
+    wide = Placement(redundant, experts, 2, 2)
+    both = side_by_side([narrow, wide])
+    assert (both.num_gpus, both.slots_per_gpu, both.num_nodes) == (6, 33, 3)
+    present = np.concatenate([narrow.node_presence(), wide.node_presence()], axis=1)
+    np.testing.assert_array_equal(both.node_presence(), present)
+    per_gpu = np.concatenate([narrow.replicas_per_gpu(), wide.replicas_per_gpu()], axis=2) > 0
+    np.testing.assert_array_equal(both.replicas_per_gpu() > 0, per_gpu)
+
+
+@pytest.mark.parametrize(
+    ("backend", "cluster", "message"),
+    [
+        ({"url": "http://x:1"}, {}, "not both"),
+        ({}, {"placement": "p"}, "not both"),
+    ],
+)
+def test_one_form_or_the_other(
+    tmp_path: Path, backend: dict[str, str], cluster: dict[str, str], message: str
+) -> None:
+    instances = _two(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    path = write_config(tmp_path, "", backend={"instances": instances})
+    text = path.read_text()
+    for key, value in backend.items():
+        text = text.replace("[backend]\n", f'[backend]\n{key} = "{value}"\n', 1)
+    for key, value in cluster.items():
+        text = text.replace("[cluster]\n", f'[cluster]\n{key} = "{value}"\n', 1)
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"role": "prefill"}, "at least one prefill and one decode instance"),
+        ({"role": "router"}, "role must be one of"),
+        ({"name": "a"}, "name a given more than once"),
+        ({"sglang_version": "five"}, "sglang_version"),
+        ({"url": "127.0.0.1:2"}, "url must be an http"),
+        ({"colour": "red"}, "unknown key"),
+    ],
+)
+def test_bad_instances_are_refused_with_the_table_named(
+    tmp_path: Path, change: dict[str, str], message: str
+) -> None:
+    instances = _two(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    instances[1].update(change)
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, "", backend={"instances": instances}))
+
+
+def test_a_missing_placement_names_the_instance(tmp_path: Path) -> None:
+    instances = _two(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    instances[1]["placement"] = tmp_path / "nowhere"
+    config = load_config(write_config(tmp_path, "", backend={"instances": instances}))
+    with pytest.raises(ConfigError, match=r"backend.instances\[1\] \(b\) placement"):
+        load_cluster(config)
+
+
+def test_prefill_and_decode_instances_form_two_pools(tmp_path: Path) -> None:
+    instances = _two(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    instances[0]["role"], instances[1]["role"] = "decode", "prefill"
+    config = load_config(write_config(tmp_path, "", backend={"instances": instances}))
+    assert [i.role for i in config.instances] == ["prefill", "decode"]  # rank order
+    cluster = load_cluster(config)
+    assert cluster.disaggregated and cluster.serving_pool.role == "decode"
+    prefill, decode = cluster.pools["prefill"], cluster.pools["decode"]
+    assert (prefill.first_rank, prefill.num_ranks) == (0, 2)
+    assert (decode.first_rank, decode.num_ranks) == (2, 4)
+    assert build_policy(config, cluster, "prefill") is not None
+
+
+def test_requests_spread_over_two_instances_and_report_theirs(tmp_path: Path) -> None:
+    with (
+        EmulatorServer(make_emulator(nodes=2, gpus_per_node=2)) as a,
+        EmulatorServer(make_emulator(nodes=1, gpus_per_node=2)) as b,
+    ):
+        config = write_config(
+            tmp_path,
+            "",
+            backend={"instances": _two(tmp_path, a.url, b.url)},
+            policy={"name": "round_robin", "capacity": 4, "window_ms": 0.0},
+        )
+        with SchedulerServer(config) as s:
+
+            async def go() -> None:
+                async with SchedulerClient(s.target) as client:
+                    replies = await asyncio.gather(
+                        *(client.generate(f"hello {i}", max_new_tokens=2) for i in range(12))
+                    )
+                    stats = await client.stats()
+                    placement = await client.placement()
+                return replies, stats, placement
+
+            replies, stats, placement = run(go())
+    by_instance = {"a": 0, "b": 0}
+    for reply in replies:
+        by_instance[reply.info.instance] += 1
+        limit = 4 if reply.info.instance == "a" else 2
+        assert 0 <= reply.info.dp_rank < limit
+    assert by_instance["a"] > 0 and by_instance["b"] > 0
+    assert [(r.instance, r.rank) for r in stats.ranks] == [
+        ("a", 0),
+        ("a", 1),
+        ("a", 2),
+        ("a", 3),
+        ("b", 0),
+        ("b", 1),
+    ]
+    assert sum(r.dispatched for r in stats.ranks) == 12
+    assert [i.name for i in placement.instances] == ["a", "b"]
+    assert placement.expert_location_json == ""  # several instances: see instances
