@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"serving placement {c.cluster.version} ({c.cluster.topology.nodes} nodes x "
             f"{c.cluster.topology.gpus_per_node} GPUs, {c.cluster.model.name}) with policy "
             f"{c.config.policy.name}, prediction {c.config.prediction.mode}, backend "
-            f"{c.config.backend.url}",
+            + ", ".join(f"{i.name} ({i.role}) {i.url}" for i in c.cluster.instances),
             flush=True,
         )
 
@@ -138,6 +138,7 @@ async def replay(
                     status="OK",
                     rank=info.dp_rank,
                     node=info.node,
+                    instance=info.instance,
                     cls=info.predicted_class,
                     completion_tokens=info.completion_tokens,
                     prompt_tokens=info.prompt_tokens,
@@ -147,6 +148,10 @@ async def replay(
                         info.inter_node_bytes if info.HasField("inter_node_bytes") else None
                     ),
                 )
+                if info.HasField("prefill_dp_rank"):
+                    rec.update(
+                        prefill_instance=info.prefill_instance, prefill_rank=info.prefill_dp_rank
+                    )
             except grpc.aio.AioRpcError as e:
                 rec.update(status=e.code().name, error=e.details())
             rec["latency_s"] = time.perf_counter() - started
@@ -200,6 +205,11 @@ class _Progress:
             print(f"  {done}/{total} done", file=sys.stderr)
 
 
+def rank_key(record: dict[str, Any]) -> tuple[str, int]:
+    """A replay record's (instance, DP rank): DP ranks repeat across instances."""
+    return record.get("instance", ""), record["rank"]
+
+
 def summarize(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     ok = [r for r in records if r["status"] == "OK"]
     lat = [r["latency_s"] for r in ok]
@@ -208,9 +218,9 @@ def summarize(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     measured = [r for r in ok if r.get("inter_node_bytes") is not None]
     tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in measured)
-    ranks: dict[int, int] = {}
+    ranks: dict[tuple[str, int], int] = {}
     for r in ok:
-        ranks[r["rank"]] = ranks.get(r["rank"], 0) + 1
+        ranks[rank_key(r)] = ranks.get(rank_key(r), 0) + 1
     counts = list(ranks.values())
     return {
         "requests": len(records),

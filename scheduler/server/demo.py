@@ -23,6 +23,7 @@ from typing import Any
 
 from scheduler.errors import ConfigError
 from scheduler.jsonio import write_json_atomic
+from scheduler.server.cli import rank_key
 
 STARTUP_TIMEOUT_S = 120
 #: The locality_window settings of ``[policy] balance`` the demo compares.
@@ -126,11 +127,11 @@ def heldout_prompts(data: Path, limit: int, seed: int) -> list[dict[str, Any]]:
     ]
 
 
-def per_rank_bytes(records: list[dict[str, Any]]) -> dict[int, float]:
-    out: dict[int, float] = {}
+def per_rank_bytes(records: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    out: dict[tuple[str, int], float] = {}
     for r in records:
         if r.get("inter_node_bytes") is not None:
-            out[r["rank"]] = out.get(r["rank"], 0.0) + r["inter_node_bytes"]
+            out[rank_key(r)] = out.get(rank_key(r), 0.0) + r["inter_node_bytes"]
     return out
 
 
@@ -151,14 +152,15 @@ def step_at_load(result: dict[str, Any], model: Any, cost: Any) -> dict[str, flo
     if not ok or not measured:
         return {"max_rank_bytes_per_step": 0.0, "moe_layer_us": 0.0, "in_flight": 0.0}
     in_flight = result["throughput_rps"] * sum(r["latency_s"] for r in ok) / len(ok)
-    sent: dict[int, float] = {}
-    tokens: dict[int, int] = {}
-    requests: dict[int, int] = {}
+    sent: dict[tuple[str, int], float] = {}
+    tokens: dict[tuple[str, int], int] = {}
+    requests: dict[tuple[str, int], int] = {}
     for r in ok:
-        requests[r["rank"]] = requests.get(r["rank"], 0) + 1
+        requests[rank_key(r)] = requests.get(rank_key(r), 0) + 1
     for r in measured:
-        sent[r["rank"]] = sent.get(r["rank"], 0.0) + r["inter_node_bytes"]
-        tokens[r["rank"]] = tokens.get(r["rank"], 0) + r["prompt_tokens"] + r["completion_tokens"]
+        key = rank_key(r)
+        sent[key] = sent.get(key, 0.0) + r["inter_node_bytes"]
+        tokens[key] = tokens.get(key, 0) + r["prompt_tokens"] + r["completion_tokens"]
     per_step = {
         rank: in_flight * requests[rank] / len(ok) * sent[rank] / max(tokens[rank], 1)
         for rank in sent
