@@ -2,9 +2,13 @@
 
 One table for everything that depends on the version: the launch flags ``sglang-args``
 emits (``scheduler.deploy.sglang_args``) and the request fields the server sends
-(``scheduler.server``). The facts were checked against SGLang's own code (argparse of
-0.4.10.post2, 0.5.1, 0.5.6-0.5.9, 0.5.22, 0.5.23; the 0.5.23 sources); docs/sglang-versions.md
-lists them with their sources.
+(``scheduler.server``). The facts were checked against SGLang's own code: the argparse
+of every version in :data:`CHECKED_VERSIONS` and their sources. docs/sglang-versions.md
+lists them with their sources; tests/data/sglang_argparse/ records each version's
+parser for the flags sglang-args emits.
+
+Also here: which of the models we have presets for are served by an SGLang model class
+that supports an expert placement at all (:func:`check_expert_location`).
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ class SglangVersion:
     text: str = field(compare=False)
 
     @classmethod
-    def parse(cls, text: str) -> SglangVersion:
+    def parse(cls, text: str, what: str = "--sglang-version") -> SglangVersion:
+        """``what`` names where the text came from in the error (the option, or the
+        config field such as ``[backend] sglang_version``)."""
         match = _VERSION.fullmatch(text.strip())
         if match is None:
             raise ConfigError(
-                f"--sglang-version {text!r} is not a version; give SGLang's version as pip "
+                f"{what} {text!r} is not a version; give SGLang's version as pip "
                 "shows it, e.g. 0.5.23, 0.5.5.post3 or 0.5.10rc1"
             )
         release = tuple(int(p) for p in match["release"].split("."))
@@ -62,19 +68,32 @@ class SglangVersion:
         return self.text
 
 
-#: From this version on attention DP is ``--attn-dp-size`` (before: ``--enable-dp-attention
-#: --dp-size``); sglang-integration.md, "Breaking naming change in 0.5.23".
-ATTN_DP_SIZE_SINCE = SglangVersion.parse("0.5.23")
-#: ``--enable-return-routed-experts`` first appears in 0.5.7 (sglang-integration.md §3).
+#: The versions whose argparse and sources the facts below were checked against.
+CHECKED_VERSIONS: tuple[SglangVersion, ...] = tuple(
+    SglangVersion.parse(v)
+    for v in ("0.4.10.post2", "0.5.1", "0.5.6", "0.5.7", "0.5.8", "0.5.9", "0.5.22", "0.5.23")
+)
+#: The newest version checked; assumed when a backend does not say which it runs.
+NEWEST_CHECKED = CHECKED_VERSIONS[-1]
+
+#: From this version on attention DP is ``--attn-dp-size N``
+#: (``python/sglang/srt/arg_groups/fields/parallel.py``); before it the only spelling is
+#: ``--enable-dp-attention --dp-size N``, which 0.5.22 and 0.5.23 still take, with a
+#: deprecation warning. 0.5.9 is the newest checked version without it.
+ATTN_DP_SIZE_SINCE = SglangVersion.parse("0.5.22")
+#: ``--schedule-policy routing-key`` is an invalid choice (argparse exits) before 0.5.8
+#: (the choices list in 0.5.7's ``python/sglang/srt/server_args.py``).
+ROUTING_KEY_POLICY_SINCE = SglangVersion.parse("0.5.8")
+#: ``--enable-return-routed-experts`` and /generate's ``return_routed_experts`` first
+#: appear in 0.5.7 (sgl-project/sglang#12162); 0.5.6's parser has no such flag.
 ROUTED_EXPERTS_SINCE = SglangVersion.parse("0.5.7")
 
-#: ``routed_dp_rank`` on /generate: 0.5.20 has it (with ``data_parallel_rank`` as a
-#: deprecated alias); 0.5.9 and older only know ``data_parallel_rank`` and silently drop
-#: an unknown key (``managers/io_struct.py`` of each version). Between the two nothing
-#: was checked, so those versions get the old name, which every version accepts.
+#: ``routed_dp_rank`` on /generate: 0.5.20, 0.5.22 and 0.5.23 have it (with
+#: ``data_parallel_rank`` as a deprecated alias); 0.5.9 and older only know
+#: ``data_parallel_rank`` and silently drop an unknown key
+#: (``python/sglang/srt/managers/io_struct.py`` of each version). Between 0.5.9 and 0.5.20
+#: nothing was checked, so those versions get the old name, which every version accepts.
 ROUTED_DP_RANK_SINCE = SglangVersion.parse("0.5.20")
-#: The newest version checked; assumed when a backend does not say which it runs.
-NEWEST_CHECKED = SglangVersion.parse("0.5.23")
 
 
 def rank_field(version: SglangVersion | None) -> str:
@@ -83,3 +102,104 @@ def rank_field(version: SglangVersion | None) -> str:
     if version is None or version >= ROUTED_DP_RANK_SINCE:
         return "routed_dp_rank"
     return "data_parallel_rank"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class SglangModelClass:
+    """The SGLang class that serves a model, and whether it supports expert location.
+
+    ``architecture`` is the Hugging Face ``config.json`` ``architectures[0]``, which
+    SGLang's model registry resolves to the class of the same name (its ``EntryClass``);
+    ``source`` is that class's file in sgl-project/sglang. ``expert_location``: the class
+    defines ``get_model_config_for_expert_location``. Without it
+    ``ModelConfigForExpertLocation.from_model_config`` returns None, so SGLang ignores
+    ``--init-expert-location`` (``python/sglang/srt/eplb/expert_location.py``), and static
+    dispatch then fails ``assert expert_location_metadata is not None`` at the first
+    forward pass (``python/sglang/srt/eplb/expert_location_dispatch.py``).
+    """
+
+    architecture: str
+    source: str
+    expert_location: bool
+
+
+_MODELS = "python/sglang/srt/models/"
+_DEEPSEEK_V3 = SglangModelClass("DeepseekV3ForCausalLM", _MODELS + "deepseek_v2.py", True)
+_DEEPSEEK_V2 = SglangModelClass("DeepseekV2ForCausalLM", _MODELS + "deepseek_v2.py", True)
+_MIXTRAL = SglangModelClass("MixtralForCausalLM", _MODELS + "mixtral.py", False)
+_QWEN3_MOE = SglangModelClass("Qwen3MoeForCausalLM", _MODELS + "qwen3_moe.py", True)
+
+#: Model name (``ModelShape.name``: it has no architecture field, so the presets' names
+#: and the names our model files use are the keys) -> SGLang class. Checked in the 0.5.23
+#: sources: ``deepseek_v2.py`` (``EntryClass = [DeepseekV2ForCausalLM,
+#: DeepseekV3ForCausalLM, DeepseekV32ForCausalLM]``; the method is on
+#: DeepseekV2ForCausalLM, which the others subclass), ``qwen3_moe.py`` (``EntryClass =
+#: Qwen3MoeForCausalLM``, has the method), ``mixtral.py`` (``EntryClass =
+#: MixtralForCausalLM``, no method; nor ``mixtral_quant.py``'s QuantMixtralForCausalLM,
+#: which serves some quantised Mixtral checkpoints). The same holds in every version of
+#: :data:`CHECKED_VERSIONS`.
+MODEL_CLASSES: dict[str, SglangModelClass] = {
+    "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-v2-lite": _DEEPSEEK_V2,
+    "mixtral-8x7b": _MIXTRAL,
+    "qwen3-235b-a22b": _QWEN3_MOE,
+}
+#: Name prefixes whose every checkpoint is served by one class: any Mixtral (8x7B, 8x22B)
+#: has ``architectures: ["MixtralForCausalLM"]``; DeepSeek-V2/V2.5/V2-Lite and
+#: V3/V3.1/V3.2 are all served by ``deepseek_v2.py``.
+_FAMILIES: tuple[tuple[str, SglangModelClass], ...] = (
+    ("mixtral", _MIXTRAL),
+    ("deepseek-v3", _DEEPSEEK_V3),
+    ("deepseek-v2", _DEEPSEEK_V2),
+)
+
+
+def sglang_model_class(model_name: str) -> SglangModelClass | None:
+    """The SGLang class serving ``model_name`` (a preset name, a name of that family such
+    as ``mixtral-8x22b``, or an HF architecture such as ``MixtralForCausalLM``); None
+    when it is not in the table."""
+    name = model_name.strip().lower()
+    if name in MODEL_CLASSES:
+        return MODEL_CLASSES[name]
+    for known in MODEL_CLASSES.values():
+        if name == known.architecture.lower():
+            return known
+    for prefix, known in _FAMILIES:
+        if name.startswith(prefix):
+            return known
+    return None
+
+
+def supports_expert_location(model_name: str) -> bool | None:
+    """Whether SGLang honours ``--init-expert-location`` for ``model_name``: True, False,
+    or None when its class was not checked."""
+    known = sglang_model_class(model_name)
+    return None if known is None else known.expert_location
+
+
+def check_expert_location(model_name: str) -> str | None:
+    """Refuse a model whose SGLang class cannot take a placement; warn about one not
+    checked.
+
+    Raises :class:`ConfigError` (one line) when the class lacks expert-location support;
+    returns a warning for a model not in the table (the caller prints it); None when the
+    placement will be used.
+    """
+    known = sglang_model_class(model_name)
+    if known is None:
+        return (
+            f"model {model_name!r} was not checked for SGLang expert-location support "
+            f"(known: {', '.join(MODEL_CLASSES)}): make sure its SGLang model class defines "
+            "get_model_config_for_expert_location, or SGLang ignores the placement"
+        )
+    if not known.expert_location:
+        raise ConfigError(
+            f"model {model_name!r} is served by SGLang's {known.architecture} "
+            f"({known.source}), which has no get_model_config_for_expert_location: SGLang "
+            "would ignore --init-expert-location and static dispatch would assert at the "
+            "first forward pass; this placement cannot be deployed on SGLang"
+        )
+    return None

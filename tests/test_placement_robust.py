@@ -257,5 +257,10 @@ def test_place_on_real_trace_sets(shared_data, tmp_path, name, objective, redund
     args = ["place", "--profile", str(profile), "--topology", str(topo)]
     args += ["--redundant-experts", redundant, "--time-limit", "1"]
     assert main([*args, "--objective", objective, "--out", str(out)]) == 0
-    assert main([*args, "--check", str(out)]) == 0
+    if name.startswith("mixtral"):
+        # Placed fine, but SGLang's Mixtral class takes no placement: --check refuses it.
+        assert main([*args, "--check", str(out)]) == 2
+        assert "no get_model_config_for_expert_location" in capsys.readouterr().err
+    else:
+        assert main([*args, "--check", str(out)]) == 0
     capsys.readouterr()

@@ -1,6 +1,7 @@
 """``moe-scheduler sglang-args``: the SGLang launch commands, checked against the facts of
-sglang-integration.md (flag names, node ranks, DP-rank layout, version switch, redundant
-experts) and against bad inputs."""
+docs/sglang-versions.md (flag names, node ranks, DP-rank layout, version switch, redundant
+experts, models SGLang cannot place, recorder modes under DeepEP) and against bad inputs.
+Every checked version's own argparse table: tests/test_sglang_versions.py."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from scheduler.deploy.sglang_args import (
 )
 from scheduler.errors import ConfigError
 from scheduler.jsonio import write_json_atomic
-from scheduler.model_shape import PRESETS
+from scheduler.model_shape import PRESETS, ModelShape
 from scheduler.placement.io import to_sglang
 from scheduler.placement.placement import Placement
 
@@ -107,21 +108,25 @@ def test_dp_rank_layout_matches_sglang():
 
 
 @pytest.mark.parametrize(
-    "version, attn_dp_size, routed",
+    "version, attn_dp_size, routed, routing_key",
     [
-        ("0.5.23", True, True),
-        ("0.5.23.post1", True, True),
-        ("0.6.0", True, True),
-        ("v0.5.24", True, True),
-        ("0.5.23rc1", False, True),  # a pre-release gets the old spelling 0.5.23 still takes
-        ("0.5.22", False, True),
-        ("0.5.9", False, True),
-        ("0.5.7", False, True),
-        ("0.5.6", False, False),
-        ("0.5.5.post3", False, False),
+        ("0.5.23", True, True, True),
+        ("0.5.23.post1", True, True, True),
+        ("0.6.0", True, True, True),
+        ("v0.5.24", True, True, True),
+        ("0.5.22", True, True, True),
+        ("0.5.22rc1", False, True, True),  # a pre-release gets the spelling 0.5.22 still takes
+        ("0.5.9", False, True, True),
+        ("0.5.8", False, True, True),
+        ("0.5.7", False, True, False),
+        ("0.5.6", False, False, False),
+        ("0.5.5.post3", False, False, False),
+        ("0.4.10.post2", False, False, False),
     ],
 )
-def test_version_switches_attention_dp_spelling_and_routed_experts(version, attn_dp_size, routed):
+def test_version_switches_attention_dp_routed_experts_and_routing_key(
+    version, attn_dp_size, routed, routing_key
+):
     spec = launch(version=SglangVersion.parse(version))
     f = flags(node_argv(spec, 0))
     if attn_dp_size:
@@ -132,8 +137,13 @@ def test_version_switches_attention_dp_spelling_and_routed_experts(version, attn
         assert "--enable-dp-attention" in f and f["--enable-dp-attention"] is None
         assert f["--dp-size"] == "16"
     assert ("--enable-return-routed-experts" in f) == routed
+    assert f.get("--schedule-policy") == ("routing-key" if routing_key else None)
     text = render_shell(spec)
     assert ("return_routed_experts = false" in text) == (not routed)
+    # Without routing-key scheduling the listing says why and what is lost.
+    assert ("--schedule-policy routing-key is omitted" in text) == (not routing_key)
+    if not routing_key:
+        assert "(a valid choice from 0.5.8)" in text and "no longer batched together" in text
 
 
 def test_versions_order_as_pip_orders_them():
@@ -235,6 +245,66 @@ def test_shell_listing_takes_the_key_from_the_environment_and_stops_without_it()
     assert "\n    --api-key" not in render_shell(launch())
 
 
+@pytest.mark.parametrize(
+    "extra, added",
+    [
+        ((), None),
+        (("--expert-distribution-recorder-mode", "per_token"), None),
+        (("--expert-distribution-recorder-mode=stat",), "normal"),
+        (("--expert-distribution-recorder-mode", "per_pass"), "normal"),
+        (("--expert-distribution-recorder-mode", "stat_approx"), "normal"),
+        # a --deepep-mode the mode works with is the operator's; nothing is added
+        (("--expert-distribution-recorder-mode", "stat", "--deepep-mode", "low_latency"), None),
+        (("--expert-distribution-recorder-mode", "stat_approx", "--deepep-mode=normal"), None),
+        (("--expert-distribution-recorder-mode", "per_token", "--deepep-mode", "auto"), None),
+    ],
+)
+def test_recorder_modes_get_the_deepep_mode_they_need(extra, added):
+    spec = launch(extra_args=extra)
+    argv = node_argv(spec, 1)
+    given = any(a.split("=", 1)[0] == "--deepep-mode" for a in extra)
+    # never two --deepep-mode: SGLang would silently take the last
+    assert sum(a.split("=", 1)[0] == "--deepep-mode" for a in argv) == int(given or bool(added))
+    if added is not None:
+        # right after the a2a backend it belongs to
+        i = argv.index("--moe-a2a-backend")
+        assert argv[i : i + 4] == ["--moe-a2a-backend", "deepep", "--deepep-mode", added]
+        assert f"--deepep-mode {added} is added" in render_shell(spec)
+    else:
+        assert "is added for --expert-distribution-recorder-mode" not in render_shell(spec)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--expert-distribution-recorder-mode", "stat", "--deepep-mode", "auto"),
+        ("--expert-distribution-recorder-mode", "per_pass", "--deepep-mode=auto"),
+        ("--expert-distribution-recorder-mode", "stat_approx", "--deepep-mode", "low_latency"),
+    ],
+)
+def test_recorder_mode_with_a_deepep_mode_it_cannot_run_is_refused(extra):
+    with pytest.raises(ConfigError, match="raises NotImplementedError at startup"):
+        launch(extra_args=extra)
+
+
+def test_models_sglang_cannot_place_are_refused_unknown_ones_warned():
+    for name in ("mixtral-8x7b", "mixtral-8x22b", "MixtralForCausalLM"):
+        with pytest.raises(ConfigError, match="static dispatch would assert at the first"):
+            launch(model_name=name)
+    for name in ("deepseek-v2-lite", "deepseek-v3", "qwen3-235b-a22b"):
+        assert launch(model_name=name).model_warning is None
+    spec = launch(model_name="my-moe")
+    assert "'my-moe' was not checked" in (spec.model_warning or "")
+    assert "# Warning: model 'my-moe' was not checked" in render_shell(spec)
+    assert launch().model_warning is None  # no model name: nothing to say
+
+
+@pytest.mark.parametrize("alias", ["--model", "--tensor-parallel-size", "--nccl-init-addr"])
+def test_other_spellings_of_managed_flags_are_refused(alias):
+    with pytest.raises(ConfigError, match="set by sglang-args"):
+        launch(extra_args=(alias, "x"))
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -245,16 +315,17 @@ def write_placement(
     redundant: int,
     plan: dict | None = None,
     with_plan: bool = True,
+    model: ModelShape = MODEL,
 ) -> Path:
-    slots = MODEL.num_experts + redundant
-    phy2log = np.tile(np.arange(slots) % MODEL.num_experts, (MODEL.num_moe_layers, 1))
-    placement = Placement(phy2log, MODEL.num_experts, nodes * gpus, gpus)
+    slots = model.num_experts + redundant
+    phy2log = np.tile(np.arange(slots) % model.num_experts, (model.num_moe_layers, 1))
+    placement = Placement(phy2log, model.num_experts, nodes * gpus, gpus)
     directory.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(directory / "expert_location.json", to_sglang(placement, MODEL))
+    write_json_atomic(directory / "expert_location.json", to_sglang(placement, model))
     if with_plan:
         body = {
             "cluster": {"nodes": nodes, "gpus_per_node": gpus, "redundant_experts": redundant},
-            "model": MODEL.to_dict(),
+            "model": model.to_dict(),
         }
         body.update(plan or {})
         write_json_atomic(directory / "plan.json", body, indent=2)
@@ -408,6 +479,49 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, case, message):
     assert err.startswith("moe-scheduler: error: ") and err.count("\n") == 1, err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_cli_refuses_a_mixtral_placement_in_one_line(tmp_path, capsys):
+    mixtral = PRESETS["mixtral-8x7b"]
+    topo = write_topology(tmp_path / "t.toml", 1, 4)
+    place = write_placement(tmp_path / "p", 1, 4, redundant=0, model=mixtral)
+    code, out, err = run(
+        capsys, "--topology", str(topo), "--placement", str(place), "--model-path", "M"
+    )
+    assert code == 2 and out == ""
+    assert err.startswith("moe-scheduler: error: ") and err.count("\n") == 1, err
+    assert "MixtralForCausalLM (python/sglang/srt/models/mixtral.py)" in err
+    assert "ignore --init-expert-location" in err and "assert at the first forward pass" in err
+    assert "Traceback" not in err
+
+
+def test_cli_warns_about_a_model_it_has_not_checked(tmp_path, capsys):
+    shape = PRESETS["deepseek-v2-lite"]
+    unknown = ModelShape("my-moe", shape.num_hidden_layers, shape.moe_layer_ids, 64, 6, 2048)
+    topo = write_topology(tmp_path / "t.toml", 1, 4)
+    place = write_placement(tmp_path / "p", 1, 4, redundant=0, model=unknown)
+    base = ["--topology", str(topo), "--placement", str(place), "--model-path", "M"]
+    code, out, err = run(capsys, *base)
+    assert code == 0 and "python3 -m sglang.launch_server" in out
+    assert err.startswith("moe-scheduler: warning: model 'my-moe' was not checked")
+    assert err.count("\n") == 1
+    code, out, err = run(capsys, *base, "--format", "json")
+    assert code == 0 and any("'my-moe' was not checked" in n for n in json.loads(out)["notes"])
+
+
+def test_cli_adds_deepep_mode_normal_for_a_stat_recorder(tmp_path, capsys):
+    topo = write_topology(tmp_path / "t.toml", 2, 2)
+    place = write_placement(tmp_path / "p", 2, 2, redundant=0)
+    base = ["--topology", str(topo), "--placement", str(place), "--model-path", "M"]
+    base += ["--dist-init-addr", "n0:5000", "--format", "json"]
+    code, out, _ = run(capsys, *base, "--extra-args=--expert-distribution-recorder-mode stat")
+    assert code == 0
+    for node in json.loads(out)["nodes"]:
+        assert flags(node["argv"])["--deepep-mode"] == "normal"
+    code, out, err = run(
+        capsys, *base, "--extra-args=--expert-distribution-recorder-mode stat --deepep-mode auto"
+    )
+    assert code == 2 and out == "" and "needs --deepep-mode normal or low_latency" in err
 
 
 def test_cli_asks_sglang_for_an_api_key_from_the_environment_by_default(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """``moe-scheduler sglang-args``: the SGLang launch command of every node for a placement.
 
 Reads the topology, the placement directory and (if present) its ``plan.json``, checks
-that they agree, and prints what :mod:`scheduler.deploy.sglang_args` builds.
+that they agree and that SGLang can serve a placement of the model, and prints what
+:mod:`scheduler.deploy.sglang_args` builds (a warning on stderr for a model whose SGLang
+class was not checked).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,9 @@ def add_commands(sub: Any) -> None:
         "--init-expert-location DIR/expert_location.json, the matching "
         "--ep-num-redundant-experts, static dispatch, DeepEP, routed experts returned, "
         "routing-key scheduling, --api-key from $SGLANG_API_KEY on node 0; --enable-eplb "
-        "stays off (it would overwrite the placement).",
+        "stays off (it would overwrite the placement). Only flags the given SGLang version "
+        "accepts are emitted; a model whose SGLang class ignores expert placements "
+        "(Mixtral) is refused.",
     )
     p.add_argument("--topology", type=Path, required=True, help="topology TOML")
     p.add_argument(
@@ -55,9 +60,10 @@ def add_commands(sub: Any) -> None:
         "--sglang-version",
         default=DEFAULT_SGLANG_VERSION,
         metavar="X.Y.Z",
-        help=f"SGLang version on the nodes; picks --attn-dp-size (>= 0.5.23) or "
-        f"--enable-dp-attention --dp-size, and --enable-return-routed-experts (>= 0.5.7) "
-        f"(default {DEFAULT_SGLANG_VERSION})",
+        help=f"SGLang version on the nodes; picks --attn-dp-size (>= 0.5.22) or "
+        f"--enable-dp-attention --dp-size, and adds --enable-return-routed-experts "
+        f"(>= 0.5.7) and --schedule-policy routing-key (>= 0.5.8) "
+        f"(default {DEFAULT_SGLANG_VERSION}; see docs/sglang-versions.md)",
     )
     p.add_argument(
         "--dist-init-addr",
@@ -78,7 +84,8 @@ def add_commands(sub: Any) -> None:
         default="",
         metavar="'ARGS'",
         help="more SGLang arguments for every node, one shell-quoted string given with '=' "
-        "(e.g. --extra-args='--enable-metrics --mem-fraction-static 0.8')",
+        "(e.g. --extra-args='--enable-metrics --mem-fraction-static 0.8'); an "
+        "--expert-distribution-recorder-mode other than per_token gets --deepep-mode normal",
     )
     key = p.add_mutually_exclusive_group()
     key.add_argument(
@@ -184,6 +191,7 @@ def load_launch(args: argparse.Namespace) -> SglangLaunch:
         port=args.port,
         extra_args=extra,
         api_key_env=None if args.no_api_key else args.api_key_env,
+        model_name=model.name,
     )
 
 
@@ -192,6 +200,8 @@ def cmd_sglang_args(args: argparse.Namespace) -> int:
     from scheduler.deploy.sglang_args import render_json, render_shell
 
     launch = load_launch(args)
+    if launch.model_warning is not None:
+        print(f"moe-scheduler: warning: {launch.model_warning}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(render_json(launch), indent=2))
         return 0

@@ -2,12 +2,19 @@
 cluster that serves a placement written by ``moe-scheduler place``.
 
 Pure: values in, argv lists and text out; no files, no environment. The flags and their
-semantics are those of SGLang 0.5.23 (``../shared/docs/sglang-integration.md`` §1, §3,
-§4); two of them depend on the version and are switched by :class:`SglangVersion`:
+semantics are those of SGLang 0.5.23; the version switches what its argparse would
+refuse (:mod:`scheduler.sglang_versions`, docs/sglang-versions.md):
 
-- attention data parallelism is ``--attn-dp-size N`` from 0.5.23 and
-  ``--enable-dp-attention --dp-size N`` before (0.5.23 still accepts the old spelling);
-- ``--enable-return-routed-experts`` exists from 0.5.7 on.
+- attention data parallelism is ``--attn-dp-size N`` from 0.5.22 and
+  ``--enable-dp-attention --dp-size N`` before (0.5.22 and 0.5.23 still accept the old
+  spelling);
+- ``--enable-return-routed-experts`` exists from 0.5.7 on;
+- ``--schedule-policy routing-key`` is a valid choice from 0.5.8 on; before, it is left
+  out and a note says what is lost.
+
+A model whose SGLang class cannot take a placement (Mixtral) is refused; an expert
+distribution recorder mode other than ``per_token`` gets ``--deepep-mode normal``, since
+SGLang's recorder raises for it with DeepEP's default ``auto`` mode.
 
 Layout (attention TP 1, ``ep_size == tp_size`` = every GPU): DP rank ``r`` runs on GPU
 ``r``, which is EP rank ``r`` and holds physical slots ``[r * L, (r + 1) * L)`` with
@@ -29,30 +36,39 @@ from typing import Any
 from scheduler.errors import ConfigError
 from scheduler.sglang_versions import (
     ATTN_DP_SIZE_SINCE,
+    NEWEST_CHECKED,
     ROUTED_EXPERTS_SINCE,
+    ROUTING_KEY_POLICY_SINCE,
     SglangVersion,
+    check_expert_location,
 )
 
 #: The interpreter and module every node runs.
 LAUNCH_PREFIX = ("python3", "-m", "sglang.launch_server")
 #: The SGLang version the flags were checked against.
-DEFAULT_SGLANG_VERSION = "0.5.23"
+DEFAULT_SGLANG_VERSION = str(NEWEST_CHECKED)
 
-#: Flags this module sets itself; passing them again through ``extra_args`` is refused,
-#: since SGLang would take the last one and silently contradict the placement.
+#: Flags this module sets itself, with the other spellings SGLang's parser has for them;
+#: passing them again through ``extra_args`` is refused, since SGLang would take the last
+#: one and silently contradict the placement.
 MANAGED_FLAGS = frozenset(
     {
         "--model-path",
+        "--model",
         "--nnodes",
         "--node-rank",
         "--dist-init-addr",
+        "--nccl-init-addr",
         "--tp-size",
+        "--tensor-parallel-size",
         "--tp",
         "--ep-size",
+        "--expert-parallel-size",
         "--ep",
         "--attn-dp-size",
         "--attention-data-parallel-size",
         "--dp-size",
+        "--data-parallel-size",
         "--dp",
         "--enable-dp-attention",
         "--init-expert-location",
@@ -71,6 +87,56 @@ _HOST_PORT = re.compile(r"(?P<host>\S+):(?P<port>\d{1,5})")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: The variable ``--api-key`` is read from by default.
 DEFAULT_API_KEY_ENV = "SGLANG_API_KEY"
+
+#: Expert-distribution recorder modes -> the ``--deepep-mode`` values they work with under
+#: ``--moe-a2a-backend deepep`` (``_SinglePassGatherer.init_new`` in
+#: ``python/sglang/srt/eplb/expert_distribution.py``, the same in every checked version):
+#: ``per_token`` gathers from select_experts and works with any; ``stat`` and ``per_pass``
+#: raise NotImplementedError for ``auto``, the default; ``stat_approx`` needs ``normal``.
+RECORDER_DEEPEP_MODES: dict[str, tuple[str, ...]] = {
+    "per_token": ("auto", "normal", "low_latency"),
+    "stat": ("normal", "low_latency"),
+    "per_pass": ("normal", "low_latency"),
+    "stat_approx": ("normal",),
+}
+#: What sglang-args adds for a recorder mode that does not work with ``auto``.
+RECORDER_DEEPEP_MODE = "normal"
+
+
+def extra_arg_value(extra_args: tuple[str, ...], flag: str) -> str | None:
+    """The value ``extra_args`` give ``flag`` (``--flag V`` or ``--flag=V``; the last one
+    wins, as in argparse), or None."""
+    value = None
+    for i, arg in enumerate(extra_args):
+        if arg == flag and i + 1 < len(extra_args):
+            value = extra_args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def recorder_deepep_mode(extra_args: tuple[str, ...]) -> str | None:
+    """The ``--deepep-mode`` to add for the recorder mode ``extra_args`` ask for (None:
+    nothing to add), under the ``--moe-a2a-backend deepep`` every launch uses.
+
+    Raises :class:`ConfigError` when ``extra_args`` also set a ``--deepep-mode`` that the
+    recorder mode cannot run with: SGLang would stop at startup.
+    """
+    mode = extra_arg_value(extra_args, "--expert-distribution-recorder-mode")
+    if mode not in RECORDER_DEEPEP_MODES:
+        return None  # none, or a mode SGLang's own parser judges
+    works = RECORDER_DEEPEP_MODES[mode]
+    given = extra_arg_value(extra_args, "--deepep-mode")
+    if given is None:
+        return None if "auto" in works else RECORDER_DEEPEP_MODE
+    if given not in works:
+        raise ConfigError(
+            f"--expert-distribution-recorder-mode {mode} with --moe-a2a-backend deepep "
+            f"needs --deepep-mode {' or '.join(works)}, not {given}: SGLang's recorder "
+            "raises NotImplementedError at startup; use per_token, or leave --deepep-mode "
+            f"out (sglang-args then adds {RECORDER_DEEPEP_MODE})"
+        )
+    return None
 
 
 def env_reference(name: str) -> str:
@@ -108,6 +174,8 @@ class SglangLaunch:
     ``extra_args`` are appended to every node's command (for instance
     ``--enable-metrics``); they may not repeat a flag this class sets.
     ``api_key_env``: node 0 gets ``--api-key`` from this environment variable (None: no key).
+    ``model_name`` (``ModelShape.name``): refused when its SGLang class cannot take a
+    placement (:func:`~scheduler.sglang_versions.check_expert_location`); None: not checked.
     """
 
     model_path: str
@@ -124,6 +192,7 @@ class SglangLaunch:
     port: int = 30000
     extra_args: tuple[str, ...] = ()
     api_key_env: str | None = None
+    model_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.api_key_env is not None and _ENV_NAME.fullmatch(self.api_key_env) is None:
@@ -183,6 +252,9 @@ class SglangLaunch:
                     f"extra argument {flag} is set by sglang-args itself; use its own option "
                     "or change the topology/placement"
                 )
+        recorder_deepep_mode(self.extra_args)  # a recorder mode DeepEP cannot run: refuse
+        if self.model_name is not None:
+            check_expert_location(self.model_name)  # a model SGLang cannot place: refuse
 
     @property
     def num_gpus(self) -> int:
@@ -206,6 +278,25 @@ class SglangLaunch:
     def returns_routed_experts(self) -> bool:
         return self.version >= ROUTED_EXPERTS_SINCE
 
+    @property
+    def uses_routing_key_policy(self) -> bool:
+        return self.version >= ROUTING_KEY_POLICY_SINCE
+
+    @property
+    def recorder_mode(self) -> str | None:
+        """``--expert-distribution-recorder-mode`` from ``extra_args``, or None."""
+        return extra_arg_value(self.extra_args, "--expert-distribution-recorder-mode")
+
+    @property
+    def added_deepep_mode(self) -> str | None:
+        """The ``--deepep-mode`` this launch adds for its recorder mode (None: none)."""
+        return recorder_deepep_mode(self.extra_args)
+
+    @property
+    def model_warning(self) -> str | None:
+        """Why ``model_name`` was not checked for expert-location support, or None."""
+        return None if self.model_name is None else check_expert_location(self.model_name)
+
     def dp_ranks(self, node_rank: int) -> range:
         """DP ranks that node ``node_rank`` runs: ``[n * G, (n + 1) * G)``."""
         return range(node_rank * self.gpus_per_node, (node_rank + 1) * self.gpus_per_node)
@@ -226,12 +317,15 @@ def node_argv(launch: SglangLaunch, node_rank: int) -> list[str]:
     else:
         argv += ["--enable-dp-attention", "--dp-size", n]
     argv += ["--moe-a2a-backend", "deepep"]
+    if launch.added_deepep_mode is not None:
+        argv += ["--deepep-mode", launch.added_deepep_mode]
     argv += ["--init-expert-location", launch.expert_location]
     argv += ["--ep-num-redundant-experts", str(launch.redundant_experts)]
     argv += ["--ep-dispatch-algorithm", "static"]
     if launch.returns_routed_experts:
         argv.append("--enable-return-routed-experts")
-    argv += ["--schedule-policy", "routing-key"]
+    if launch.uses_routing_key_policy:
+        argv += ["--schedule-policy", "routing-key"]
     if node_rank == 0:
         argv += ["--host", launch.host, "--port", str(launch.port)]
         if launch.api_key_env is not None:
@@ -265,10 +359,28 @@ def launch_notes(launch: SglangLaunch) -> list[str]:
             "No --api-key: SGLang's HTTP API (including /generate and its admin endpoints) "
             "is open to whoever reaches node 0's port."
         )
+    if launch.model_warning is not None:
+        notes.append(f"Warning: {launch.model_warning}.")
     if not launch.uses_attn_dp_size:
         notes.append(
-            f"SGLang {launch.version} predates --attn-dp-size (0.5.23): attention DP uses "
+            f"SGLang {launch.version} predates --attn-dp-size (0.5.22): attention DP uses "
             "--enable-dp-attention --dp-size."
+        )
+    if not launch.uses_routing_key_policy:
+        notes.append(
+            f"--schedule-policy routing-key is omitted: SGLang {launch.version} rejects it "
+            "(a valid choice from 0.5.8). Each rank keeps SGLang's default queue order "
+            "(fcfs) instead of favouring waiting requests whose routing_key is frequent in "
+            "its running batch: the scheduler still picks the rank, but requests of one "
+            "class are no longer batched together within it."
+        )
+    if launch.added_deepep_mode is not None:
+        notes.append(
+            f"--deepep-mode {launch.added_deepep_mode} is added for "
+            f"--expert-distribution-recorder-mode {launch.recorder_mode}: with DeepEP's "
+            "default auto mode SGLang's recorder raises NotImplementedError for it (only "
+            "per_token works there). normal turns CUDA graphs off for decode; to record "
+            "on a production launch prefer per_token."
         )
     if not launch.returns_routed_experts:
         notes.append(

@@ -19,7 +19,8 @@ def add_commands(sub: Any) -> None:
         help="place experts on GPUs and classes on nodes (writes SGLang's expert_location.json)",
         description="Solve a placement for a workload profile on a topology, writing "
         "DIR/expert_location.json (SGLang --init-expert-location) and DIR/plan.json; or "
-        "validate an existing placement directory with --check DIR.",
+        "validate an existing placement directory with --check DIR (which also refuses a "
+        "model whose SGLang class ignores expert placements, such as Mixtral).",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", type=Path, help="workload profile JSON")
@@ -114,6 +115,12 @@ def cmd_place(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     topology = load_topology(args.topology)
     if args.check:
+        from scheduler.sglang_versions import check_expert_location
+
+        # A placement SGLang would ignore is not valid, however well it fits the model.
+        warning = check_expert_location(profile.model.name)
+        if warning is not None:
+            print(f"moe-scheduler: warning: {warning}", file=sys.stderr)
         placement, plan = check_placement_dir(args.check, profile.model, topology)
         shares = None
         if plan is not None:
