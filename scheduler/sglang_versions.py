@@ -88,6 +88,25 @@ ROUTING_KEY_POLICY_SINCE = SglangVersion.parse("0.5.8")
 #: appear in 0.5.7 (sgl-project/sglang#12162); 0.5.6's parser has no such flag.
 ROUTED_EXPERTS_SINCE = SglangVersion.parse("0.5.7")
 
+#: Prefill/decode disaggregation: ``--disaggregation-mode null|prefill|decode``,
+#: ``--disaggregation-bootstrap-port`` (default :data:`DEFAULT_BOOTSTRAP_PORT`) and
+#: ``--disaggregation-transfer-backend`` (default ``mooncake``) are in the argparse of
+#: every version of :data:`CHECKED_VERSIONS`: ``python/sglang/srt/server_args.py`` up to
+#: 0.5.9, ``python/sglang/srt/arg_groups/fields/disagg.py`` in 0.5.22 and 0.5.23. Older
+#: versions were not checked, so sglang-args does not emit them there.
+DISAGGREGATION_SINCE = CHECKED_VERSIONS[0]
+#: ``--disaggregation-bootstrap-port``'s default, the same in every checked version.
+DEFAULT_BOOTSTRAP_PORT = 8998
+#: ``disagg_prefill_dp_rank`` on /generate (a decode request naming the prefill DP rank
+#: that holds its KV): 0.5.20, 0.5.22 and 0.5.23 have it
+#: (``python/sglang/srt/disaggregation/decode.py:_resolve_prefill_dp_rank``). 0.5.9 and
+#: older drop it and take the decode request's own ``data_parallel_rank`` as the prefill
+#: DP rank (``prefill_dp_rank=req.data_parallel_rank`` in the same file; 0.4.10.post2:
+#: ``target_dp_group = self.data_parallel_rank`` in ``disaggregation/*/conn.py``), so a
+#: decode leg pinned to another rank than its prefill leg waits for KV that never comes.
+#: Nothing between 0.5.9 and 0.5.20 was checked.
+DISAGG_PREFILL_DP_RANK_SINCE = SglangVersion.parse("0.5.20")
+
 #: ``routed_dp_rank`` on /generate: 0.5.20, 0.5.22 and 0.5.23 have it (with
 #: ``data_parallel_rank`` as a deprecated alias); 0.5.9 and older only know
 #: ``data_parallel_rank`` and silently drop an unknown key

@@ -560,3 +560,202 @@ def test_cli_has_help(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--sglang-version" in out and "eplb stays off" in out.replace("- ", "-")
     assert "--api-key-env" in out and "--no-api-key" in out
+
+
+# ----------------------------------------------------------------------------- PD disaggregation
+
+
+def test_mixed_instances_get_no_disaggregation_flags():
+    spec = launch()
+    assert spec.role == "mixed" and spec.bootstrap_port is None
+    for argv in all_node_argv(spec):
+        assert not any(a.startswith("--disaggregation") for a in argv)
+    assert "bootstrap" not in render_shell(spec)
+
+
+@pytest.mark.parametrize(
+    "kw, mode, port, backend",
+    [
+        (dict(disaggregation_mode="prefill"), "prefill", "8998", None),  # SGLang's default
+        (
+            dict(disaggregation_mode="prefill", disaggregation_bootstrap_port=9100),
+            "prefill",
+            "9100",
+            None,
+        ),
+        (dict(disaggregation_mode="decode"), "decode", None, None),
+        (
+            dict(disaggregation_mode="decode", disaggregation_transfer_backend="nixl"),
+            "decode",
+            None,
+            "nixl",
+        ),
+        (
+            dict(disaggregation_mode="prefill", disaggregation_transfer_backend="mooncake"),
+            "prefill",
+            "8998",
+            "mooncake",
+        ),
+    ],
+)
+def test_disaggregation_flags_per_role(kw, mode, port, backend):
+    spec = launch(**kw)
+    assert spec.role == mode
+    for argv in all_node_argv(spec):
+        f = flags(argv)
+        assert f["--disaggregation-mode"] == mode
+        # Every prefill node: up to 0.5.9 each rank registers at <dist-init host>:<own port>.
+        assert f.get("--disaggregation-bootstrap-port") == port
+        assert ("--disaggregation-bootstrap-port" in f) == (port is not None)
+        assert f.get("--disaggregation-transfer-backend") == backend
+        assert ("--disaggregation-transfer-backend" in f) == (backend is not None)
+        assert sum(a.startswith("--disaggregation") for a in argv) == 1 + (port is not None) + (
+            backend is not None
+        )
+    # The placement, scheduling and HTTP flags are unchanged by the role.
+    f0 = flags(node_argv(spec, 0))
+    assert f0["--init-expert-location"] == "/p/expert_location.json"
+    assert f0["--schedule-policy"] == "routing-key" and f0["--port"] == "30000"
+    text = render_shell(spec)
+    assert f'entry with role = "{mode}" at it' in text
+    assert "[backend] url" not in text
+    if mode == "prefill":
+        assert (
+            f"# node 0: DP ranks 0-7; HTTP on 0.0.0.0:30000; bootstrap server on port {port}\n"
+            in text
+        )
+        assert "auto resolves to follow_bootstrap_room on prefill" in text
+        assert "first honours the DP rank the scheduler pins" in text
+    else:
+        assert "# node 0: DP ranks 0-7; HTTP on 0.0.0.0:30000\n" in text
+        assert "Decode instance" in text
+    assert ("SGLang's default, mooncake" in text) == (backend is None)
+    assert "disagg_prefill_dp_rank" not in text  # 0.5.23 has it
+
+
+@pytest.mark.parametrize(
+    "version, warned",
+    [("0.5.23", False), ("0.5.22", False), ("0.5.20", False), ("0.5.19", True), ("0.5.9", True)],
+)
+def test_old_decode_without_disagg_prefill_dp_rank_is_warned_about(version, warned):
+    for mode in ("prefill", "decode"):
+        spec = launch(version=SglangVersion.parse(version), disaggregation_mode=mode)
+        text = render_shell(spec)
+        assert ("first checked version whose decode reads disagg_prefill_dp_rank" in text) == warned
+        assert flags(node_argv(spec, 1))["--disaggregation-mode"] == mode
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(disaggregation_bootstrap_port=9000), "only with --disaggregation-mode prefill"),
+        (
+            dict(disaggregation_mode="decode", disaggregation_bootstrap_port=9000),
+            "only with --disaggregation-mode prefill",
+        ),
+        (dict(disaggregation_transfer_backend="nixl"), "needs --disaggregation-mode"),
+        (dict(disaggregation_mode="mixed"), "must be prefill or decode"),
+        (dict(disaggregation_mode="null"), "must be prefill or decode"),
+        (dict(disaggregation_mode="prefill", disaggregation_bootstrap_port=0), "1-65535"),
+        (dict(disaggregation_mode="prefill", disaggregation_bootstrap_port=70000), "1-65535"),
+        (
+            dict(disaggregation_mode="prefill", disaggregation_bootstrap_port=30000),
+            "also node 0's --port port",
+        ),
+        (
+            dict(disaggregation_mode="prefill", disaggregation_bootstrap_port=5000),
+            "also node 0's --dist-init-addr port",
+        ),
+        (
+            dict(disaggregation_mode="decode", disaggregation_transfer_backend="nixl --x"),
+            "must be a backend name",
+        ),
+        (
+            dict(disaggregation_mode="prefill", version=SglangVersion.parse("0.4.9")),
+            "older than every version checked for prefill/decode disaggregation",
+        ),
+        (
+            dict(disaggregation_mode="prefill", disaggregation_transfer_backend="fake"),
+            "refuse it on prefill",
+        ),
+        (dict(extra_args=("--disaggregation-mode", "prefill")), "set by sglang-args"),
+        (dict(extra_args=("--disaggregation-bootstrap-port=9000",)), "set by sglang-args"),
+        (
+            dict(
+                disaggregation_mode="decode",
+                extra_args=("--disaggregation-transfer-backend", "nixl"),
+            ),
+            "set by sglang-args",
+        ),
+    ],
+)
+def test_bad_disaggregation_values_are_refused(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        launch(**kw)
+
+
+def test_cli_launches_prefill_and_decode_instances(tmp_path, capsys):
+    topo = write_topology(tmp_path / "t.toml", 2, 2)
+    place = write_placement(tmp_path / "p", 2, 2, redundant=0)
+    base = ["--topology", str(topo), "--placement", str(place), "--model-path", "M"]
+    base += ["--dist-init-addr", "n0:5000", "--format", "json"]
+    code, out, _ = run(capsys, *base)
+    data = json.loads(out)
+    assert code == 0 and data["role"] == "mixed"
+    assert data["disaggregation_bootstrap_port"] is None
+    assert data["disaggregation_transfer_backend"] is None
+    code, out, _ = run(
+        capsys, *base, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", "9100"
+    )
+    data = json.loads(out)
+    assert code == 0 and data["role"] == "prefill"
+    assert data["disaggregation_bootstrap_port"] == 9100
+    for node in data["nodes"]:
+        f = flags(node["argv"])
+        assert f["--disaggregation-mode"] == "prefill"
+        assert f["--disaggregation-bootstrap-port"] == "9100"
+    code, out, _ = run(
+        capsys,
+        *base,
+        "--disaggregation-mode",
+        "decode",
+        "--disaggregation-transfer-backend",
+        "nixl",
+    )
+    data = json.loads(out)
+    assert code == 0 and data["role"] == "decode"
+    assert data["disaggregation_bootstrap_port"] is None
+    assert data["disaggregation_transfer_backend"] == "nixl"
+    assert all(
+        flags(n["argv"])["--disaggregation-transfer-backend"] == "nixl" for n in data["nodes"]
+    )
+    code, out, _ = run(capsys, *base[:-2], "--disaggregation-mode", "prefill")
+    assert code == 0
+    assert out.startswith("# SGLang 0.5.23 prefill instance launch for 2 node(s) x 2 GPU(s)")
+    assert out.count("--disaggregation-bootstrap-port 8998") == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--disaggregation-bootstrap-port", "9000"], "only with --disaggregation-mode prefill"),
+        (
+            ["--disaggregation-mode", "decode", "--disaggregation-bootstrap-port", "9000"],
+            "only with --disaggregation-mode prefill",
+        ),
+        (["--disaggregation-transfer-backend", "nixl"], "needs --disaggregation-mode"),
+        (["--disaggregation-mode", "prefill", "--sglang-version", "0.4.9"], "older than every"),
+    ],
+)
+def test_cli_refuses_bad_disaggregation_options_in_one_line(tmp_path, capsys, extra, message):
+    topo = write_topology(tmp_path / "t.toml", 1, 4)
+    place = write_placement(tmp_path / "p", 1, 4, redundant=0)
+    base = ["--topology", str(topo), "--placement", str(place), "--model-path", "M"]
+    code, out, err = run(capsys, *base, *extra)
+    assert code == 2 and out == ""
+    assert err.startswith("moe-scheduler: error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:  # not an SGLang mode name argparse knows
+        main(["sglang-args", *base, "--disaggregation-mode", "mixed"])
+    assert exit_.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

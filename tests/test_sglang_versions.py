@@ -37,6 +37,8 @@ from scheduler.profile import ClassProfile, WorkloadProfile, save_profile
 from scheduler.sglang_versions import (
     ATTN_DP_SIZE_SINCE,
     CHECKED_VERSIONS,
+    DEFAULT_BOOTSTRAP_PORT,
+    DISAGGREGATION_SINCE,
     MODEL_CLASSES,
     NEWEST_CHECKED,
     ROUTED_DP_RANK_SINCE,
@@ -115,6 +117,14 @@ EXTRAS: list[dict[str, Any]] = [
     {"api_key_env": "SGLANG_API_KEY", "extra_args": ("--enable-metrics",)},
     {"extra_args": ("--expert-distribution-recorder-mode", "per_token")},
     {"extra_args": ("--expert-distribution-recorder-mode=stat",)},
+    {"disaggregation_mode": "prefill"},
+    {"disaggregation_mode": "decode", "disaggregation_transfer_backend": "nixl"},
+    {
+        "disaggregation_mode": "prefill",
+        "disaggregation_bootstrap_port": 9100,
+        "disaggregation_transfer_backend": "mooncake",
+        "api_key_env": "SGLANG_API_KEY",
+    },
 ]
 
 
@@ -138,6 +148,16 @@ def test_the_version_constants_agree_with_each_versions_parser(version):
     assert flags["--enable-dp-attention"]["accepted"] and flags["--dp-size"]["accepted"]
     assert "deepep" in flags["--moe-a2a-backend"]["choices"]
     assert {"auto", "normal", "low_latency"} == set(flags["--deepep-mode"]["choices"])
+    # PD disaggregation: in every checked version, with the modes and the backends the
+    # tests pass (the transfer backend's other choices vary: fake from 0.5.6, mori from
+    # 0.5.9, mooncake_tcp from 0.5.22; SGLang's own parser judges a passed-through name).
+    assert version >= DISAGGREGATION_SINCE
+    mode = flags["--disaggregation-mode"]
+    assert mode["accepted"] and {"null", "prefill", "decode"} == set(mode["choices"])
+    port = flags["--disaggregation-bootstrap-port"]
+    assert port["accepted"] and port["takes_value"] and "choices" not in port
+    backends = flags["--disaggregation-transfer-backend"]
+    assert backends["accepted"] and {"mooncake", "nixl"} <= set(backends["choices"])
 
 
 @pytest.mark.parametrize("version", CHECKED_VERSIONS, ids=str)
@@ -166,6 +186,20 @@ def test_generated_commands_parse_with_that_versions_arguments(version, nodes, g
             assert parsed["--dp-size"] == n and "--enable-dp-attention" in parsed
         if "stat" in str(EXTRAS[extra].get("extra_args")):
             assert parsed["--deepep-mode"] == "normal"
+        assert parsed.get("--disaggregation-mode") == EXTRAS[extra].get("disaggregation_mode")
+        if EXTRAS[extra].get("disaggregation_mode") == "prefill":
+            port = EXTRAS[extra].get("disaggregation_bootstrap_port", DEFAULT_BOOTSTRAP_PORT)
+            assert parsed["--disaggregation-bootstrap-port"] == str(port)
+        else:
+            assert "--disaggregation-bootstrap-port" not in parsed
+
+
+def test_pd_flags_are_refused_below_the_oldest_checked_version():
+    older = SglangVersion.parse("0.4.10.post1")
+    assert older < DISAGGREGATION_SINCE == CHECKED_VERSIONS[0]
+    with pytest.raises(ConfigError, match="older than every version checked"):
+        launch(older, 1, 8, disaggregation_mode="decode")
+    assert launch(older, 1, 8).role == "mixed"  # a mixed instance is unaffected
 
 
 def test_the_table_check_catches_what_an_old_parser_would_refuse():
@@ -222,6 +256,14 @@ def test_0_5_23_commands_parse_with_the_installed_sglang_parser(nodes, gpus):
             assert args.enable_return_routed_experts is True
             if "stat" in str(extra.get("extra_args")):
                 assert args.deepep_mode == "normal"
+            mode = extra.get("disaggregation_mode")
+            assert args.disaggregation_mode == (mode or "null")
+            if mode == "prefill":
+                port = extra.get("disaggregation_bootstrap_port", DEFAULT_BOOTSTRAP_PORT)
+                assert args.disaggregation_bootstrap_port == port
+            assert args.disaggregation_transfer_backend == extra.get(
+                "disaggregation_transfer_backend", "mooncake"
+            )
 
 
 # ----------------------------------------------------------------------------- facts

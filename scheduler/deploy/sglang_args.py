@@ -10,7 +10,10 @@ refuse (:mod:`scheduler.sglang_versions`, docs/sglang-versions.md):
   spelling);
 - ``--enable-return-routed-experts`` exists from 0.5.7 on;
 - ``--schedule-policy routing-key`` is a valid choice from 0.5.8 on; before, it is left
-  out and a note says what is lost.
+  out and a note says what is lost;
+- prefill/decode disaggregation (``--disaggregation-mode prefill|decode``, the prefill's
+  ``--disaggregation-bootstrap-port``, ``--disaggregation-transfer-backend``) is in every
+  checked version and refused for older ones.
 
 A model whose SGLang class cannot take a placement (Mixtral) is refused; an expert
 distribution recorder mode other than ``per_token`` gets ``--deepep-mode normal``, since
@@ -24,6 +27,12 @@ environment variable, ``--api-key`` from it: a reference, never the key (``"${NA
 in the shell listing, which stops when it is unset or empty; ``$(NAME)``, Kubernetes'
 syntax, in argv). The other nodes only run a key-less health server
 (``sglang/srt/utils/common.py:launch_dummy_health_check_server``).
+
+A prefill or decode instance (``disaggregation_mode``) gets ``--disaggregation-mode`` on
+every node; a prefill instance also ``--disaggregation-bootstrap-port`` on every node:
+its bootstrap server runs on node 0, and up to 0.5.9 every prefill rank registers at
+``<dist-init host>:<its own port>`` (``disaggregation/common/conn.py``; 0.5.22 and 0.5.23
+broadcast node 0's port instead), so the nodes must agree.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ from typing import Any
 from scheduler.errors import ConfigError
 from scheduler.sglang_versions import (
     ATTN_DP_SIZE_SINCE,
+    DEFAULT_BOOTSTRAP_PORT,
+    DISAGG_PREFILL_DP_RANK_SINCE,
+    DISAGGREGATION_SINCE,
     NEWEST_CHECKED,
     ROUTED_EXPERTS_SINCE,
     ROUTING_KEY_POLICY_SINCE,
@@ -79,8 +91,17 @@ MANAGED_FLAGS = frozenset(
         "--schedule-policy",
         "--host",
         "--port",
+        "--disaggregation-mode",
+        "--disaggregation-bootstrap-port",
+        "--disaggregation-transfer-backend",
     }
 )
+
+#: ``--disaggregation-mode`` values sglang-args emits (None: a mixed instance, SGLang's
+#: ``null``, and no flag).
+DISAGGREGATION_MODES = ("prefill", "decode")
+#: A transfer backend name (SGLang's own argparse checks it against its choices).
+_BACKEND_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 _HOST_PORT = re.compile(r"(?P<host>\S+):(?P<port>\d{1,5})")
 #: An environment variable name a shell and Kubernetes both expand.
@@ -176,6 +197,10 @@ class SglangLaunch:
     ``api_key_env``: node 0 gets ``--api-key`` from this environment variable (None: no key).
     ``model_name`` (``ModelShape.name``): refused when its SGLang class cannot take a
     placement (:func:`~scheduler.sglang_versions.check_expert_location`); None: not checked.
+    ``disaggregation_mode``: ``"prefill"``, ``"decode"`` or None (a mixed instance).
+    ``disaggregation_bootstrap_port``: a prefill instance's bootstrap server port (None:
+    SGLang's default 8998); refused for any other role. ``disaggregation_transfer_backend``:
+    passed through (None: SGLang's default, mooncake); only with a disaggregation mode.
     """
 
     model_path: str
@@ -193,6 +218,9 @@ class SglangLaunch:
     extra_args: tuple[str, ...] = ()
     api_key_env: str | None = None
     model_name: str | None = None
+    disaggregation_mode: str | None = None
+    disaggregation_bootstrap_port: int | None = None
+    disaggregation_transfer_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.api_key_env is not None and _ENV_NAME.fullmatch(self.api_key_env) is None:
@@ -252,9 +280,82 @@ class SglangLaunch:
                     f"extra argument {flag} is set by sglang-args itself; use its own option "
                     "or change the topology/placement"
                 )
+        self._check_disaggregation()
         recorder_deepep_mode(self.extra_args)  # a recorder mode DeepEP cannot run: refuse
         if self.model_name is not None:
             check_expert_location(self.model_name)  # a model SGLang cannot place: refuse
+
+    def _check_disaggregation(self) -> None:
+        mode = self.disaggregation_mode
+        if mode is not None and mode not in DISAGGREGATION_MODES:
+            raise ConfigError(
+                f"--disaggregation-mode {mode!r} must be prefill or decode (leave it out "
+                "for a mixed instance)"
+            )
+        port = self.disaggregation_bootstrap_port
+        if port is not None and mode != "prefill":
+            raise ConfigError(
+                "--disaggregation-bootstrap-port is a prefill instance's bootstrap server "
+                "port: give it only with --disaggregation-mode prefill (decode learns it "
+                "from each request's bootstrap_port)"
+            )
+        if self.disaggregation_transfer_backend is not None:
+            if mode is None:
+                raise ConfigError(
+                    "--disaggregation-transfer-backend needs --disaggregation-mode prefill "
+                    "or decode (give both roles the same backend)"
+                )
+            if _BACKEND_NAME.fullmatch(self.disaggregation_transfer_backend) is None:
+                raise ConfigError(
+                    f"--disaggregation-transfer-backend "
+                    f"{self.disaggregation_transfer_backend!r} must be a backend name such "
+                    "as mooncake or nixl"
+                )
+        if mode is None:
+            return
+        if mode == "prefill" and self.disaggregation_transfer_backend == "fake":
+            raise ConfigError(
+                "--disaggregation-transfer-backend fake sends no KV (it is for testing a "
+                "decode instance alone): SGLang 0.5.20 and later refuse it on prefill"
+            )
+        if self.version < DISAGGREGATION_SINCE:
+            raise ConfigError(
+                f"--disaggregation-mode {mode}: SGLang {self.version} is older than every "
+                f"version checked for prefill/decode disaggregation (its flags are in the "
+                f"argparse of {DISAGGREGATION_SINCE} and every later checked version); "
+                "use a newer SGLang"
+            )
+        if mode == "prefill":
+            bootstrap = self.bootstrap_port
+            assert bootstrap is not None
+            if not 0 < bootstrap < 65536:
+                raise ConfigError(f"--disaggregation-bootstrap-port {bootstrap} must be in 1-65535")
+            taken = {self.port: "--port"}
+            if self.dist_init_addr is not None:
+                match = _HOST_PORT.fullmatch(self.dist_init_addr)
+                if match is not None:
+                    taken[int(match["port"])] = "--dist-init-addr"
+            if bootstrap in taken:
+                raise ConfigError(
+                    f"--disaggregation-bootstrap-port {bootstrap} is also node 0's "
+                    f"{taken[bootstrap]} port: the bootstrap server needs a port of its own"
+                )
+
+    @property
+    def role(self) -> str:
+        """The instance's role as ``[[backend.instances]] role`` spells it: ``mixed``,
+        ``prefill`` or ``decode``."""
+        return self.disaggregation_mode or "mixed"
+
+    @property
+    def bootstrap_port(self) -> int | None:
+        """A prefill instance's bootstrap port (the given one, else SGLang's default);
+        None for another role."""
+        if self.disaggregation_mode != "prefill":
+            return None
+        if self.disaggregation_bootstrap_port is None:
+            return DEFAULT_BOOTSTRAP_PORT
+        return self.disaggregation_bootstrap_port
 
     @property
     def num_gpus(self) -> int:
@@ -326,6 +427,12 @@ def node_argv(launch: SglangLaunch, node_rank: int) -> list[str]:
         argv.append("--enable-return-routed-experts")
     if launch.uses_routing_key_policy:
         argv += ["--schedule-policy", "routing-key"]
+    if launch.disaggregation_mode is not None:
+        argv += ["--disaggregation-mode", launch.disaggregation_mode]
+        if launch.bootstrap_port is not None:  # every prefill node: see the module doc
+            argv += ["--disaggregation-bootstrap-port", str(launch.bootstrap_port)]
+        if launch.disaggregation_transfer_backend is not None:
+            argv += ["--disaggregation-transfer-backend", launch.disaggregation_transfer_backend]
     if node_rank == 0:
         argv += ["--host", launch.host, "--port", str(launch.port)]
         if launch.api_key_env is not None:
@@ -341,13 +448,17 @@ def all_node_argv(launch: SglangLaunch) -> list[list[str]]:
 
 def launch_notes(launch: SglangLaunch) -> list[str]:
     """Plain-words remarks that go with the commands (comments in the shell script)."""
+    if launch.disaggregation_mode is None:
+        point = "point the scheduler's [backend] url at it."
+    else:
+        point = f'point the url of a [[backend.instances]] entry with role = "{launch.role}" at it.'
     notes = [
         "--enable-eplb is left off on purpose: SGLang's online EPLB would periodically "
         "overwrite this placement with its own (sglang-integration.md §1.5).",
         f"Node n runs DP ranks [n*{launch.gpus_per_node}, (n+1)*{launch.gpus_per_node}); "
-        f"only node 0 serves HTTP, on {launch.host}:{launch.port}: point the scheduler's "
-        "[backend] url at it.",
+        f"only node 0 serves HTTP, on {launch.host}:{launch.port}: {point}",
     ]
+    notes += _disaggregation_notes(launch)
     if launch.api_key_env is not None:
         notes.append(
             f"Node 0 takes --api-key from ${launch.api_key_env} (the key is never written "
@@ -391,6 +502,41 @@ def launch_notes(launch: SglangLaunch) -> list[str]:
     return notes
 
 
+def _disaggregation_notes(launch: SglangLaunch) -> list[str]:
+    mode = launch.disaggregation_mode
+    if mode is None:
+        return []
+    notes = []
+    if mode == "prefill":
+        notes.append(
+            f"Prefill instance: node 0 runs SGLang's bootstrap server on port "
+            f"{launch.bootstrap_port}, which decode instances must reach (the scheduler "
+            "sends it to them as bootstrap_port). --load-balance-method stays SGLang's "
+            "default (auto resolves to follow_bootstrap_room on prefill; round_robin, the "
+            "default before 0.5.8, routes by bootstrap_room there too), which in every "
+            "checked version first honours the DP rank the scheduler pins."
+        )
+    else:
+        notes.append(
+            "Decode instance: it takes each request's KV from the prefill instance that "
+            "the request's bootstrap_host, bootstrap_port and bootstrap_room name (the "
+            "scheduler sets them)."
+        )
+    backend = launch.disaggregation_transfer_backend
+    shown = "SGLang's default, mooncake" if backend is None else backend
+    notes.append(
+        f"KV transfer backend: {shown}; give the prefill and the decode instances the same."
+    )
+    if launch.version < DISAGG_PREFILL_DP_RANK_SINCE:
+        notes.append(
+            f"Warning: SGLang {launch.version} is older than {DISAGG_PREFILL_DP_RANK_SINCE}, "
+            "the first checked version whose decode reads disagg_prefill_dp_rank; up to "
+            "0.5.9 decode takes a request's own DP rank as its prefill's, so a decode leg "
+            "pinned to another rank than its prefill leg never gets its KV."
+        )
+    return notes
+
+
 def _rank_span(ranks: range) -> str:
     return f"{ranks.start}" if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
 
@@ -415,6 +561,8 @@ def render_shell(launch: SglangLaunch, header: list[str] | None = None) -> str:
     lines += [f"# {note}" for note in launch_notes(launch)]
     for rank, argv in enumerate(all_node_argv(launch)):
         http = f"; HTTP on {launch.host}:{launch.port}" if rank == 0 else ""
+        if rank == 0 and launch.bootstrap_port is not None:
+            http += f"; bootstrap server on port {launch.bootstrap_port}"
         lines.append("")
         lines.append(f"# node {rank}: DP ranks {_rank_span(launch.dp_ranks(rank))}{http}")
         prefix, rest = argv[: len(LAUNCH_PREFIX)], argv[len(LAUNCH_PREFIX) :]
@@ -430,12 +578,17 @@ def render_shell(launch: SglangLaunch, header: list[str] | None = None) -> str:
 
 
 def render_json(launch: SglangLaunch) -> dict[str, Any]:
-    """The same as a JSON-able object: notes, and per node its rank, DP ranks, HTTP
-    address (node 0 only) and argv (the API key as ``$(NAME)``, for Kubernetes args)."""
+    """The same as a JSON-able object: the role (``mixed``, ``prefill`` or ``decode``, as
+    ``[[backend.instances]] role``), a prefill's bootstrap port and the transfer backend
+    given (None: SGLang's default), notes, and per node its rank, DP ranks, HTTP address
+    (node 0 only) and argv (the API key as ``$(NAME)``, for Kubernetes args)."""
     return {
         "format": "moe-scheduler-sglang-args",
         "version": 1,
         "sglang_version": str(launch.version),
+        "role": launch.role,
+        "disaggregation_bootstrap_port": launch.bootstrap_port,
+        "disaggregation_transfer_backend": launch.disaggregation_transfer_backend,
         "tp_size": launch.tp_size,
         "ep_size": launch.tp_size,
         "attn_dp_size": launch.tp_size,

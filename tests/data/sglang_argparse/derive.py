@@ -44,6 +44,9 @@ FLAGS = (
     "--api-key",
     "--expert-distribution-recorder-mode",
     "--enable-metrics",
+    "--disaggregation-mode",
+    "--disaggregation-bootstrap-port",
+    "--disaggregation-transfer-backend",
 )
 
 
