@@ -13,13 +13,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from scheduler.errors import ConfigError
-from scheduler.sglang_versions import SglangVersion
+from scheduler.sglang_versions import DISAGG_PREFILL_DP_RANK_SINCE, SglangVersion
 
 PREDICTION_MODES = ("none", "text", "probe", "conversation")
 #: What an SGLang instance serves (SGLang's --disaggregation-mode; mixed: both phases).
 ROLES = ("mixed", "prefill", "decode")
-#: SGLang's default --disaggregation-bootstrap-port.
-DEFAULT_BOOTSTRAP_PORT = 8998
+
 WORKER_KINDS = ("process", "thread")
 #: Environment variables that override the secret files (Kubernetes Secrets).
 ADMIN_TOKEN_ENV = "MOE_SCHEDULER_ADMIN_TOKEN"
@@ -101,8 +100,9 @@ class InstanceSection:
     role: str = "mixed"
     #: Label in metrics, stats and logs ("": the URL's host:port).
     name: str = ""
-    #: A prefill instance's --disaggregation-bootstrap-port (sent to decode as bootstrap_port).
-    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
+    #: A prefill instance's --disaggregation-bootstrap-port (sent to decode as
+    #: bootstrap_port); 0: from its /server_info, else SGLang's default 8998.
+    bootstrap_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -305,10 +305,12 @@ def _check(c: ServerConfig) -> None:
             fail(f"{where}.placement is required (a directory written by `moe-scheduler place`)")
         if inst.sglang_version:
             try:
-                SglangVersion.parse(inst.sglang_version)
+                version = SglangVersion.parse(inst.sglang_version, f"{where}.sglang_version")
             except ConfigError as e:
-                fail(f"{where}.sglang_version: {e}")
-        if not 0 < inst.bootstrap_port <= 65535:
+                fail(str(e))
+            if inst.role == "decode" and version < DISAGG_PREFILL_DP_RANK_SINCE:
+                fail(decode_too_old(inst.name, version))
+        if not 0 <= inst.bootstrap_port <= 65535:
             fail(f"{where}.bootstrap_port must be a port number, got {inst.bootstrap_port}")
     for key in ("name", "url"):
         values = [getattr(inst, key) for inst in c.instances]
@@ -383,6 +385,15 @@ def _check(c: ServerConfig) -> None:
         fail("server.tls_cert and server.tls_key go together")
     if c.server.tls_client_ca is not None and c.server.tls_cert is None:
         fail("server.tls_client_ca needs server.tls_cert and server.tls_key")
+
+
+def decode_too_old(name: str, version: SglangVersion) -> str:
+    return (
+        f"decode instance {name} runs SGLang {version}: before "
+        f"{DISAGG_PREFILL_DP_RANK_SINCE} a decode server has no disagg_prefill_dp_rank and "
+        "looks for the KV on the prefill rank numbered like its own DP rank, so the "
+        "scheduler cannot pair ranks freely; upgrade the decode instances"
+    )
 
 
 def read_secret(path: Path | None, env: str, what: str) -> str:

@@ -39,6 +39,7 @@ from scheduler.server.config import (
     ADMIN_TOKEN_ENV,
     BACKEND_API_KEY_ENV,
     ServerConfig,
+    decode_too_old,
     load_config,
     read_secret,
 )
@@ -53,7 +54,12 @@ from scheduler.server.telemetry import (
     RoutedSampler,
     TelemetryWorker,
 )
-from scheduler.sglang_versions import SglangVersion, rank_field
+from scheduler.sglang_versions import (
+    DEFAULT_BOOTSTRAP_PORT,
+    DISAGG_PREFILL_DP_RANK_SINCE,
+    SglangVersion,
+    rank_field,
+)
 
 log = logging.getLogger("moe_scheduler.server")
 
@@ -273,6 +279,8 @@ class SchedulerCore:
             i.name: i.sglang_version for i in self.cluster.instances
         }
         self.bootstrap_ports = {i.name: i.bootstrap_port for i in self.cluster.instances}
+        #: Instances that answer but cannot be used, and why (kept out of service).
+        self.refused: dict[str, str] = {}
         self.predictor = RequestPredictor(self.cluster)
         self.feedback = Feedback(self.cluster, config.feedback.buffer_size)
         self.telemetry = self._telemetry(config, self.cluster)
@@ -420,6 +428,9 @@ class SchedulerCore:
         if not await backend.health(timeout_s=timeout):
             self._instance_down(inst, "/health does not answer 200")
             return
+        if inst.name in self.refused:
+            self._instance_down(inst, self.refused[inst.name])
+            return
         if not self.instance_up[inst.name]:
             was_serving = self.backend_healthy
             self.instance_up[inst.name] = True
@@ -446,9 +457,15 @@ class SchedulerCore:
             return
         if self.sglang_versions[inst.name] is None and isinstance(info.get("version"), str):
             try:
-                self.sglang_versions[inst.name] = SglangVersion.parse(info["version"])
+                version = SglangVersion.parse(info["version"], f"{inst.name}'s /server_info")
             except MoeSchedulerError:
                 log.warning("instance %s reports version %r", inst.name, info["version"])
+            else:
+                self.sglang_versions[inst.name] = version
+                if inst.role == "decode" and version < DISAGG_PREFILL_DP_RANK_SINCE:
+                    self.refused[inst.name] = decode_too_old(inst.name, version)
+                    log.error("%s; it is kept out of service", self.refused[inst.name])
+                    self._instance_down(inst, self.refused[inst.name])
         port = info.get("disaggregation_bootstrap_port")
         if not self.bootstrap_ports[inst.name] and isinstance(port, int):
             self.bootstrap_ports[inst.name] = port
@@ -835,7 +852,7 @@ class SchedulerCore:
         room = random.getrandbits(63)
         bootstrap = {
             "bootstrap_host": prefill.instance.bootstrap_host,
-            "bootstrap_port": self.bootstrap_ports[prefill.instance.name] or 8998,
+            "bootstrap_port": self.bootstrap_ports[prefill.instance.name] or DEFAULT_BOOTSTRAP_PORT,
             "bootstrap_room": room,
         }
         first = {**self._payload(job, prefill, cls, routed), **bootstrap}
