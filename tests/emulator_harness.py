@@ -7,6 +7,7 @@ callback and checks /health before a test starts. Requests use urllib (plain HTT
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import threading
 import time
@@ -15,9 +16,9 @@ import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
-from scheduler.emulator.app import serve
 from scheduler.emulator.core import Emulator, EmulatorConfig
 from scheduler.emulator.expert_location import trivial_location
+from scheduler.emulator.server import serve
 from scheduler.emulator.workload import DEFAULT_PROFILE, build_workload, prompt_index
 from scheduler.model_shape import PRESETS, ModelShape
 from scheduler.placement import Placement
@@ -38,14 +39,21 @@ def make_emulator(
     prompts: Iterable[tuple[str, str]] = (),
     default_class: str = "general",
     placement: Placement | None = None,
+    **options: Any,
 ) -> Emulator:
-    """An emulator of the shipped default (ESFT) profile; instant unless time_scale > 0."""
+    """An emulator of the shipped default (ESFT) profile; instant unless time_scale > 0.
+
+    ``options``: more :class:`EmulatorConfig` fields (``role``, ``sglang_version``,
+    ``kv_timeout_s``, ...); a prefill's bootstrap server gets a free port unless given."""
+    if options.get("role") == "prefill":
+        options.setdefault("bootstrap_port", 0)
     config = EmulatorConfig(
         nodes=nodes,
         gpus_per_node=gpus_per_node,
         capacity=capacity,
         seed=seed,
         time_scale=time_scale,
+        **options,
     )
     workload = build_workload(
         load_profile(DEFAULT_PROFILE), prompt_index(prompts), default=default_class
@@ -62,6 +70,8 @@ class EmulatorServer:
         self.emulator = emulator
         self.port = port
         self.url = ""
+        #: A prefill's bootstrap server: (host, port); None for other roles.
+        self.bootstrap: tuple[str, int] | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -78,6 +88,7 @@ class EmulatorServer:
                 self.port,
                 self._stop,
                 on_ready=self._on_ready,
+                on_bootstrap_ready=self._on_bootstrap_ready,
                 shutdown_grace_s=5.0,
             )
 
@@ -86,6 +97,9 @@ class EmulatorServer:
         except BaseException as e:  # reported to the test thread
             self._error = e
             self._ready.set()
+
+    def _on_bootstrap_ready(self, host: str, port: int) -> None:
+        self.bootstrap = (host, port)
 
     def _on_ready(self, host: str, port: int) -> None:
         self.url = f"http://{host}:{port}"
@@ -166,3 +180,45 @@ def wait_for_load(url: str, rank: int, **expected: int) -> dict[str, Any]:
             return load
         if time.monotonic() > deadline:
             raise AssertionError(f"rank {rank} never reached {expected}; last load {load}")
+
+
+def connection_fate(url: str, body: Any = None) -> str:
+    """GET (or POST ``body`` to) ``url``: ``"reset"`` if the connection was reset or closed
+    without an answer, ``"refused"`` if nothing listens, else ``"answered STATUS"``.
+
+    A connection to a closed loopback port can connect to itself (the kernel picks the
+    same port as its source: TCP simultaneous open); that counts as refused."""
+    host, _, rest = url.removeprefix("http://").partition(":")
+    port, _, path = rest.partition("/")
+    connection = http.client.HTTPConnection(host, int(port), timeout=STARTUP_TIMEOUT_S)
+    try:
+        try:
+            connection.connect()
+        except ConnectionRefusedError:
+            return "refused"
+        assert connection.sock is not None
+        try:
+            if connection.sock.getsockname() == connection.sock.getpeername():
+                return "refused"  # connected to itself: nothing listens there
+        except OSError:  # ENOTCONN: accepted, then reset already
+            return "reset"
+        data = None if body is None else json.dumps(body).encode()
+        method = "GET" if body is None else "POST"
+        headers = {"Content-Type": "application/json"}
+        connection.request(method, "/" + path, body=data, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return f"answered {response.status}"
+    except ConnectionError:  # reset, broken pipe; http.client.RemoteDisconnected is one
+        return "reset"
+    finally:
+        connection.close()
+
+
+def wait_for_fate(url: str, fate: str) -> None:
+    """Poll ``url`` (each poll a request, no sleeps) until :func:`connection_fate` says
+    ``fate`` (``"refused"``, ``"answered 200"``...)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while (seen := connection_fate(url)) != fate:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url}: expected {fate}, still {seen}")

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from scheduler.cli import main
 from scheduler.emulator.workload import DEFAULT_PROFILE
-from scheduler.server.demo import DEMO_BALANCES
+from scheduler.server.demo import DEMO_BALANCES, PD_NAME
 from tests.server_harness import write_bundle, write_placement
 
 
-def test_demo_runs_both_policies_and_cleans_up(shared_data: Path, tmp_path: Path) -> None:
+def test_demo_runs_both_policies_then_prefill_decode_and_cleans_up(
+    shared_data: Path, tmp_path: Path
+) -> None:
     placement = write_placement(tmp_path / "placement", 2, 2)
     bundle = write_bundle(tmp_path / "bundle.npz")
     out = tmp_path / "serving"
@@ -36,9 +38,16 @@ def test_demo_runs_both_policies_and_cleans_up(shared_data: Path, tmp_path: Path
     ]
     assert main(argv) == 0
     results = json.loads((out / "serving.json").read_text())
-    assert len(results) == 1 + len(DEMO_BALANCES)  # round_robin, ours at each setting
+    # round_robin, ours at each setting, then ours on a prefill + decode pair
+    assert len(results) == 2 + len(DEMO_BALANCES)
     assert all(any(f"balance {b:g}" in name for name in results) for b in DEMO_BALANCES)
     for result in results.values():
         assert result["statuses"] == {"OK": 30}
         assert result["inter_node_bytes_per_token"] > 0
-    assert "inter-node bytes per token" in (out / "serving.md").read_text()
+    legs = {row["leg"]: row for row in results[PD_NAME]["legs"]}
+    assert legs["prefill"]["instances"] == ["prefill"] and legs["decode"]["instances"] == ["decode"]
+    for row in legs.values():  # both legs of every request, each served once
+        assert row["requests"] == row["served_by_emulator"] == 30
+    assert legs["decode"]["prefill_rank_honoured"] == 30
+    report = (out / "serving.md").read_text()
+    assert "inter-node bytes per token" in report and "| prefill | prefill |" in report

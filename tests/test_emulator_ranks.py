@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from scheduler.emulator.ranks import RankPool, RankUnavailable, Ticket
+from scheduler.emulator.ranks import ControllerCrash, RankPool, RankUnavailable, Ticket
 from scheduler.emulator.timing import TokenTraffic
 
 T = Ticket(prompt_tokens=10, total_tokens=14, traffic=TokenTraffic(0.3, 0.1, 6.0))
@@ -80,12 +80,14 @@ def test_fail_mode_refuses_fails_waiters_and_is_skipped():
         with pytest.raises(RankUnavailable):
             await pool.checkpoint(1)  # the running request fails at its next step
         assert [pool.pick(None) for _ in range(4)] == [0, 2, 0, 2]
-        assert pool.pick(1) == 1  # an explicit rank is kept (and then refused)
+        # pinned to a failed rank: SGLang's DP controller raises (the server goes down)
+        with pytest.raises(ControllerCrash, match="DP rank 1 is not active"):
+            pool.pick(1)
         with pytest.raises(ValueError, match="out of range"):
             pool.pick(3)
         for r in (0, 2):
             pool.set_mode(r, "fail")
-        with pytest.raises(RankUnavailable, match="no DP rank"):
+        with pytest.raises(ControllerCrash, match="No active DP workers"):
             pool.pick(None)
 
     asyncio.run(main())
@@ -168,5 +170,44 @@ def test_running_requests_traffic_adds_up_and_resets_when_the_rank_empties():
         pool.release(0, other, 1)
         assert pool.batch_traffic(0) == TokenTraffic()  # exact zeros, no rounding left
         assert pool.batch_traffic(1) == T.traffic
+
+    asyncio.run(main())
+
+
+def test_follow_bootstrap_room_picks_room_modulo_ranks_and_pins_win():
+    pool = RankPool(4, capacity=1, load_balance="follow_bootstrap_room")
+    assert [pool.pick(None, room) for room in (0, 5, 10, 2**62 + 3)] == [0, 1, 2, 3]
+    assert pool.pick(3, 4) == 3  # routed_dp_rank is honoured first, as in SGLang
+    with pytest.raises(ControllerCrash, match="bootstrap_room should not be None"):
+        pool.pick(None, None)
+    pool.set_mode(1, "fail", restart_after_s=2.5)
+    with pytest.raises(ControllerCrash) as crash:
+        pool.pick(None, 9)
+    assert crash.value.restart_after_s == 2.5
+
+
+def test_pd_counters_and_decode_moments_reach_the_loads_rows():
+    async def main() -> None:
+        pool = RankPool(2, capacity=1)
+        row = pool.loads()[0]
+        assert row["decode_moments"] is None and row["num_active_tokens"] == 0
+        pool.expect_kv(0, 100)
+        row = pool.loads(disaggregation_mode="decode")[0]
+        assert (row["num_waiting_reqs"], row["num_total_tokens"]) == (1, 100)
+        assert row["num_active_tokens"] == 0  # its KV has not arrived
+        assert row["disaggregation"]["decode_prealloc_queue_reqs"] == 1
+        assert pool.busy(0) and not pool.busy(1)
+        pool.expect_kv(0, 100, arrived=True)
+        pool.kv_in_flight(1, 1)
+        row = pool.loads({"disagg"}, disaggregation_mode="prefill")[1]
+        assert row["disaggregation"]["prefill_inflight_queue_reqs"] == 1 and "queues" not in row
+        assert "num_running_reqs" in row  # the core fields always come, as in SGLang
+        pool.record_prefill(0, 50, 0.02)
+        pool.record_decode(0, tokens=8, batch=2, step_s=0.01)
+        row = pool.loads({"queues"})[0]
+        assert row["total_prefill_uncached_tokens"] == 50
+        assert row["total_prefill_busy_us"] == 20000
+        assert row["decode_moments"] == pytest.approx([4, 8, 40000, 16, 80000, 8])
+        assert row["queues"]["prealloc_ready"] == 0 and "disaggregation" not in row
 
     asyncio.run(main())

@@ -126,9 +126,14 @@ def test_bad_input_is_invalid_argument(tmp_path: Path, kwargs: dict, message: st
             run(go())
 
 
-def test_failed_rank_is_taken_out_and_requests_rerouted(tmp_path: Path) -> None:
+def test_a_failed_rank_takes_its_instance_down_and_requests_survive_the_restart(
+    tmp_path: Path,
+) -> None:
+    """As in SGLang, a request pinned to an inactive rank takes the whole instance down
+    (connections reset, then refused). Requests that sent no token wait for the restart
+    and are answered once each."""
     with EmulatorServer(make_emulator()) as emu:
-        status, _ = post(emu.url + "/admin/ranks/1", {"mode": "fail"})
+        status, _ = post(emu.url + "/admin/ranks/1", {"mode": "fail", "restart_after_s": 1.5})
         assert status == 200
         config = write_config(tmp_path, emu.url, policy={"name": "round_robin"})
         with SchedulerServer(config) as s:
@@ -136,18 +141,21 @@ def test_failed_rank_is_taken_out_and_requests_rerouted(tmp_path: Path) -> None:
             async def go() -> None:
                 async with SchedulerClient(s.target) as client:
                     replies = await asyncio.gather(
-                        *(client.generate(f"p{i}", max_new_tokens=2) for i in range(20))
+                        *(
+                            client.generate(f"p{i}", max_new_tokens=2, request_id=f"r{i}")
+                            for i in range(20)
+                        )
                     )
-                    assert all(r.info.dp_rank != 1 for r in replies)
-                    assert any(r.info.attempts == 2 for r in replies)
+                    assert any(r.info.attempts >= 2 for r in replies)
                     stats = await client.stats()
                     assert stats.requests_ok == 20 and stats.requests_failed == 0
                     assert stats.reroutes >= 1
-                    assert not stats.ranks[1].healthy
                     assert all(r.in_flight == 0 for r in stats.ranks)
 
             run(go())
-        assert _loads(emu.url)[1]["emulator"]["finished_reqs"] == 0
+        _, log = get(emu.url + "/admin/requests")
+    ok = [r["rid"] for r in log["requests"] if r["outcome"] == "ok"]
+    assert sorted(ok) == sorted(f"r{i}" for i in range(20))  # each answered once
 
 
 def _wait_idle(emu_url: str, s: SchedulerServer) -> None:

@@ -168,3 +168,146 @@ def test_requests_spread_over_two_instances_and_report_theirs(tmp_path: Path) ->
     assert sum(r.dispatched for r in stats.ranks) == 12
     assert [i.name for i in placement.instances] == ["a", "b"]
     assert placement.expert_location_json == ""  # several instances: see instances
+
+
+def _served(*servers: EmulatorServer) -> list[dict[str, object]]:
+    """Every request the emulators logged (the log outlives an instance's death)."""
+    return [row for s in servers for row in s.emulator.requests.to_json()["requests"]]
+
+
+def test_an_instance_killed_mid_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    """Two mixed instances; one dies (connections reset, then refused) with requests in
+    flight. Every call ends; an OK reply was served exactly once; a stream cut after its
+    first tokens ends UNAVAILABLE and was never also answered elsewhere."""
+    import grpc
+
+    from tests.emulator_harness import post
+
+    with (
+        EmulatorServer(make_emulator(nodes=2, gpus_per_node=2, time_scale=1.0)) as a,
+        EmulatorServer(make_emulator(nodes=1, gpus_per_node=2, time_scale=1.0)) as b,
+    ):
+        config = write_config(
+            tmp_path,
+            "",
+            backend={"instances": _two(tmp_path, a.url, b.url), "health_interval_s": 0.1},
+            policy={"name": "round_robin", "capacity": 8, "window_ms": 0.0},
+        )
+        with SchedulerServer(config) as s:
+
+            async def call(i: int) -> tuple[str, str]:
+                rid = f"r{i}"
+                try:
+                    if i % 3:
+                        await client.generate(
+                            f"q {i}", max_new_tokens=24, request_id=rid, timeout=30
+                        )
+                    else:
+                        stream = client.generate_stream(
+                            f"q {i}", max_new_tokens=24, request_id=rid, timeout=30
+                        )
+                        async for _ in stream:
+                            pass
+                    return rid, "OK"
+                except grpc.aio.AioRpcError as e:
+                    return rid, e.code().name
+
+            async def go() -> list[tuple[str, str]]:
+                calls = [asyncio.ensure_future(call(i)) for i in range(90)]
+                await asyncio.sleep(0.3)
+                status, _ = await asyncio.to_thread(
+                    post, b.url + "/admin/instance", {"mode": "die"}
+                )
+                assert status == 200
+                return await asyncio.gather(*calls)
+
+            async def main() -> list[tuple[str, str]]:
+                nonlocal client
+                async with SchedulerClient(s.target) as client:
+                    outcomes = await go()
+                    stats = await client.stats()
+                    assert not any(r.healthy for r in stats.ranks if r.instance == "b")
+                return outcomes
+
+            client: SchedulerClient
+            outcomes = run(main())
+        rows = _served(a, b)
+    ok_rows: dict[str, int] = {}
+    for row in rows:
+        if row["outcome"] == "ok":
+            ok_rows[str(row["rid"])] = ok_rows.get(str(row["rid"]), 0) + 1
+    assert all(n == 1 for n in ok_rows.values())  # nothing answered twice
+    for rid, status in outcomes:
+        if status == "OK":
+            assert ok_rows.get(rid) == 1, rid
+        else:
+            assert status == "UNAVAILABLE", (rid, status)  # a stream cut after its tokens
+            assert rid not in ok_rows and int(rid[1:]) % 3 == 0
+    assert sum(status == "OK" for _, status in outcomes) >= 60  # the unary calls at least
+    assert any(row["outcome"] == "error" for row in _served(b))  # b did die mid-request
+
+
+def test_prefill_and_decode_legs_carry_the_pairing_fields(tmp_path: Path) -> None:
+    """A prefill instance and a decode instance: each request runs on both, with the
+    same room, the prefill's bootstrap address, each leg pinned to its rank and the
+    decode leg naming the prefill's; the reply names both legs."""
+    with (
+        EmulatorServer(make_emulator(nodes=1, gpus_per_node=2, role="prefill")) as p,
+        EmulatorServer(make_emulator(nodes=2, gpus_per_node=2, role="decode")) as d,
+    ):
+        assert p.bootstrap is not None
+        instances = _two(tmp_path, d.url, p.url)
+        instances[0]["role"], instances[1]["role"] = "decode", "prefill"
+        config = write_config(
+            tmp_path,
+            "",
+            backend={"instances": instances},
+            policy={"name": "locality_window", "capacity": 4, "window_ms": 1.0},
+        )
+        with SchedulerServer(config) as s:
+
+            async def go() -> list[object]:
+                async with SchedulerClient(s.target) as client:
+                    replies = [
+                        await client.generate(f"solve {i} + x = 7", max_new_tokens=3)
+                        for i in range(4)
+                    ]
+                    chunks = [c async for c in client.generate_stream("hi", max_new_tokens=3)]
+                    stats = await client.stats()
+                    assert {r.role for r in stats.ranks} == {"prefill", "decode"}
+                    return [*replies, chunks[-1]]
+
+            answers = run(go())
+        prefill_rows = {r["rid"]: r for r in _served(p)}
+        decode_rows = {r["rid"]: r for r in _served(d)}
+    assert len(prefill_rows) == len(decode_rows) == 5
+    for answer in answers:
+        info = answer.info  # type: ignore[attr-defined]
+        assert (info.instance, info.prefill_instance) == ("a", "b")
+        assert info.completion_tokens == 3 and info.HasField("prefill_dp_rank")
+    for rid, decode in decode_rows.items():
+        prefill = prefill_rows[rid]
+        assert prefill["outcome"] == decode["outcome"] == "ok"
+        assert prefill["bootstrap_room"] == decode["bootstrap_room"]
+        assert (decode["bootstrap_host"], decode["bootstrap_port"]) == p.bootstrap
+        assert decode["disagg_prefill_dp_rank"] == prefill["dp_rank"]
+        assert prefill["pinned_field"] == decode["pinned_field"] == "routed_dp_rank"
+    assert sum(d.emulator.requests.prefill_rank_honoured) == 5
+
+
+def test_an_old_sglang_gets_the_old_rank_field(tmp_path: Path) -> None:
+    """SGLang 0.5.9 knows only data_parallel_rank (routed_dp_rank would be dropped): the
+    scheduler reads the version from /server_info and the pin holds."""
+    with EmulatorServer(make_emulator(sglang_version="0.5.9")) as emu:
+        config = write_config(tmp_path, emu.url, policy={"name": "round_robin"})
+        with SchedulerServer(config) as s:
+
+            async def go() -> list[int]:
+                async with SchedulerClient(s.target) as client:
+                    replies = [await client.generate(f"p{i}", max_new_tokens=2) for i in range(8)]
+                    return [r.info.dp_rank for r in replies]
+
+            chosen = run(go())
+        rows = _served(emu)
+    assert [row["pinned_field"] for row in rows] == ["data_parallel_rank"] * 8
+    assert [row["dp_rank"] for row in rows] == chosen  # ran where the scheduler chose

@@ -1,15 +1,20 @@
 """The HTTP layer: SGLang's endpoints over aiohttp around :class:`.core.Emulator`.
 
-Endpoints: ``POST /generate`` (JSON, or SSE with ``"stream": true``), ``GET /health``
-(and ``/health_generate``), ``GET /server_info`` (and ``/get_server_info``),
-``GET /get_model_info``, ``GET /v1/loads``; the failure switch ``GET /admin/ranks``,
-``POST /admin/ranks/{rank}`` with ``{"mode": "ok" | "fail" | "hang"}``; and
-``GET|POST /admin/config`` with ``{"time_scale": x}`` (wall seconds per modelled second).
-Errors are ``{"error": {"message": ...}}`` with status 400 (bad request) or 503 (rank not
-active, shutting down), as SGLang answers them. With an API key (``EmulatorConfig.api_key``,
-SGLang's ``--api-key``) every path but ``/health*``, ``/ready*`` and ``/metrics*`` needs
-``Authorization: Bearer KEY`` and is otherwise answered 401 ``{"error":"Unauthorized"}``,
-``/admin`` included (:mod:`.auth`).
+Endpoints: ``POST|PUT /generate`` (JSON, or SSE with ``"stream": true``), per role:
+mixed, prefill (one token after the decode peer took the KV) or decode (KV fetched from
+the prefill's bootstrap server, then the completion); ``GET /health`` (and
+``/health_generate``), ``GET /ready``, ``GET /server_info`` (and ``/get_server_info``),
+``GET /model_info`` (and ``/get_model_info``), ``GET /v1/models[/{model}]``,
+``GET /v1/loads``; and the emulator's ``/admin`` endpoints (:mod:`.admin`).
+
+Errors are SGLang's: ``{"error": {"message": ...}}`` with 400 for a bad request; a KV
+transfer failure (PD) is 500 with SGLang's ``ErrorResponse`` body ``{"object": "error",
+"message", "type": "500", "param": null, "code": 500}`` (in a stream: a last chunk whose
+``finish_reason`` is ``{"type": "abort", "message", "status_code": 500, ...}``). Where
+SGLang's DP controller would raise (a request pinned to a failed rank), the instance
+dies instead of answering (:mod:`.instance`). With an API key every path but
+``/health*``, ``/ready*`` and ``/metrics*`` needs ``Authorization: Bearer KEY``
+(:mod:`.auth`), ``/admin`` included.
 """
 
 from __future__ import annotations
@@ -17,39 +22,49 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from scheduler.emulator.admin import add_admin_routes
 from scheduler.emulator.auth import UNAUTHORIZED_BODY, UNAUTHORIZED_STATUS, is_authorized
-from scheduler.emulator.core import SGLANG_API_VERSION, BadRequest, Emulator, Plan
-from scheduler.emulator.ranks import RankUnavailable
+from scheduler.emulator.bootstrap import fetch_kv
+from scheduler.emulator.core import BadRequest, Emulator, Plan
+from scheduler.emulator.generate_request import expected_prefill_rank
+from scheduler.emulator.info import DISAGGREGATION_MODE, model_info, server_info
+from scheduler.emulator.instance import Instance, vanish
+from scheduler.emulator.kv_rooms import KvTransferFailed
+from scheduler.emulator.ranks import ControllerCrash, RankPool, RankUnavailable
+from scheduler.emulator.web_common import (
+    EMULATOR_KEY,
+    INSTANCE_KEY,
+    error_response,
+    json_response,
+)
 
 #: Largest request body accepted (long prompts as text or token ids).
 MAX_BODY_BYTES = 64 << 20
-EMULATOR_KEY: web.AppKey[Emulator] = web.AppKey("emulator", Emulator)
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=json.dumps(data, separators=(",", ":")).encode(),
-        status=status,
-        content_type="application/json",
-    )
-
-
-def _error(message: str, status: int) -> web.Response:
-    return _json({"error": {"message": message}}, status)
+SESSION_KEY: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 
 
 def _sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _run_for(emulator: Emulator, rank: int, modelled_s: float) -> None:
+class _Abort(Exception):
+    """A request SGLang aborts with a status (PD: KV transfer failures, 500)."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _run_for(emulator: Emulator, pool: RankPool, rank: int, modelled_s: float) -> None:
     """Let ``modelled_s`` modelled seconds pass for a request running on ``rank``.
 
     Wall time is ``modelled_s * time_scale``. A mode change or a new time scale wakes
@@ -61,11 +76,21 @@ async def _run_for(emulator: Emulator, rank: int, modelled_s: float) -> None:
     while remaining > 0 and emulator.time_scale > 0:
         scale = emulator.time_scale
         started = loop.time()
-        if not await emulator.pool.wait(rank, remaining * scale):
+        if not await pool.wait(rank, remaining * scale):
             break
         remaining -= (loop.time() - started) / scale
-        await emulator.pool.checkpoint(rank)
-    await emulator.pool.checkpoint(rank)
+        await pool.checkpoint(rank)
+    await pool.checkpoint(rank)
+
+
+@dataclass
+class _Served:
+    """What the request log records of one /generate request."""
+
+    plan: Plan | None = None
+    outcome: str = "error"
+    generated: int = 0
+    error: str | None = None
 
 
 # --------------------------------------------------------------------------- /generate
@@ -73,54 +98,243 @@ async def _run_for(emulator: Emulator, rank: int, modelled_s: float) -> None:
 
 async def generate(request: web.Request) -> web.StreamResponse:
     emulator = request.app[EMULATOR_KEY]
+    instance = request.app[INSTANCE_KEY]
+    served = _Served()
+    try:
+        return await _generate(request, emulator, instance, emulator.pool, served)
+    except asyncio.CancelledError:  # the client went away, or the instance died
+        served.outcome = "error" if instance.dead else "cancelled"
+        served.error = served.error or instance.reason or "the client went away"
+        raise
+    finally:
+        plan = served.plan
+        r = plan.request if plan is not None else None
+        emulator.requests.add(
+            plan.request_id if plan is not None else None,
+            plan.rank if plan is not None else None,
+            r.pinned_field if r is not None else None,
+            (r.bootstrap_room, r.bootstrap_host, r.bootstrap_port) if r else (None, None, None),
+            r.disagg_prefill_dp_rank if r is not None else None,
+            served.outcome,
+            served.generated,
+            served.error,
+        )
+
+
+async def _generate(
+    request: web.Request, emulator: Emulator, instance: Instance, pool: RankPool, served: _Served
+) -> web.StreamResponse:
     started = time.perf_counter()
     try:
         body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return _error(f"the request body is not JSON ({e})", 400)
-    try:
         plan = emulator.plan(body)
-        await emulator.pool.admit(plan.rank, plan.ticket)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        served.error = f"the request body is not JSON ({e})"
+        return error_response(served.error, 400)
     except BadRequest as e:
-        return _error(str(e), 400)
-    except RankUnavailable as e:
-        return _error(str(e), 503)
-    generated = 0
+        served.error = str(e)
+        return error_response(served.error, 400)
+    except ControllerCrash as e:  # SGLang's DP controller raises: the server goes down
+        served.error = str(e)
+        instance.die(f"SGLang's DP controller would raise: {e}", e.restart_after_s)
+        return await vanish(request)
+    served.plan = plan
     try:
-        modelled = emulator.timing(plan)
+        if emulator.role == "prefill":
+            response = await _prefill(request, emulator, pool, plan, started, served)
+        elif emulator.role == "decode":
+            response = await _decode(request, emulator, pool, plan, started, served)
+        else:
+            response = await _mixed(request, emulator, pool, plan, started, served)
+    except RankUnavailable as e:  # shutting down, or the rank failed under the request
+        served.error = str(e)
+        return error_response(str(e), 503)
+    except _Abort as e:  # SGLang's ErrorResponse, as its HTTPException handler sends it
+        served.error, served.generated = str(e), 0
+        body = {"object": "error", "message": str(e), "type": str(e.status), "param": None}
+        return json_response({**body, "code": e.status}, e.status)
+    if served.error is None:
+        served.outcome = "ok"
+    return response
+
+
+async def _mixed(
+    request: web.Request,
+    emulator: Emulator,
+    pool: RankPool,
+    plan: Plan,
+    started: float,
+    served: _Served,
+) -> web.StreamResponse:
+    """A mixed instance: prefill then decode on one rank."""
+    await pool.admit(plan.rank, plan.ticket)
+    prefill, per_token = modelled = emulator.timing(plan)
+    batch = pool.running_count(plan.rank)
+    try:
+        pool.record_prefill(plan.rank, plan.prompt_tokens, prefill)
         if plan.request.stream:
-            response, generated = await _stream(request, emulator, plan, modelled, started)
-            return response
-        prefill, per_token = modelled
-        await _run_for(emulator, plan.rank, prefill + plan.completion_tokens * per_token)
-        generated = plan.completion_tokens
-    except RankUnavailable as e:
-        return _error(str(e), 503)
+            delays = [prefill] + [per_token] * max(plan.completion_tokens - 1, 0)
+            return await _stream(request, emulator, pool, plan, delays, modelled, started, served)
+        await _run_for(emulator, pool, plan.rank, prefill + plan.completion_tokens * per_token)
+        served.generated = plan.completion_tokens
     finally:
-        emulator.pool.release(plan.rank, plan.ticket, generated)
-    return _json(emulator.response(plan, time.perf_counter() - started, modelled))
+        pool.record_decode(plan.rank, max(served.generated - 1, 0), batch, per_token)
+        pool.release(plan.rank, plan.ticket, served.generated)
+    return json_response(emulator.response(plan, time.perf_counter() - started, modelled))
+
+
+async def _prefill(
+    request: web.Request,
+    emulator: Emulator,
+    pool: RankPool,
+    plan: Plan,
+    started: float,
+    served: _Served,
+) -> web.StreamResponse:
+    """A prefill instance: the prompt's forward pass on the rank, then the room is
+    published to the bootstrap server and the request waits (bounded) until its decode
+    peer fetched it; the answer is SGLang's prefill answer (one token)."""
+    room = plan.request.bootstrap_room
+    assert room is not None  # checked by Emulator.plan
+    rooms = emulator.rooms
+    try:
+        rooms.open(room)
+    except KvTransferFailed as e:
+        raise _Abort(_prefill_failure(plan, str(e))) from None
+    conflict = emulator.follow_room_conflict(plan)
+    if conflict is not None:  # SGLang fails the KV sender before any prefill
+        rooms.fail(room, conflict)
+        rooms.close(room)
+        failure = _prefill_failure(plan, f"KVTransferError(bootstrap_room={room}): {conflict}")
+        if plan.request.stream:
+            served.error = failure
+            return await _stream(request, emulator, pool, plan, [], (0.0, 0.0), 0.0, served)
+        raise _Abort(failure)
+    try:
+        await pool.admit(plan.rank, plan.ticket)
+        try:
+            prefill, per_token = modelled = emulator.timing(plan)
+            await _run_for(emulator, pool, plan.rank, prefill)
+            pool.record_prefill(plan.rank, plan.prompt_tokens, prefill)
+            served.generated = plan.completion_tokens
+        finally:
+            pool.release(plan.rank, plan.ticket, served.generated)
+        rooms.publish(room, plan.rank, plan.prompt_tokens)
+        pool.kv_in_flight(plan.rank, 1)
+        try:
+            await rooms.wait_fetched(room, emulator.config.kv_timeout_s)
+        except KvTransferFailed as e:
+            failure = _prefill_failure(plan, str(e))
+            if plan.request.stream:
+                served.error = failure
+                return await _stream(request, emulator, pool, plan, [], modelled, started, served)
+            raise _Abort(failure) from None
+        finally:
+            pool.kv_in_flight(plan.rank, -1)
+    finally:
+        rooms.close(room)
+    if plan.request.stream:
+        return await _stream(request, emulator, pool, plan, [0.0], modelled, started, served)
+    return json_response(emulator.response(plan, time.perf_counter() - started, modelled))
+
+
+def _prefill_failure(plan: Plan, reason: str) -> str:
+    """SGLang's ``handle_bootstrap_failure`` message (status 500)."""
+    return (
+        f"Prefill bootstrap failed for request rank={plan.rank} req.rid={plan.request_id!r} "
+        f"req.bootstrap_room={plan.request.bootstrap_room} with exception {reason}"
+    )
+
+
+async def _decode(
+    request: web.Request,
+    emulator: Emulator,
+    pool: RankPool,
+    plan: Plan,
+    started: float,
+    served: _Served,
+) -> web.StreamResponse:
+    """A decode instance: fetch the KV from the prefill's bootstrap server (long poll,
+    bounded), then generate on the rank with decode timing only: the first token came
+    with the KV, each further one takes a decode step."""
+    r = plan.request
+    assert r.bootstrap_host is not None and r.bootstrap_port is not None
+    assert r.bootstrap_room is not None
+    session = request.app[SESSION_KEY]
+    hint = expected_prefill_rank(r, emulator.version)
+    pool.expect_kv(plan.rank, plan.prompt_tokens)
+    try:
+        handoff = await fetch_kv(
+            session,
+            r.bootstrap_host,
+            r.bootstrap_port,
+            r.bootstrap_room,
+            emulator.config.kv_timeout_s,
+            hint,
+        )
+        if hint is not None and hint != handoff.prefill_dp_rank:  # a bootstrap that did not check
+            raise KvTransferFailed(
+                f"the KV is on prefill DP rank {handoff.prefill_dp_rank}, not on {hint}"
+            )
+    except KvTransferFailed as e:
+        failure = (
+            f"Decode transfer failed for request rank={plan.rank} "
+            f"decode_req.req.rid={plan.request_id!r} decode_req.req.bootstrap_room="
+            f"{r.bootstrap_room} with exception KVTransferError(bootstrap_room="
+            f"{r.bootstrap_room}): {e}"
+        )
+        if r.stream:
+            served.error = failure
+            return await _stream(request, emulator, pool, plan, [], (0.0, 0.0), started, served)
+        raise _Abort(failure) from None
+    finally:
+        pool.expect_kv(plan.rank, plan.prompt_tokens, arrived=True)
+    if r.disagg_prefill_dp_rank is not None:
+        emulator.requests.honoured(plan.rank)
+    await pool.admit(plan.rank, plan.ticket)
+    _, per_token = emulator.timing(plan)
+    modelled = (0.0, per_token)
+    batch = pool.running_count(plan.rank)
+    steps = max(plan.completion_tokens - 1, 0)
+    try:
+        if r.stream:
+            delays = [0.0] + [per_token] * steps
+            return await _stream(request, emulator, pool, plan, delays, modelled, started, served)
+        await _run_for(emulator, pool, plan.rank, steps * per_token)
+        served.generated = plan.completion_tokens
+    finally:
+        pool.record_decode(plan.rank, max(served.generated - 1, 0), batch, per_token)
+        pool.release(plan.rank, plan.ticket, served.generated)
+    return json_response(emulator.response(plan, time.perf_counter() - started, modelled))
 
 
 async def _stream(
     request: web.Request,
     emulator: Emulator,
+    pool: RankPool,
     plan: Plan,
+    delays: list[float],
     modelled: tuple[float, float],
     started: float,
-) -> tuple[web.StreamResponse, int]:
-    """SSE: one ``data: {...}`` chunk per generated token, then ``data: [DONE]``; the
-    last chunk has the finish reason and ``routed_experts``. Returns the response and
-    the number of tokens sent."""
+    served: _Served,
+) -> web.StreamResponse:
+    """SSE: one ``data: {...}`` chunk per generated token, each after its modelled delay
+    (``delays``, one per chunk), then ``data: [DONE]``; the last chunk has the finish
+    reason and ``routed_experts``. With ``served.error`` set (a PD abort), a single
+    abort chunk as SGLang streams it. Counts the tokens sent in ``served.generated``."""
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    prefill, per_token = modelled
-    sent = 0
     error: dict[str, Any] | None = None
+    sent = 0
     try:
-        for done in range(1, plan.completion_tokens + 1) if plan.completion_tokens else [0]:
-            await _run_for(emulator, plan.rank, prefill if done <= 1 else per_token)
+        if served.error is not None:
+            served.generated = 0  # nothing reaches the client
+            await response.write(_sse(emulator.abort_chunk(plan, served.error, 500)))
+        for done, delay in _chunks(plan, delays):
+            if delay > 0:  # (a token that came with the KV, or the prefill's after it)
+                await _run_for(emulator, pool, plan.rank, delay)
             last = done == plan.completion_tokens
             chunk = emulator.stream_chunk(
                 plan,
@@ -130,11 +344,13 @@ async def _stream(
                 modelled=modelled if last else None,
             )
             await response.write(_sse(chunk))
-            sent = done
+            sent = served.generated = done
     except RankUnavailable as e:
         error = {"error": {"message": str(e)}}
+        served.error = str(e)
     except ConnectionError:  # the client went away: nothing more to send
-        return response, sent
+        served.outcome, served.error = "cancelled", "the client went away"
+        return response
     try:
         if error is not None:
             await response.write(_sse(error))
@@ -142,7 +358,17 @@ async def _stream(
         await response.write_eof()
     except ConnectionError:
         pass
-    return response, sent
+    return response
+
+
+def _chunks(plan: Plan, delays: list[float]) -> list[tuple[int, float]]:
+    """(tokens done, delay before the chunk): one chunk per token, or one chunk of no
+    token for a request of zero tokens; none when ``delays`` is empty (an abort)."""
+    if not delays:
+        return []
+    if plan.completion_tokens == 0:
+        return [(0, delays[0])]
+    return list(zip(range(1, plan.completion_tokens + 1), delays, strict=True))
 
 
 # --------------------------------------------------------------------------- the rest
@@ -154,73 +380,79 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-async def server_info(request: web.Request) -> web.Response:
-    return _json(request.app[EMULATOR_KEY].server_info())
+async def server_info_handler(request: web.Request) -> web.Response:
+    return json_response(server_info(request.app[EMULATOR_KEY]))
 
 
-async def model_info(request: web.Request) -> web.Response:
-    name = request.app[EMULATOR_KEY].model.name
-    return _json({"model_path": name, "tokenizer_path": None, "is_generation": True})
+async def model_info_handler(request: web.Request) -> web.Response:
+    return json_response(model_info(request.app[EMULATOR_KEY]))
+
+
+def _model_card(emulator: Emulator, created: int) -> dict[str, Any]:
+    name = emulator.model.name
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "sglang",
+        "root": name,
+        "parent": None,
+        "max_model_len": None,  # the emulator has no context length
+    }
+
+
+async def models(request: web.Request) -> web.Response:
+    """``/v1/models``: SGLang's OpenAI ``ModelList`` with the served model's card."""
+    card = _model_card(request.app[EMULATOR_KEY], int(time.time()))
+    return json_response({"object": "list", "data": [card]})
+
+
+async def model_card(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR_KEY]
+    model = request.match_info["model"]
+    if model != emulator.model.name:
+        return json_response(
+            {
+                "error": {
+                    "message": f"The model '{model}' does not exist",
+                    "type": "invalid_request_error",
+                    "param": "model",
+                    "code": "model_not_found",
+                }
+            },
+            404,
+        )
+    return json_response(_model_card(emulator, int(time.time())))
 
 
 async def loads(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR_KEY]
     query = request.query
     if query.get("format", "json") != "json":
-        return _error("the emulator serves /v1/loads only as format=json", 400)
+        return error_response("the emulator serves /v1/loads only as format=json", 400)
     include = {s.strip() for s in query["include"].split(",")} if "include" in query else None
     valid = {"core", "memory", "spec", "lora", "disagg", "queues", "all"}
     if include is not None and not include <= valid:
-        return _error(f"Invalid include sections: {sorted(include - valid)}", 400)
-    entries = emulator.pool.loads(include)
+        return error_response(
+            f"Invalid include sections: {include - valid}. Valid options: {sorted(valid)}", 400
+        )
+    entries = emulator.pool.loads(include, DISAGGREGATION_MODE[emulator.role])
     if "dp_rank" in query:
         try:
             rank = int(query["dp_rank"])
         except ValueError:
-            return _error("dp_rank must be an integer", 400)
-        if not 0 <= rank < len(entries):
-            return _error(f"dp_rank {rank} is out of range [0, {len(entries)})", 400)
-        entries = [entries[rank]]
-    return _json(
+            return error_response("dp_rank must be an integer", 400)
+        # SGLang: a rank outside [0, ranks) has no snapshot, so the list is empty
+        entries = [entries[rank]] if 0 <= rank < len(entries) else []
+    return json_response(
         {
             "timestamp": datetime.now(UTC).isoformat(),
-            "version": SGLANG_API_VERSION,
+            "version": emulator.config.sglang_version,
             "accelerator": None,
             "num_accelerators": 1,
             "loads": entries,
         }
     )
-
-
-async def admin_ranks(request: web.Request) -> web.Response:
-    return _json({"modes": request.app[EMULATOR_KEY].pool.modes()})
-
-
-async def admin_set_rank(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR_KEY]
-    try:
-        rank = int(request.match_info["rank"])
-        body = json.loads(await request.read())
-        mode = body.get("mode") if isinstance(body, dict) else None
-        emulator.pool.set_mode(rank, str(mode))
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        return _error(str(e), 400)
-    return _json({"dp_rank": rank, "mode": mode})
-
-
-async def admin_config(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR_KEY]
-    if request.method == "POST":
-        try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError) as e:
-            return _error(f"the request body is not JSON ({e})", 400)
-        scale = body.get("time_scale") if isinstance(body, dict) else None
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale >= 0:
-            return _error(f"time_scale must be a number >= 0, got {scale!r}", 400)
-        emulator.time_scale = float(scale)
-        emulator.pool.wake()  # running requests continue at the new scale
-    return _json({"time_scale": emulator.time_scale})
 
 
 def api_key_middleware(api_key: str) -> Middleware:
@@ -231,62 +463,53 @@ def api_key_middleware(api_key: str) -> Middleware:
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         authorization = request.headers.get("Authorization")
         if not is_authorized(request.method, request.path, authorization, api_key):
-            return _json(UNAUTHORIZED_BODY, UNAUTHORIZED_STATUS)
+            return json_response(UNAUTHORIZED_BODY, UNAUTHORIZED_STATUS)
         return await handler(request)
 
     return check
 
 
-def create_app(emulator: Emulator) -> web.Application:
+def dead_instance_middleware(instance: Instance) -> Middleware:
+    """A request that reaches a dead instance (accepted before its socket closed) is
+    reset, never answered."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if instance.dead:
+            return await vanish(request)
+        return await handler(request)
+
+    return check
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    """The decode instance's HTTP client for its prefill peers' bootstrap servers
+    (no connection limit: every waiting decode request holds one long poll)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        app[SESSION_KEY] = session
+        yield
+
+
+def create_app(emulator: Emulator, instance: Instance) -> web.Application:
     api_key = emulator.config.api_key
-    middlewares = [api_key_middleware(api_key)] if api_key is not None else []
+    middlewares = [dead_instance_middleware(instance)]
+    if api_key is not None:
+        middlewares.append(api_key_middleware(api_key))
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[EMULATOR_KEY] = emulator
-    app.router.add_post("/generate", generate)
-    for path in ("/health", "/health_generate"):
+    app[INSTANCE_KEY] = instance
+    if emulator.role == "decode":
+        app.cleanup_ctx.append(_client_session)
+    app.router.add_route("POST", "/generate", generate)
+    app.router.add_route("PUT", "/generate", generate)
+    for path in ("/health", "/health_generate", "/ready"):
         app.router.add_get(path, health)
     for path in ("/server_info", "/get_server_info"):
-        app.router.add_get(path, server_info)
-    app.router.add_get("/get_model_info", model_info)
+        app.router.add_get(path, server_info_handler)
+    for path in ("/model_info", "/get_model_info"):
+        app.router.add_get(path, model_info_handler)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model_card)
     app.router.add_get("/v1/loads", loads)
-    app.router.add_get("/admin/ranks", admin_ranks)
-    app.router.add_post("/admin/ranks/{rank}", admin_set_rank)
-    app.router.add_get("/admin/config", admin_config)
-    app.router.add_post("/admin/config", admin_config)
+    add_admin_routes(app)
     return app
-
-
-async def serve(
-    emulator: Emulator,
-    host: str,
-    port: int,
-    stop: asyncio.Event,
-    *,
-    on_ready: Callable[[str, int], None] | None = None,
-    shutdown_grace_s: float = 5.0,
-) -> None:
-    """Serve until ``stop`` is set, then shut down gracefully.
-
-    ``on_ready(host, port)`` is called once the socket is bound (port 0 gets a free port).
-    On stop: /health turns 503, queued and hung requests are refused (503), running ones
-    get ``shutdown_grace_s`` seconds to finish before they are cancelled.
-    """
-    runner = web.AppRunner(
-        create_app(emulator),
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=shutdown_grace_s,
-        handler_cancellation=True,  # a client that goes away aborts its request, as in SGLang
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = runner.addresses[0]
-        if on_ready is not None:
-            on_ready(str(bound[0]), int(bound[1]))
-        await stop.wait()
-        emulator.closing = True
-        emulator.pool.close()
-    finally:
-        await runner.cleanup()

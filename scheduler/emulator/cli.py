@@ -12,10 +12,13 @@ from typing import TYPE_CHECKING, Any
 from scheduler.errors import ConfigError
 from scheduler.model_shape import PRESETS
 from scheduler.placement.topology import DEFAULT_GPU, EXPERT_WEIGHTS, GPU_PRESETS
+from scheduler.sglang_versions import NEWEST_CHECKED
 
 if TYPE_CHECKING:
     from scheduler.accounting import CostModel
 
+#: The SGLang version emulated by default (the newest one checked).
+SGLANG_VERSION = str(NEWEST_CHECKED)
 #: Where the real data is looked for when --data is not given.
 DATA_ENV = "MOE_SCHEDULER_DATA"
 DEFAULT_DATA = Path("..") / "shared" / "data"
@@ -76,10 +79,10 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from scheduler.emulator.app import serve
     from scheduler.emulator.core import Emulator, EmulatorConfig
     from scheduler.emulator.expert_location import load_expert_location, trivial_location
     from scheduler.emulator.ranks import MODES
+    from scheduler.emulator.server import serve
     from scheduler.emulator.workload import (
         PromptIndex,
         build_workload,
@@ -102,6 +105,11 @@ def cmd_emulate(args: argparse.Namespace) -> int:
             load_balance=args.load_balance_method,
             incremental_streaming_output=args.incremental_streaming_output,
             api_key=args.api_key,
+            sglang_version=args.sglang_version,
+            role=args.role,
+            bootstrap_port=args.disaggregation_bootstrap_port,
+            kv_timeout_s=args.kv_timeout,
+            tokenizer_path=args.tokenizer_path,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -149,9 +157,10 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         emulator.pool.set_mode(rank, mode)
 
     print(
-        f"emulating {config.nodes} node(s) x {config.gpus_per_node} GPU(s) = {config.num_ranks} "
-        f"DP ranks of {model.name}, capacity {config.capacity} per rank, placement "
-        f"{shown_spec}; routing drawn from {profile_source} (classes "
+        f"emulating SGLang {config.sglang_version} ({config.role}, load balance "
+        f"{config.load_balance}): {config.nodes} node(s) x {config.gpus_per_node} GPU(s) = "
+        f"{config.num_ranks} DP ranks of {model.name}, capacity {config.capacity} per rank, "
+        f"placement {shown_spec}; routing drawn from {profile_source} (classes "
         + ", ".join(f"{d}->{c}" for d, c in workload.domain_to_class.items())
         + f", default {workload.default}); prompt index: {len(index)} prompts"
         + ("" if len(index) else " (no corpus: every prompt gets the default class)")
@@ -164,9 +173,17 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         flush=True,
     )
 
+    def shown(host: str) -> str:
+        return f"[{host}]" if ":" in host else host
+
     def ready(host: str, port: int) -> None:
-        shown = f"[{host}]" if ":" in host else host
-        print(f"listening on http://{shown}:{port}", flush=True)
+        print(f"listening on http://{shown(host)}:{port}", flush=True)
+
+    def bootstrap_ready(host: str, port: int) -> None:  # printed before "listening on"
+        print(f"bootstrap listening on {shown(host)}:{port}", flush=True)
+
+    def event(message: str) -> None:
+        print(f"emulator: {message}", file=sys.stderr, flush=True)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -179,6 +196,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
             args.port,
             stop,
             on_ready=ready,
+            on_bootstrap_ready=bootstrap_ready,
+            on_event=event,
             shutdown_grace_s=args.shutdown_grace,
         )
 
@@ -196,8 +215,10 @@ def add_commands(subparsers: Any) -> None:
         "emulate",
         help="run an SGLang-compatible emulator of a multi-node cluster (no GPU)",
         description="Serve SGLang's HTTP API (/generate with routed_dp_rank and "
-        "return_routed_experts, /health, /server_info, /v1/loads) for NODES x GPUS emulated "
-        "DP-attention ranks. Routed experts are DRAWN from real per-class routing profiles "
+        "return_routed_experts, /health, /ready, /server_info, /model_info, /v1/models, "
+        "/v1/loads) for NODES x GPUS emulated DP-attention ranks, as --sglang-version reads "
+        "requests, in a PD --role (prefill: with a bootstrap server), failing as SGLang fails "
+        "(POST /admin/instance). Routed experts are DRAWN from real per-class routing profiles "
         "(not measured); latency follows the project's cost model (scheduler.accounting) "
         "over the expected traffic of each request's class on its rank. See docs/emulator.md.",
     )
@@ -290,9 +311,47 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument(
         "--load-balance-method",
-        choices=["round_robin", "total_requests"],
-        default="round_robin",
-        help="rank choice for requests without routed_dp_rank (default round_robin)",
+        choices=["auto", "round_robin", "total_requests", "follow_bootstrap_room"],
+        default="auto",
+        help="rank choice for requests without a pinned rank; auto (default), as SGLang: "
+        "follow_bootstrap_room (bootstrap_room %% ranks) on a prefill, round_robin otherwise",
+    )
+    p.add_argument(
+        "--sglang-version",
+        default=SGLANG_VERSION,
+        metavar="V",
+        help=f"SGLang version to emulate (default {SGLANG_VERSION}): /server_info reports it; "
+        "before 0.5.20 the rank field is data_parallel_rank and routed_dp_rank is dropped",
+    )
+    p.add_argument(
+        "--role",
+        choices=["mixed", "prefill", "decode"],
+        default="mixed",
+        help="SGLang's --disaggregation-mode: mixed (no PD, default), prefill or decode",
+    )
+    p.add_argument(
+        "--disaggregation-bootstrap-port",
+        type=int,
+        default=8998,
+        metavar="P",
+        help="prefill: port of the bootstrap server that pairs PD legs (default 8998, as "
+        "SGLang; 0 picks a free one, printed as 'bootstrap listening on HOST:PORT')",
+    )
+    p.add_argument(
+        "--tokenizer-path",
+        default=None,
+        metavar="PATH",
+        help="what /model_info reports as tokenizer_path (default: the model name, as "
+        "SGLang defaults it to the model path); clients such as SGLang's bench_serving load "
+        "their tokenizer from it",
+    )
+    p.add_argument(
+        "--kv-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="PD: wall seconds a leg waits for its peer (prefill: for the KV to be fetched; "
+        "decode: for the prefill to finish) before failing (default 30)",
     )
     p.add_argument(
         "--incremental-streaming-output",

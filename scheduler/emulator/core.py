@@ -1,8 +1,10 @@
 """The emulator's core: request bodies in, SGLang-shaped responses out. No sockets.
 
-:class:`Emulator` validates a ``/generate`` body, picks its DP rank, classifies it, draws
-its routing and times it with the project's cost model (``timing``); ``app`` wraps it in
-HTTP and the clock. A request's routing, output tokens and text are a deterministic
+:class:`Emulator` validates a ``/generate`` body (``generate_request``, as the emulated
+SGLang version reads it), picks its DP rank, checks the PD fields of its role (mixed,
+prefill or decode: SGLang's ``--disaggregation-mode``), classifies it, draws its routing
+and times it with the project's cost model (``timing``); ``app`` wraps it in HTTP and the
+clock. A request's routing, output tokens and text are a deterministic
 function of the seed and the request (prompt, ``max_new_tokens``), whatever else is
 running. Its latency uses the expected traffic of its class on its rank under SGLang's
 static dispatch (``scheduler.accounting``); its ``routed_experts`` are drawn (with the
@@ -12,16 +14,26 @@ per-request variation) only when asked for.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from scheduler import __version__
 from scheduler.accounting import CostModel, static_dispatch_table
 from scheduler.emulator.auth import check_api_key
+from scheduler.emulator.generate_request import (
+    DISAGG_PREFILL_DP_RANK_SINCE,
+    MAX_NEW_TOKENS_LIMIT,
+    BadRequest,
+    GenerateRequest,
+    estimate_prompt_tokens,
+    parse_generate,
+)
+from scheduler.emulator.kv_rooms import DEFAULT_BOOTSTRAP_PORT, DEFAULT_KV_TIMEOUT_S, KvRooms
 from scheduler.emulator.ranks import LOAD_BALANCE_METHODS, RankPool, Ticket
+from scheduler.emulator.request_log import RequestLog
 from scheduler.emulator.routing import (
     DEFAULT_CONCENTRATION,
     draw_request_routing,
@@ -40,12 +52,29 @@ from scheduler.emulator.workload import Workload, prompt_key
 from scheduler.errors import MoeSchedulerError
 from scheduler.model_shape import ModelShape
 from scheduler.placement import Placement
+from scheduler.sglang_versions import (
+    NEWEST_CHECKED,
+    SglangVersion,
+)
 from scheduler.traces.importers.sglang_generate import encode_routed_experts
 
-#: The SGLang release whose HTTP API the emulator follows (sglang-integration.md).
-SGLANG_API_VERSION = "0.5.23"
-#: Largest max_new_tokens accepted (the emulator keeps no KV cache to bound it otherwise).
-MAX_NEW_TOKENS_LIMIT = 1 << 16
+__all__ = [
+    "MAX_NEW_TOKENS_LIMIT",
+    "SGLANG_API_VERSION",
+    "BadRequest",
+    "Emulator",
+    "EmulatorConfig",
+    "GenerateRequest",
+    "Plan",
+    "estimate_prompt_tokens",
+    "parse_generate",
+]
+
+#: The SGLang release whose HTTP API the emulator follows (sglang-integration.md), and
+#: the default of ``--sglang-version``.
+SGLANG_API_VERSION = str(NEWEST_CHECKED)
+#: SGLang's ``--disaggregation-mode`` values; "mixed" is its "null" (no PD).
+ROLES = ("mixed", "prefill", "decode")
 #: Placeholder vocabulary of the generated text; the emulator runs no model.
 _WORDS = (  # noqa: SIM905 (a word list reads better as one string)
     "the of and to in is was for on that with as by at from it an be this are which or "
@@ -56,13 +85,15 @@ _WORDS = (  # noqa: SIM905 (a word list reads better as one string)
 _VOCAB = 32000
 
 
-class BadRequest(MoeSchedulerError):
-    """A /generate body the emulator refuses (HTTP 400)."""
-
-
 @dataclass(frozen=True)
 class EmulatorConfig:
-    """Options of one emulated cluster (one per ``emulate`` command)."""
+    """Options of one emulated cluster (one per ``emulate`` command).
+
+    ``load_balance`` ``auto`` resolves as SGLang's does: ``follow_bootstrap_room`` on a
+    prefill instance, ``round_robin`` otherwise. ``bootstrap_port`` is the prefill
+    instance's bootstrap server (0: a free port); ``kv_timeout_s`` bounds, in wall
+    seconds, how long a PD leg waits for its peer.
+    """
 
     nodes: int
     gpus_per_node: int
@@ -71,14 +102,48 @@ class EmulatorConfig:
     concentration: float = DEFAULT_CONCENTRATION
     time_scale: float = 1.0
     default_max_new_tokens: int = 16
-    load_balance: str = "round_robin"
+    load_balance: str = "auto"
     incremental_streaming_output: bool = False
     #: SGLang's ``--api-key`` (None or empty: no key); never shown in repr or /server_info.
     api_key: str | None = field(default=None, repr=False)
+    sglang_version: str = SGLANG_API_VERSION
+    role: str = "mixed"
+    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
+    kv_timeout_s: float = DEFAULT_KV_TIMEOUT_S
+    #: What /model_info reports as ``tokenizer_path`` (SGLang's default: the model path);
+    #: a client such as SGLang's bench_serving loads its tokenizer from there.
+    tokenizer_path: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_key", check_api_key(self.api_key))
+        if self.load_balance == "auto":
+            resolved = "follow_bootstrap_room" if self.role == "prefill" else "round_robin"
+            object.__setattr__(self, "load_balance", resolved)
+        try:
+            SglangVersion.parse(self.sglang_version)
+            version_ok = True
+        except MoeSchedulerError:
+            version_ok = False
         checks = [
+            (
+                version_ok,
+                f"--sglang-version {self.sglang_version!r} is not a version (e.g. 0.5.23, "
+                "0.5.5.post3)",
+            ),
+            (self.role in ROLES, f"--role must be one of {', '.join(ROLES)}, got {self.role!r}"),
+            (
+                0 <= self.bootstrap_port <= 65535,
+                f"--disaggregation-bootstrap-port must be in [0, 65535], got {self.bootstrap_port}",
+            ),
+            (
+                self.kv_timeout_s > 0 and math.isfinite(self.kv_timeout_s),
+                f"--kv-timeout must be a finite number > 0, got {self.kv_timeout_s}",
+            ),
+            (
+                self.load_balance != "follow_bootstrap_room" or self.role != "mixed",
+                "--load-balance-method follow_bootstrap_room needs --role prefill or decode "
+                "(a mixed request has no bootstrap_room)",
+            ),
             (self.nodes >= 1, f"--nodes must be >= 1, got {self.nodes}"),
             (self.gpus_per_node >= 1, f"--gpus-per-node must be >= 1, got {self.gpus_per_node}"),
             (self.capacity >= 1, f"--capacity must be >= 1, got {self.capacity}"),
@@ -102,24 +167,19 @@ class EmulatorConfig:
     def num_ranks(self) -> int:
         return self.nodes * self.gpus_per_node
 
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """The fields of SGLang's ``GenerateReqInput`` the emulator honours."""
-
-    text: str | None
-    input_ids: tuple[int, ...] | None
-    max_new_tokens: int
-    stream: bool
-    return_routed_experts: bool
-    routed_experts_start_len: int
-    routed_dp_rank: int | None
-    rid: str | None
+    @property
+    def version(self) -> SglangVersion:
+        return SglangVersion.parse(self.sglang_version)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything decided about a request before it is admitted to its rank."""
+    """Everything decided about a request before it is admitted to its rank.
+
+    ``completion_tokens`` is what this instance generates: ``max_new_tokens``, except on
+    a prefill instance (one token, SGLang's prefill answer). ``output_ids`` and the routing
+    draw always follow the whole request, so a prefill's token and prompt routing are the
+    first of its decode peer's."""
 
     request: GenerateRequest
     request_id: str
@@ -142,67 +202,6 @@ class ClassLocality:
 
     prefill: TokenTraffic
     decode: TokenTraffic
-
-
-def _int_field(body: dict[str, Any], key: str, *, minimum: int = 0) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise BadRequest(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def parse_generate(body: Any, default_max_new_tokens: int) -> GenerateRequest:
-    """Validate a /generate body; raises BadRequest naming the field."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    text, input_ids = body.get("text"), body.get("input_ids")
-    if isinstance(text, list) or (
-        isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)
-    ):
-        raise BadRequest("batch requests (a list of prompts) are not supported by the emulator")
-    if (text is None) == (input_ids is None):
-        raise BadRequest("give exactly one of text and input_ids")
-    if text is not None and not isinstance(text, str):
-        raise BadRequest("text must be a string")
-    if input_ids is not None and (
-        not isinstance(input_ids, list)
-        or not all(isinstance(i, int) and not isinstance(i, bool) for i in input_ids)
-    ):
-        raise BadRequest("input_ids must be a list of integers")
-    params = body.get("sampling_params") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("sampling_params must be an object")
-    max_new = _int_field(params, "max_new_tokens")
-    max_new = default_max_new_tokens if max_new is None else max_new
-    if max_new > MAX_NEW_TOKENS_LIMIT:
-        raise BadRequest(f"max_new_tokens must be <= {MAX_NEW_TOKENS_LIMIT}, got {max_new}")
-    rank = _int_field(body, "routed_dp_rank")
-    alias = _int_field(body, "data_parallel_rank")  # deprecated spelling, still accepted
-    if rank is not None and alias is not None and rank != alias:
-        raise BadRequest(f"routed_dp_rank {rank} and data_parallel_rank {alias} disagree")
-    rid = body.get("rid")
-    if rid is not None and not isinstance(rid, str):
-        raise BadRequest("rid must be a string")
-    for flag in ("stream", "return_routed_experts"):
-        if not isinstance(body.get(flag, False), bool):
-            raise BadRequest(f"{flag} must be true or false")
-    return GenerateRequest(
-        text=text,
-        input_ids=None if input_ids is None else tuple(input_ids),
-        max_new_tokens=max_new,
-        stream=body.get("stream", False),
-        return_routed_experts=body.get("return_routed_experts", False),
-        routed_experts_start_len=_int_field(body, "routed_experts_start_len") or 0,
-        routed_dp_rank=rank if rank is not None else alias,
-        rid=rid,
-    )
-
-
-def estimate_prompt_tokens(text: str) -> int:
-    """About 4 bytes of UTF-8 per token (BPE tokenizers on English text); at least 1."""
-    return max(1, (len(text.encode("utf-8")) + 3) // 4)
 
 
 class Emulator:
@@ -236,21 +235,37 @@ class Emulator:
         self.timing_model = EmulatorTiming(
             self.cost, model, self.overheads, held_experts(placement)
         )
-        self.pool = RankPool(config.num_ranks, config.capacity, load_balance=config.load_balance)
-        self.closing = False
-        self.time_scale = config.time_scale  # wall seconds per modelled second; settable
+        self.version = config.version
+        #: What this process was sent, over every run of its instance (not reset).
+        self.requests = RequestLog(config.role, config.num_ranks)
+        #: The prefill's bound bootstrap port (the configured one until it is bound).
+        self.bootstrap_port = config.bootstrap_port
+        self.reset()
         self._ids = random.Random(config.seed)
         self._localities: dict[tuple[str, int], ClassLocality] = {}
         self._inclusion: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def reset(self) -> None:
+        """A fresh instance: new ranks (all ``ok``, nothing in flight), no bootstrap rooms,
+        the configured time scale. The caches and the request log stay."""
+        c = self.config
+        self.pool = RankPool(c.num_ranks, c.capacity, load_balance=c.load_balance)
+        self.rooms = KvRooms()
+        self.closing = False
+        self.time_scale = c.time_scale  # wall seconds per modelled second; settable
+
+    @property
+    def role(self) -> str:
+        return self.config.role
 
     # ----------------------------------------------------------------- planning
 
     def plan(self, body: Any) -> Plan:
         """Validate a /generate body and decide rank, class, routing and tokens.
 
-        Raises BadRequest, or RankUnavailable when no rank can take it.
+        Raises BadRequest, or ControllerCrash where SGLang's DP controller would raise.
         """
-        request = parse_generate(body, self.config.default_max_new_tokens)
+        request = parse_generate(body, self.config.default_max_new_tokens, self.version)
         if request.text is not None:
             key = prompt_key(request.text)
             prompt_tokens = estimate_prompt_tokens(request.text)
@@ -267,21 +282,26 @@ class Emulator:
                 f"routed_experts_start_len {request.routed_experts_start_len} is outside "
                 f"[0, {prompt_tokens}] (prompt_tokens)"
             )
+        pd = self.role != "mixed"  # a mixed instance ignores the bootstrap fields
         try:
-            rank = self.pool.pick(request.routed_dp_rank)
+            rank = self.pool.pick(request.routed_dp_rank, request.bootstrap_room if pd else None)
         except ValueError as e:
             raise BadRequest(str(e)) from None
+        request_id = request.rid or f"{self._ids.getrandbits(128):032x}"
+        if pd:
+            self._check_bootstrap_fields(request, request_id)
         class_name, class_from = self.workload.class_of(key)
-        completion = request.max_new_tokens
+        requested = request.max_new_tokens
+        completion = min(requested, 1) if self.role == "prefill" else requested
         locality = self._class_locality(class_name, rank)
         seed = self.config.seed.to_bytes(8, "little", signed=True)
-        stream = hashlib.shake_128(seed + key + completion.to_bytes(4, "little"))
+        stream = hashlib.shake_128(seed + key + requested.to_bytes(4, "little"))
         output_ids = tuple(
-            v % _VOCAB for v in np.frombuffer(stream.digest(2 * completion), "<u2").tolist()
-        )
+            v % _VOCAB for v in np.frombuffer(stream.digest(2 * requested), "<u2").tolist()
+        )[:completion]
         return Plan(
             request=request,
-            request_id=request.rid or f"{self._ids.getrandbits(128):032x}",
+            request_id=request_id,
             rank=rank,
             class_name=class_name,
             class_from=class_from,
@@ -294,8 +314,47 @@ class Emulator:
                 traffic=locality.decode,
             ),
             output_ids=output_ids,
-            seed_words=(*np.frombuffer(key, "<u4").tolist(), completion),
+            seed_words=(*np.frombuffer(key, "<u4").tolist(), requested),
         )
+
+    def follow_room_conflict(self, plan: Plan) -> str | None:
+        """SGLang's prefill KV sender under ``follow_bootstrap_room``: a request pinned to
+        a rank other than ``bootstrap_room % ranks`` fails unless it names its rank in
+        ``disagg_prefill_dp_rank`` (``disaggregation/common/conn.py``, CommonKVSender;
+        read in 0.5.23, so not applied before 0.5.20, which has no such field)."""
+        r, n = plan.request, self.config.num_ranks
+        if (
+            self.role != "prefill"
+            or self.version < DISAGG_PREFILL_DP_RANK_SINCE
+            or self.config.load_balance != "follow_bootstrap_room"
+            or n == 1
+            or r.bootstrap_room is None
+            or r.disagg_prefill_dp_rank is not None
+            or plan.rank == r.bootstrap_room % n
+        ):
+            return None
+        implied = r.bootstrap_room % n
+        return (
+            f"follow_bootstrap_room conflict: dispatched to dp_rank {plan.rank} but "
+            f"bootstrap_room {r.bootstrap_room} implies dp_rank {implied}. Set "
+            "SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK=1 to allow mixed routing."
+        )
+
+    def _check_bootstrap_fields(self, request: GenerateRequest, request_id: str) -> None:
+        """A PD request needs its room (SGLang's scheduler refuses it without one, 400);
+        a decode request also needs the prefill's bootstrap address to fetch the KV from."""
+        if request.bootstrap_room is None:
+            raise BadRequest(
+                "Invalid request: Disaggregated request received without bootstrap room id. "
+                f"req.rid={request_id!r}"
+            )
+        if self.role == "decode" and (
+            request.bootstrap_host is None or request.bootstrap_port is None
+        ):
+            raise BadRequest(
+                "Invalid request: a decode request needs bootstrap_host and bootstrap_port "
+                f"(the prefill instance's bootstrap server) to fetch its KV. req.rid={request_id!r}"
+            )
 
     def _class_inclusion(self, class_name: str) -> tuple[np.ndarray, np.ndarray]:
         """(prefill, decode) inclusion probabilities [moe_layers, experts] of a class."""
@@ -345,7 +404,7 @@ class Emulator:
         routing = draw_request_routing(
             self.workload.routing[plan.class_name], k, self.config.concentration, rng
         )
-        decode_rows = max(plan.completion_tokens - 1, 0)
+        decode_rows = max(plan.request.max_new_tokens - 1, 0)  # the whole request's draw
         if routing.decode is routing.prefill:  # one draw for every position
             ids = sample_token_experts(routing.prefill, plan.prompt_tokens + decode_rows, k, rng)
         else:
@@ -365,11 +424,11 @@ class Emulator:
         e2e_latency: float | None = None,
         modelled: tuple[float, float] | None = None,
     ) -> dict[str, Any]:
+        # SGLang's prefill server finishes its one token with FINISH_LENGTH(length=0)
+        length = 0 if self.role == "prefill" else completion_tokens
         meta: dict[str, Any] = {
             "id": plan.request_id,
-            "finish_reason": (
-                {"type": "length", "length": completion_tokens} if finished else None
-            ),
+            "finish_reason": {"type": "length", "length": length} if finished else None,
             "prompt_tokens": plan.prompt_tokens,
             "completion_tokens": completion_tokens,
             "cached_tokens": 0,
@@ -409,6 +468,26 @@ class Emulator:
             ),
         }
 
+    def abort_chunk(self, plan: Plan, message: str, status: int) -> dict[str, Any]:
+        """The chunk SGLang streams for a request it aborts (``FINISH_ABORT``)."""
+        return {
+            "text": "",
+            "output_ids": [],
+            "meta_info": {
+                "id": plan.request_id,
+                "finish_reason": {
+                    "type": "abort",
+                    "message": message,
+                    "status_code": status,
+                    "err_type": None,
+                },
+                "prompt_tokens": plan.prompt_tokens,
+                "completion_tokens": 0,
+                "cached_tokens": 0,
+                "dp_rank": plan.rank,
+            },
+        }
+
     def stream_chunk(
         self,
         plan: Plan,
@@ -432,48 +511,4 @@ class Emulator:
             "meta_info": self.meta_info(
                 plan, done, finished=finished, e2e_latency=e2e_latency, modelled=modelled
             ),
-        }
-
-    # ----------------------------------------------------------------- server info
-
-    def server_info(self) -> dict[str, Any]:
-        """``/server_info``: the resolved server arguments SGLang 0.5.23 reports that the
-        middleware reads, plus an ``emulator`` block."""
-        c = self.config
-        ranks = c.num_ranks
-        return {
-            "model_path": self.model.name,
-            "served_model_name": self.model.name,
-            "version": f"{SGLANG_API_VERSION}+moe-scheduler-emulator-{__version__}",
-            "tp_size": ranks,
-            "ep_size": ranks,
-            "attn_dp_size": ranks,
-            "dp_size": 1,
-            "enable_dp_attention": ranks > 1,
-            "nnodes": c.nodes,
-            "ep_num_redundant_experts": self.placement.num_slots - self.model.num_experts,
-            "init_expert_location": self.placement_spec,
-            "ep_dispatch_algorithm": "static",
-            "enable_return_routed_experts": True,
-            "load_balance_method": c.load_balance,
-            "incremental_streaming_output": c.incremental_streaming_output,
-            "emulator": {
-                "api_key_required": c.api_key is not None,
-                "note": "moe-scheduler emulator: no model runs; routed experts are drawn "
-                "from real per-class routing profiles, latency comes from the project's cost "
-                "model (scheduler.accounting) over the expected traffic",
-                "gpus_per_node": c.gpus_per_node,
-                "capacity_per_rank": c.capacity,
-                "seed": c.seed,
-                "time_scale": self.time_scale,
-                "concentration": c.concentration,
-                "profile": self.profile_source,
-                "classes": sorted(self.workload.routing),
-                "domain_to_class": self.workload.domain_to_class,
-                "default_class": self.workload.default,
-                "prompt_index_size": len(self.workload.index),
-                "model": self.model.to_dict(),
-                "cost_model": asdict(self.cost),  # the GpuSpec becomes a nested object
-                "serving_overheads": asdict(self.overheads),
-            },
         }

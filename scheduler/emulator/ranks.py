@@ -2,9 +2,20 @@
 
 asyncio bookkeeping only (futures and events; no sockets, no sleeps). Each rank runs at
 most ``capacity`` requests; more wait, first in first out, and none is dropped. A rank's
-mode is ``ok``, ``fail`` (requests routed to it are refused with :class:`RankUnavailable`,
-running ones fail at their next checkpoint, as if the rank had died) or ``hang`` (nothing
-is admitted and running requests stop at their next checkpoint until the mode changes).
+mode is ``ok``, ``fail`` or ``hang``:
+
+* ``fail``: the rank is inactive. The load balancer skips it, as SGLang's DP controller
+  skips inactive workers; a request *pinned* to it makes :meth:`RankPool.pick` raise
+  :class:`ControllerCrash`, because SGLang's controller raises there and the whole server
+  goes down (the HTTP layer then takes the instance down). Requests already queued or
+  running on it when it fails get :class:`RankUnavailable` (the HTTP layer takes the
+  instance down before they could be answered, see ``app``).
+* ``hang``: nothing is admitted and running requests stop at their next checkpoint until
+  the mode changes.
+
+Also the per-rank figures SGLang's ``/v1/loads`` reports (:meth:`RankPool.loads`),
+including the PD queues: decode requests waiting for their KV, prefill requests waiting
+for their decode peer to fetch it.
 """
 
 from __future__ import annotations
@@ -20,7 +31,9 @@ from scheduler.emulator.timing import TokenTraffic
 from scheduler.errors import MoeSchedulerError
 
 MODES = ("ok", "fail", "hang")
-LOAD_BALANCE_METHODS = ("round_robin", "total_requests")
+#: Rank choice for requests without a pinned rank (SGLang's ``--load-balance-method``,
+#: once ``auto`` is resolved: ``follow_bootstrap_room`` on a prefill instance).
+LOAD_BALANCE_METHODS = ("round_robin", "total_requests", "follow_bootstrap_room")
 #: Window of the generation-throughput figure in /v1/loads, seconds.
 THROUGHPUT_WINDOW_S = 10
 
@@ -32,6 +45,20 @@ def _resolve(future: asyncio.Future[bool], value: bool) -> None:
 
 class RankUnavailable(MoeSchedulerError):
     """The request's rank is failed, or the server is shutting down."""
+
+
+class ControllerCrash(MoeSchedulerError):
+    """Where SGLang's DP controller raises: the real server goes down (SIGQUIT) instead
+    of answering. Raised for a request pinned to an inactive rank (``"DP rank R is not
+    active."``), for an unpinned request when no rank is active, and under
+    ``follow_bootstrap_room`` for a request without ``bootstrap_room`` (an assert there).
+    ``restart_after_s``: what the failed rank's switch said about restarting (None: the
+    instance stays down).
+    """
+
+    def __init__(self, message: str, restart_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.restart_after_s = restart_after_s
 
 
 @dataclass
@@ -56,12 +83,28 @@ class _Rank:
     waiting: deque[tuple[asyncio.Future[None], Ticket]] = field(default_factory=deque)
     waiting_tokens: int = 0
     mode: str = "ok"
+    #: For ``fail``: wall seconds after which an instance this rank took down restarts.
+    restart_after_s: float | None = None
     resume: asyncio.Event = field(default_factory=asyncio.Event)
     finished: int = 0
     #: Requests that found the rank full and had to wait (over-subscription).
     queued_total: int = 0
     generated: deque[list[int]] = field(default_factory=deque)  # [second, tokens]
     sleepers: set[asyncio.Future[bool]] = field(default_factory=set)
+    #: PD decode: requests (and their prompt tokens) picked for the rank whose KV has not
+    #: arrived yet (SGLang's prealloc and transfer queues).
+    awaiting_kv: int = 0
+    awaiting_kv_tokens: int = 0
+    #: PD prefill: requests whose prefill is done, waiting for the decode peer to fetch
+    #: the KV (SGLang's inflight queue).
+    kv_inflight: int = 0
+    #: SGLang's cumulative prefill counters (uncached prompt tokens, busy microseconds;
+    #: modelled time).
+    prefill_tokens: int = 0
+    prefill_busy_us: float = 0.0
+    #: SGLang's decode-step moment sums: steps, sum b, sum t_us, sum b^2, sum b t_us,
+    #: sum generated (b: batch size, t_us: step time; modelled time).
+    decode_moments: list[float] = field(default_factory=lambda: [0.0] * 6)
 
 
 class RankPool:
@@ -98,18 +141,36 @@ class RankPool:
 
     # ----------------------------------------------------------------- choosing a rank
 
-    def pick(self, requested: int | None) -> int:
-        """The rank for a request: ``requested`` if given (validated), else by the load
-        balance method among ranks not in ``fail`` mode (SGLang's round robin skips dead
-        ranks). Raises ValueError for a rank out of range, RankUnavailable if none is up."""
+    def pick(self, requested: int | None, bootstrap_room: int | None = None) -> int:
+        """The rank for a request: ``requested`` if given, else by the load balance method
+        among ranks not in ``fail`` mode (SGLang's round robin skips inactive ranks), or
+        ``bootstrap_room % ranks`` under ``follow_bootstrap_room``.
+
+        Raises ValueError for a rank out of range (SGLang's tokenizer answers it 400), and
+        ControllerCrash where SGLang's DP controller raises (the class doc)."""
         n = len(self.ranks)
         if requested is not None:
             if not 0 <= requested < n:
-                raise ValueError(f"routed_dp_rank {requested} is out of range [0, {n})")
+                raise ValueError(f"routed_dp_rank={requested} out of range [0, {n})")
+            rank = self.ranks[requested]
+            if rank.mode == "fail":
+                raise ControllerCrash(f"DP rank {requested} is not active.", rank.restart_after_s)
             return requested
+        if self.load_balance == "follow_bootstrap_room":
+            if bootstrap_room is None:
+                raise ControllerCrash(
+                    "req.bootstrap_room should not be None. Do not send requests directly "
+                    "to prefill or decode instances; send to the router instead."
+                )
+            target = self.ranks[bootstrap_room % n]
+            if target.mode == "fail":  # a dead GPU: the instance ends
+                raise ControllerCrash(
+                    f"DP rank {target.index} is not active.", target.restart_after_s
+                )
+            return target.index
         alive = [r for r in self.ranks if r.mode != "fail"]
         if not alive:
-            raise RankUnavailable("no DP rank is active")
+            raise ControllerCrash("No active DP workers are available for routing.")
         if self.load_balance == "total_requests":
             return min(alive, key=lambda r: (r.running + len(r.waiting), r.index)).index
         for _ in range(n):
@@ -226,15 +287,63 @@ class RankPool:
             for future in rank.sleepers:
                 _resolve(future, True)
 
+    # ----------------------------------------------------------------- PD and step counters
+
+    def expect_kv(self, index: int, tokens: int, *, arrived: bool = False) -> None:
+        """A decode request on rank ``index`` waits for (``arrived``: has got) its KV."""
+        rank = self.ranks[index]
+        sign = -1 if arrived else 1
+        rank.awaiting_kv += sign
+        rank.awaiting_kv_tokens += sign * tokens
+
+    def kv_in_flight(self, index: int, delta: int) -> None:
+        """A prefill request on rank ``index`` starts (+1) or stops (-1) waiting for its
+        decode peer to fetch the KV."""
+        self.ranks[index].kv_inflight += delta
+
+    def record_prefill(self, index: int, tokens: int, modelled_s: float) -> None:
+        """A prefill pass of ``tokens`` prompt tokens lasting ``modelled_s`` ran on ``index``."""
+        rank = self.ranks[index]
+        rank.prefill_tokens += tokens
+        rank.prefill_busy_us += modelled_s * 1e6
+
+    def record_decode(self, index: int, tokens: int, batch: int, step_s: float) -> None:
+        """A request generated ``tokens`` decode tokens in steps of ``step_s`` (modelled)
+        with ``batch`` requests running: ``tokens / batch`` of the rank's steps, in SGLang's
+        moment sums (``_accumulate_decode_moment``)."""
+        if tokens <= 0 or batch <= 0 or step_s <= 0:
+            return
+        steps, t_us = tokens / batch, step_s * 1e6
+        for i, value in enumerate(
+            (steps, tokens, steps * t_us, batch * tokens, tokens * t_us, tokens)
+        ):
+            self.ranks[index].decode_moments[i] += value
+
+    def running_count(self, index: int) -> int:
+        """Requests running on rank ``index`` (a request itself included once admitted)."""
+        return self.ranks[index].batch_requests
+
     # ----------------------------------------------------------------- failure switch
 
-    def set_mode(self, index: int, mode: str) -> None:
+    def busy(self, index: int) -> bool:
+        """Whether rank ``index`` has requests running, queued or waiting for KV."""
+        rank = self.ranks[index]
+        return bool(rank.running or rank.waiting or rank.awaiting_kv or rank.kv_inflight)
+
+    def validate_mode(self, index: int, mode: str) -> None:
+        """ValueError naming the problem unless ``mode`` can be set on rank ``index``."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not 0 <= index < len(self.ranks):
             raise ValueError(f"DP rank {index} is out of range [0, {len(self.ranks)})")
+
+    def set_mode(self, index: int, mode: str, restart_after_s: float | None = None) -> None:
+        """Switch rank ``index`` to ``mode``; for ``fail``, ``restart_after_s`` is kept for
+        the instance death a request pinned to it causes."""
+        self.validate_mode(index, mode)
         rank = self.ranks[index]
         rank.mode = mode
+        rank.restart_after_s = restart_after_s if mode == "fail" else None
         self.wake(index)
         if mode == "hang":
             rank.resume.clear()
@@ -268,38 +377,64 @@ class RankPool:
         """The summed per-token traffic of rank ``index``'s running requests."""
         return self.ranks[index].batch
 
-    def loads(self, include: set[str] | None = None) -> list[dict[str, Any]]:
-        """Per-rank load in the shape of SGLang's ``/v1/loads`` entries.
+    def loads(
+        self, include: set[str] | None = None, disaggregation_mode: str = "null"
+    ) -> list[dict[str, Any]]:
+        """Per-rank load in the shape of SGLang 0.5.23's ``/v1/loads`` entries
+        (``LoadSnapshot.to_dict``): the core fields always, then the sections asked for
+        (None or ``all``: every one the emulator has, ``disaggregation`` and ``queues``; it
+        has no ``memory``, ``speculative`` or ``lora``), then an ``emulator`` block.
 
-        ``include``: sections ``core`` and ``queues`` (None or ``all``: both). The KV cache
-        is not modelled: its fields report 0.
+        The KV cache is not modelled: token capacity and usage report 0 and nothing is
+        ever preallocated (``prealloc_ready`` 0).
         """
         now = self.clock()
         sections = include or {"all"}
         everything = "all" in sections
+        decode = disaggregation_mode == "decode"
+        prefill = disaggregation_mode == "prefill"
         out = []
         for r in self.ranks:
-            entry: dict[str, Any] = {"dp_rank": r.index, "timestamp": time.time()}
-            if everything or "core" in sections:
-                recent = sum(t for s, t in r.generated if s >= now - THROUGHPUT_WINDOW_S)
-                entry.update(
-                    num_running_reqs=r.running,
-                    num_waiting_reqs=len(r.waiting),
-                    num_used_tokens=r.used_tokens,
-                    num_total_tokens=r.used_tokens + r.waiting_tokens,
-                    max_total_num_tokens=0,
-                    token_usage=0.0,
-                    gen_throughput=recent / THROUGHPUT_WINDOW_S,
-                    cache_hit_rate=0.0,
-                    utilization=r.running / r.capacity,
-                    max_running_requests=r.capacity,
-                )
+            recent = sum(t for s, t in r.generated if s >= now - THROUGHPUT_WINDOW_S)
+            total = r.used_tokens + r.waiting_tokens + r.awaiting_kv_tokens
+            entry: dict[str, Any] = {
+                "timestamp": time.time(),
+                "dp_rank": r.index,
+                "num_running_reqs": r.running,
+                "num_waiting_reqs": len(r.waiting) + r.awaiting_kv,
+                "num_waiting_uncached_tokens": r.waiting_tokens,
+                "num_used_tokens": r.used_tokens,
+                "num_total_tokens": total,
+                "num_active_tokens": total - r.awaiting_kv_tokens,
+                "num_prealloc_ready_tokens": 0,
+                "max_total_num_tokens": 0,
+                "max_running_requests": r.capacity,
+                "token_usage": 0.0,
+                "gen_throughput": recent / THROUGHPUT_WINDOW_S,
+                "cache_hit_rate": 0.0,
+                "utilization": r.running / r.capacity,
+                "total_prefill_uncached_tokens": r.prefill_tokens,
+                "total_prefill_busy_us": int(r.prefill_busy_us),
+                "decode_moments": list(r.decode_moments) if r.decode_moments[0] > 0 else None,
+            }
+            if everything or "disagg" in sections:
+                entry["disaggregation"] = {
+                    "mode": disaggregation_mode,
+                    "prefill_bootstrap_queue_reqs": 0,
+                    "prefill_inflight_queue_reqs": r.kv_inflight if prefill else 0,
+                    "decode_prealloc_queue_reqs": r.awaiting_kv if decode else 0,
+                    "decode_transfer_queue_reqs": 0,
+                    "decode_retracted_queue_reqs": 0,
+                    "kv_transfer_speed_gb_s": 0.0,
+                    "kv_transfer_latency_ms": 0.0,
+                }
             if everything or "queues" in sections:
                 entry["queues"] = {
                     "waiting": len(r.waiting),
                     "grammar": 0,
                     "paused": len(r.waiting) if r.mode == "hang" else 0,
                     "retracted": 0,
+                    "prealloc_ready": 0,
                 }
             entry["emulator"] = {
                 "mode": r.mode,

@@ -275,6 +275,9 @@ class SchedulerCore:
         #: Per instance: whether its /health answers, the SGLang version it runs (from
         #: the configuration or its /server_info) and its bootstrap port (prefill).
         self.instance_up = {i.name: False for i in self.cluster.instances}
+        #: Monotonic time each instance was seen going down (None: up).
+        now = time.monotonic()
+        self.down_since: dict[str, float | None] = dict.fromkeys(self.instance_up, now)
         self.sglang_versions: dict[str, SglangVersion | None] = {
             i.name: i.sglang_version for i in self.cluster.instances
         }
@@ -313,6 +316,29 @@ class SchedulerCore:
             any(self.instance_up[i.name] for i in pool.instances)
             for pool in self.cluster.pools.values()
         )
+
+    def _dead_pool(self, role: str) -> RequestError | None:
+        """The error of requests for ``role`` once none of its instances has answered
+        for backend.unreachable_retry_s (before: they wait for one to come back)."""
+        down = self.pool_down_for(role)
+        if down <= self.config.backend.unreachable_retry_s:
+            return None
+        return RequestError(
+            "backend_error",
+            f"no {role} instance has answered for {down:.0f} s (backend.unreachable_retry_s)",
+        )
+
+    def _fail_queued_of_dead_pools(self) -> None:
+        for role, dispatcher in self.dispatchers.items():
+            if dispatcher.queued and (error := self._dead_pool(role)) is not None:
+                log.warning("%s: failing %d queued requests", error, dispatcher.fail_queued(error))
+
+    def pool_down_for(self, role: str) -> float:
+        """Seconds every instance of ``role`` has been down (0 while one is up)."""
+        times = [self.down_since[i.name] for i in self.cluster.pools[role].instances]
+        if any(t is None for t in times):
+            return 0.0
+        return time.monotonic() - max(t for t in times if t is not None)
 
     @staticmethod
     def _backends(config: ServerConfig, cluster: ClusterState) -> dict[str, SGLangBackend]:
@@ -413,6 +439,7 @@ class SchedulerCore:
         was_serving = self.backend_healthy
         if self.instance_up[inst.name]:
             log.warning("instance %s (%s) is DOWN: %s", inst.name, inst.url, why)
+            self.down_since[inst.name] = time.monotonic()
         self.instance_up[inst.name] = False
         # Out until the next health round could see it back (renewed while it stays down).
         hold = max(2 * self.config.backend.health_interval_s, 1.0)
@@ -434,6 +461,7 @@ class SchedulerCore:
         if not self.instance_up[inst.name]:
             was_serving = self.backend_healthy
             self.instance_up[inst.name] = True
+            self.down_since[inst.name] = None
             dispatcher.mark_back(self.pool_ranks(inst))
             log.info("instance %s (%s, %s) is up", inst.name, inst.url, inst.role)
             await self._discover(inst, timeout)
@@ -486,6 +514,7 @@ class SchedulerCore:
             if inst is None:
                 return
             await self._poll_once(inst)
+            self._fail_queued_of_dead_pools()
             self._update_rank_gauges()
 
     async def _watch_loop(self, interval_s: float = 0.02) -> None:
@@ -641,6 +670,9 @@ class SchedulerCore:
         if deadline is not None:
             give_up = min(give_up, deadline)
         unreachable_since: float | None = None
+        for role in self.cluster.pools:
+            if (error := self._dead_pool(role)) is not None:
+                raise error
         prefill: _Leg | None = None
         prefill_answer: Answer | None = None
         while True:
@@ -648,11 +680,10 @@ class SchedulerCore:
             waited = time.monotonic()
             prefill = None
             if self.cluster.disaggregated:
-                prefill = await self._acquire_leg("prefill", info, deadline, 0.0)
+                prefill = await self._acquire_leg("prefill", info, deadline, 0.0, give_up)
             try:
-                leg = await self._acquire_leg(
-                    self.cluster.serving_pool.role, info, deadline, need_s
-                )
+                role = self.cluster.serving_pool.role
+                leg = await self._acquire_leg(role, info, deadline, need_s, give_up)
             except BaseException:
                 if prefill is not None:
                     prefill.release()
@@ -763,31 +794,48 @@ class SchedulerCore:
         return random.uniform(0, min(b.retry_backoff_max_s, b.retry_backoff_s * 2 ** (attempt - 1)))
 
     async def _acquire_leg(
-        self, role: str, info: RequestInfo, deadline: float | None, need_s: float
+        self,
+        role: str,
+        info: RequestInfo,
+        deadline: float | None,
+        need_s: float,
+        give_up: float | None = None,
     ) -> _Leg:
         dispatcher = self.dispatchers[role]
-        rank = await self._acquire(dispatcher, info, deadline, need_s)
+        rank = await self._acquire(dispatcher, info, deadline, need_s, give_up)
         pool = self.cluster.pools[role]
         return _Leg(dispatcher, info, rank, pool.instance_of(rank), pool.first_rank + rank)
 
     async def _acquire(
-        self, dispatcher: Dispatcher, info: RequestInfo, deadline: float | None, need_s: float
+        self,
+        dispatcher: Dispatcher,
+        info: RequestInfo,
+        deadline: float | None,
+        need_s: float,
+        give_up: float | None = None,
     ) -> int:
+        """A rank slot, waiting at most until the client's ``deadline`` (else until
+        ``give_up``, the server's own bound: backend.request_timeout_s)."""
         rank = dispatcher.try_acquire(info)  # the fast path: no waiting, no task
         if rank is not None:
             return rank
+        until = deadline if deadline is not None else give_up
         try:
-            if deadline is None:
+            if until is None:
                 return await dispatcher.acquire(info)
             return await asyncio.wait_for(
                 dispatcher.acquire(info, deadline, need_s),
-                timeout=max(0.0, deadline - time.monotonic()),
+                timeout=max(0.0, until - time.monotonic()),
             )
         except Overloaded as e:
             raise RequestError("overloaded", f"the scheduler is overloaded: {e}") from e
         except DeadlineRefused as e:
             raise RequestError("refused_deadline", f"refused early: {e}") from e
         except TimeoutError as e:
+            if deadline is None:
+                raise RequestError(
+                    "deadline", "backend.request_timeout_s passed while queued for a rank"
+                ) from e
             raise RequestError(
                 "client_deadline", "the deadline passed while queued for a rank"
             ) from e
@@ -845,11 +893,15 @@ class SchedulerCore:
     ) -> tuple[Answer, Answer | None]:
         """Both legs of a disaggregated request at once, as sgl-router's PD mode sends
         them: the same body with the prefill instance's bootstrap host and port and a
-        random room; the prefill leg pinned to its rank, the decode leg to its own with
-        ``disagg_prefill_dp_rank`` naming the prefill's. The client gets the decode leg;
-        the prefill leg's answer (its prompt's routed experts) comes back too, or None.
-        The prefill slot is given back when the prefill leg ends."""
-        room = random.getrandbits(63)
+        random room (congruent to the prefill rank); the prefill leg pinned to its rank,
+        the decode leg to its own with ``disagg_prefill_dp_rank`` naming the prefill's.
+        The client gets the decode leg; the prefill leg's answer (its prompt's routed
+        experts) comes back too, or None. The prefill slot is given back when the
+        prefill leg ends."""
+        # The room names the prefill rank too (room % ranks), so that SGLang's
+        # follow_bootstrap_room on the prefill instance agrees with the pinned rank.
+        ranks = prefill.instance.num_ranks
+        room = random.getrandbits(62) // ranks * ranks + prefill.dp_rank
         bootstrap = {
             "bootstrap_host": prefill.instance.bootstrap_host,
             "bootstrap_port": self.bootstrap_ports[prefill.instance.name] or DEFAULT_BOOTSTRAP_PORT,

@@ -3,7 +3,9 @@ emulator with a placement, then the scheduler once per setting — SGLang's defa
 ``round_robin`` without prediction, and our ``locality_window`` with the text classifier
 at each ``--balance`` (default 0 and 0.5: the mean-locality end of the knob and the
 default; docs/policies.md) — replays the same held-out real prompts through the gRPC
-client under each, and prints a side-by-side table.
+client under each, and prints a side-by-side table. Then (unless ``--no-pd``) the same
+prompts through a prefill/decode disaggregated pair: a prefill emulator and a decode
+emulator behind one scheduler, with a table of both legs.
 
 Every process it starts is stopped on exit, on error and on Ctrl-C.
 """
@@ -28,6 +30,8 @@ from scheduler.server.cli import rank_key
 STARTUP_TIMEOUT_S = 120
 #: The locality_window settings of ``[policy] balance`` the demo compares.
 DEMO_BALANCES = (0.0, 0.5)
+#: The disaggregated run's name in the report.
+PD_NAME = "locality_window+text, prefill/decode"
 
 
 class Process:
@@ -110,6 +114,117 @@ profile = "{profile.resolve()}"
 """
     path.write_text(text)
     return path
+
+
+def _pd_config(
+    path: Path,
+    prefill: str,
+    decode: str,
+    placement: Path,
+    bundle: Path,
+    profile: Path,
+    capacity: int,
+) -> Path:
+    """A scheduler.toml with two [[backend.instances]]: a prefill and a decode emulator
+    (TOML strings quoted by json.dumps, which TOML's basic strings accept)."""
+    q = json.dumps
+    where = q(str(placement.resolve()))
+    text = f"""# written by moe-scheduler demo (prefill/decode disaggregation)
+[server]
+listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+
+[backend]
+return_routed_experts = true
+routed_experts_budget_cores = 0
+
+[[backend.instances]]
+name = "prefill"
+role = "prefill"
+url = {q(prefill)}
+placement = {where}
+
+[[backend.instances]]
+name = "decode"
+role = "decode"
+url = {q(decode)}
+placement = {where}
+
+[policy]
+name = "locality_window"
+capacity = {capacity}
+window_ms = 2.0
+
+[prediction]
+mode = "text"
+bundle = {q(str(bundle.resolve()))}
+profile = {q(str(profile.resolve()))}
+"""
+    path.write_text(text)
+    return path
+
+
+def served_log(url: str) -> dict[str, Any]:
+    """An emulator's ``/admin/requests``."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/admin/requests", timeout=30) as response:
+        data: dict[str, Any] = json.load(response)
+    return data
+
+
+def leg_rows(result: dict[str, Any], logs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per leg of the disaggregated run: what the scheduler chose (replay records) and
+    what each emulator served (its request log)."""
+    ok = [r for r in result["records"] if r["status"] == "OK"]
+    rows = []
+    for leg, instance_key, rank_key_ in (
+        ("prefill", "prefill_instance", "prefill_rank"),
+        ("decode", "instance", "rank"),
+    ):
+        ranks: dict[tuple[str, int], int] = {}
+        for r in ok:
+            if instance_key in r:
+                key = (r[instance_key], r[rank_key_])
+                ranks[key] = ranks.get(key, 0) + 1
+        log = logs[leg]
+        served = sum(1 for row in log["requests"] if row["outcome"] == "ok")
+        counts = list(ranks.values())
+        rows.append(
+            {
+                "leg": leg,
+                "instances": sorted({k[0] for k in ranks}),
+                "requests": sum(counts),
+                "served_by_emulator": served,
+                "ranks_used": len(ranks),
+                "rank_load_max_over_mean": max(counts) / (sum(counts) / len(counts))
+                if counts
+                else 0.0,
+                "prefill_rank_honoured": sum(log.get("disagg_prefill_dp_rank_honoured", [])),
+            }
+        )
+    return rows
+
+
+def render_legs(name: str, result: dict[str, Any]) -> str:
+    lines = [
+        f"Prefill/decode disaggregated ({name}): "
+        f"{result['statuses'].get('OK', 0)} of {result['requests']} OK, p50 "
+        f"{result['latency_p50_s'] * 1e3:.1f} ms, p99 {result['latency_p99_s'] * 1e3:.1f} ms, "
+        f"inter-node bytes/token (both legs) {result['inter_node_bytes_per_token'] or 0:,.0f}",
+        "",
+        "| leg | instance | requests (scheduler) | served (emulator) | DP ranks used | "
+        "rank load max/mean | decode found KV on the named prefill rank |",
+        "|" + "---|" * 7,
+    ]
+    for row in result["legs"]:
+        honoured = row["prefill_rank_honoured"] if row["leg"] == "decode" else ""
+        lines.append(
+            f"| {row['leg']} | {', '.join(row['instances'])} | {row['requests']:,} | "
+            f"{row['served_by_emulator']:,} | {row['ranks_used']} | "
+            f"{row['rank_load_max_over_mean']:.2f} | {honoured} |"
+        )
+    return "\n".join(lines)
 
 
 def heldout_prompts(data: Path, limit: int, seed: int) -> list[dict[str, Any]]:
@@ -205,42 +320,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prompts = heldout_prompts(args.data, args.requests, args.seed)
     processes: list[Process] = []
     results: dict[str, Any] = {}
+    pd_result: dict[str, Any] | None = None
     try:
         redundant = plan["cluster"].get("redundant_experts", 0)
-        emulator = Process(
-            "emulator",
-            [
-                *_command(),
-                "emulate",
-                "--nodes",
-                str(nodes),
-                "--gpus-per-node",
-                str(per_node),
-                "--model",
-                model.name,
-                "--init-expert-location",
-                str(args.placement / "expert_location.json"),
-                "--ep-num-redundant-experts",
-                str(redundant),
-                "--port",
-                "0",
-                "--capacity",
-                str(args.capacity),
-                "--data",
-                str(args.data),
-                "--time-scale",
-                str(args.time_scale),
-                "--max-new-tokens",
-                str(args.max_new_tokens),
-                "--seed",
-                str(args.seed),
-            ],
-            r"listening on (http://\S+)",
-            out / "emulator.log",
-        )
-        processes.append(emulator)
-        backend = emulator.match.group(1)
-        print(f"emulator: {backend} (log {out / 'emulator.log'})", flush=True)
+
+        def start_emulator(name: str, *role: str) -> str:
+            process = Process(
+                name,
+                [*_command(), "emulate", *role, *emulator_args],
+                r"listening on (http://\S+)",
+                out / f"{name}.log",
+            )
+            processes.append(process)
+            url = process.match.group(1)
+            print(f"{name}: {url} (log {out / f'{name}.log'})", flush=True)
+            return url
+
+        emulator_args = [
+            "--nodes",
+            str(nodes),
+            "--gpus-per-node",
+            str(per_node),
+            "--model",
+            model.name,
+            "--init-expert-location",
+            str(args.placement / "expert_location.json"),
+            "--ep-num-redundant-experts",
+            str(redundant),
+            "--port",
+            "0",
+            "--capacity",
+            str(args.capacity),
+            "--data",
+            str(args.data),
+            "--time-scale",
+            str(args.time_scale),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--seed",
+            str(args.seed),
+        ]
+        backend = start_emulator("emulator")
         for policy, mode, balance in runs:
             stem = f"{policy}+{mode}" + ("" if balance is None else f"-balance{balance:g}")
             name = f"{policy}+{mode}" + ("" if balance is None else f", balance {balance:g}")
@@ -276,11 +396,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
             results[name] = result
             server.stop()
             processes.remove(server)
+        if args.pd:
+            prefill = start_emulator(
+                "prefill-emulator", "--role", "prefill", "--disaggregation-bootstrap-port", "0"
+            )
+            decode = start_emulator("decode-emulator", "--role", "decode")
+            config = _pd_config(
+                out / "pd.toml",
+                prefill,
+                decode,
+                args.placement,
+                args.bundle,
+                args.profile,
+                args.capacity,
+            )
+            server = Process(
+                "scheduler (PD)",
+                [*_command(), "serve", "--config", str(config)],
+                r"grpc listening on (\S+)",
+                out / "pd.log",
+            )
+            processes.append(server)
+            target = server.match.group(1)
+            print(f"scheduler locality_window+text, prefill/decode: {target}; replaying ...")
+            pd_result = asyncio.run(
+                replay(
+                    target, prompts, rate=args.rate, max_new_tokens=args.max_new_tokens, timeout=60
+                )
+            )
+            logs = {"prefill": served_log(prefill), "decode": served_log(decode)}
+            pd_result["legs"] = leg_rows(pd_result, logs)
     finally:
         for p in reversed(processes):
             p.stop()
 
     table = render_table(results)
+    if pd_result is not None:
+        table += "\n\n" + render_legs(PD_NAME, pd_result)
     print()
     print(table)
     report = out / "serving.md"
@@ -293,11 +445,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "real per-class ESFT profiles by each prompt's true domain (docs/emulator.md), "
         "not measured on a GPU; the scheduler predicts the domain from the text.\n\n" + table + "\n"
     )
-    for result in results.values():
+    everything = {**results, **({PD_NAME: pd_result} if pd_result is not None else {})}
+    for result in everything.values():
         result.pop("records")
-    write_json_atomic(out / "serving.json", results, indent=2)
+    write_json_atomic(out / "serving.json", everything, indent=2)
     print(f"\nreport: {report}; raw: {out / 'serving.json'}; logs: {out}/*.log")
-    failed = sum(r["requests"] - r["statuses"].get("OK", 0) for r in results.values())
+    failed = sum(r["requests"] - r["statuses"].get("OK", 0) for r in everything.values())
     return 0 if failed == 0 else 1
 
 
@@ -370,5 +523,11 @@ def add_commands(sub: Any) -> None:
         default=list(DEMO_BALANCES),
         help="locality_window's [policy] balance settings to run (default "
         f"{' '.join(f'{b:g}' for b in DEMO_BALANCES)})",
+    )
+    p.add_argument(
+        "--no-pd",
+        dest="pd",
+        action="store_false",
+        help="skip the prefill/decode disaggregated run (a prefill and a decode emulator)",
     )
     p.set_defaults(handler=cmd_demo)

@@ -260,6 +260,16 @@ class Dispatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="dispatcher")
 
+    def fail_queued(self, error: Exception) -> int:
+        """End every queued request with ``error`` (its pool is gone); how many."""
+        failed = 0
+        while self._queue:
+            ticket = self._queue.popleft()
+            if not ticket.future.done():
+                ticket.future.set_exception(error)
+                failed += 1
+        return failed
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
