@@ -244,15 +244,11 @@ def test_reload_valid_and_invalid(tmp_path: Path) -> None:
             async def go() -> None:
                 async with SchedulerClient(s.target, token="s3cret") as client:
                     assert (await client.placement()).policy == "total_requests"
-                    write_config(
-                        tmp_path, emu.url, policy={"name": "round_robin"}, server=admin
-                    )
+                    write_config(tmp_path, emu.url, policy={"name": "round_robin"}, server=admin)
                     reply = await client.reload()
                     assert reply.ok, reply.message
                     assert (await client.placement()).policy == "round_robin"
-                    write_config(
-                        tmp_path, emu.url, policy={"name": "no_such_policy"}, server=admin
-                    )
+                    write_config(tmp_path, emu.url, policy={"name": "no_such_policy"}, server=admin)
                     reply = await client.reload()
                     assert not reply.ok and "no_such_policy" in reply.message
                     assert (await client.placement()).policy == "round_robin"

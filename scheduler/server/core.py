@@ -917,10 +917,17 @@ class SchedulerCore:
         prefill_task.add_done_callback(lambda _: prefill.release())
         decode_task = asyncio.ensure_future(self._send(decode, second, timeout, on_chunk, sent))
         try:
-            await asyncio.wait({prefill_task, decode_task}, return_when=asyncio.FIRST_COMPLETED)
-            if prefill_task.done() and prefill_task.exception() is not None and not sent.any:
-                raise prefill_task.exception()  # type: ignore[misc]
-            answer = await decode_task
+            # The decode leg decides: a prefill that failed after its KV reached the
+            # decode rank leaves a decode that still finishes, and one that failed before
+            # leaves a decode whose transfer fails (SGLang detects it) and is retried.
+            # Cancelling the decode leg at the prefill's failure could run it twice.
+            try:
+                answer = await decode_task
+            except BackendError as e:
+                failed = prefill_task.done() and not prefill_task.cancelled()
+                if failed and isinstance(prefill_task.exception(), BackendError):
+                    raise prefill_task.exception() from e  # type: ignore[misc]
+                raise
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(prefill_task), REPLY_TELEMETRY_WAIT_S)
             ok = prefill_task.done() and not prefill_task.cancelled()

@@ -189,13 +189,18 @@ class _Relay:
             if self._closing:
                 return
 
-    async def finish(self, last: pb.GenerateChunk) -> None:
-        """Write what is pending, then ``last``."""
+    async def drain(self) -> None:
+        """Write what is pending and stop: grpc allows one write at a time, so a call
+        can end (its last message, or an error status) only once this returned."""
         if self._task is not None:
             self._closing = True
             self._wake.set()
             await asyncio.wait({self._task})
-            self._gone()
+
+    async def finish(self, last: pb.GenerateChunk) -> None:
+        """Write what is pending, then ``last``."""
+        await self.drain()
+        self._gone()
         await self._context.write(last)
 
     def cancel(self) -> None:
@@ -246,6 +251,8 @@ class SchedulerService:
         except RequestError as e:
             call.outcome = e.outcome
             log.info("request %s: %s: %s", job.request_id, e.outcome, e)
+            if relay is not None:  # the tokens already relayed, then the status
+                await relay.drain()
             await context.abort(STATUS[e.outcome], str(e))
         except asyncio.CancelledError:
             call.cancelled()
