@@ -168,14 +168,35 @@ async def _mixed(
 ) -> web.StreamResponse:
     """A mixed instance: prefill then decode on one rank."""
     await pool.admit(plan.rank, plan.ticket)
-    prefill, per_token = modelled = emulator.timing(plan)
+    prefill, per_token = emulator.timing(plan)
+    pool.record_prefill(plan.rank, plan.prompt_tokens, prefill)
+    steps = plan.completion_tokens  # (a unary answer waits one step per token after prefill)
+    return await _tokens(request, emulator, pool, plan, started, served, prefill, per_token, steps)
+
+
+async def _tokens(
+    request: web.Request,
+    emulator: Emulator,
+    pool: RankPool,
+    plan: Plan,
+    started: float,
+    served: _Served,
+    first_s: float,
+    per_token: float,
+    unary_steps: int,
+) -> web.StreamResponse:
+    """The tokens of an admitted request: the first after ``first_s`` modelled seconds
+    (a prefill; 0 on a decode instance, whose KV came from its prefill peer), then one
+    per ``per_token``; streamed, or answered after ``first_s`` and ``unary_steps`` steps.
+    Releases the rank's slot."""
+    modelled = (first_s, per_token)
     batch = pool.running_count(plan.rank)
+    steps = max(plan.completion_tokens - 1, 0)
     try:
-        pool.record_prefill(plan.rank, plan.prompt_tokens, prefill)
         if plan.request.stream:
-            delays = [prefill] + [per_token] * max(plan.completion_tokens - 1, 0)
+            delays = [first_s] + [per_token] * steps
             return await _stream(request, emulator, pool, plan, delays, modelled, started, served)
-        await _run_for(emulator, pool, plan.rank, prefill + plan.completion_tokens * per_token)
+        await _run_for(emulator, pool, plan.rank, first_s + unary_steps * per_token)
         served.generated = plan.completion_tokens
     finally:
         pool.record_decode(plan.rank, max(served.generated - 1, 0), batch, per_token)
@@ -293,19 +314,8 @@ async def _decode(
         emulator.requests.honoured(plan.rank)
     await pool.admit(plan.rank, plan.ticket)
     _, per_token = emulator.timing(plan)
-    modelled = (0.0, per_token)
-    batch = pool.running_count(plan.rank)
-    steps = max(plan.completion_tokens - 1, 0)
-    try:
-        if r.stream:
-            delays = [0.0] + [per_token] * steps
-            return await _stream(request, emulator, pool, plan, delays, modelled, started, served)
-        await _run_for(emulator, pool, plan.rank, steps * per_token)
-        served.generated = plan.completion_tokens
-    finally:
-        pool.record_decode(plan.rank, max(served.generated - 1, 0), batch, per_token)
-        pool.release(plan.rank, plan.ticket, served.generated)
-    return json_response(emulator.response(plan, time.perf_counter() - started, modelled))
+    steps = max(plan.completion_tokens - 1, 0)  # the first token came with the KV
+    return await _tokens(request, emulator, pool, plan, started, served, 0.0, per_token, steps)
 
 
 async def _stream(

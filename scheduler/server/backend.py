@@ -160,35 +160,30 @@ class SGLangBackend:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def server_info(self, timeout_s: float) -> dict[str, Any]:
-        """``/server_info`` (SGLang's resolved server arguments and ``version``); raises
-        BackendError."""
+    async def _get_json(self, path: str, timeout_s: float) -> Any:
+        """GET ``path`` and its JSON body; raises BackendError."""
         try:
             async with self.session.get(
-                f"{self.url}/server_info", timeout=self._timeout(timeout_s)
+                f"{self.url}{path}", timeout=self._timeout(timeout_s)
             ) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     raise _http_error(resp.status, body)
-                data = loads(body)
+                return loads(body)
         except (aiohttp.ClientError, TimeoutError, WireError) as e:
-            raise BackendError(f"/server_info failed: {e}", retryable=True) from e
+            raise BackendError(f"{path} failed: {e}", retryable=True) from e
+
+    async def server_info(self, timeout_s: float) -> dict[str, Any]:
+        """``/server_info`` (SGLang's resolved server arguments and ``version``); raises
+        BackendError."""
+        data = await self._get_json("/server_info", timeout_s)
         if not isinstance(data, dict):
             raise BackendError("/server_info answered a non-object", retryable=True)
         return data
 
     async def loads(self, num_ranks: int, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
         """(running [ranks], waiting [ranks]) from ``/v1/loads``; raises BackendError."""
-        try:
-            async with self.session.get(
-                f"{self.url}/v1/loads", timeout=self._timeout(timeout_s)
-            ) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise _http_error(resp.status, body)
-                data = loads(body)
-        except (aiohttp.ClientError, TimeoutError, WireError) as e:
-            raise BackendError(f"/v1/loads failed: {e}", retryable=True) from e
+        data = await self._get_json("/v1/loads", timeout_s)
         running = np.zeros(num_ranks, dtype=np.int64)
         waiting = np.zeros(num_ranks, dtype=np.int64)
         rows = data.get("loads", data) if isinstance(data, dict) else data
@@ -231,8 +226,10 @@ def _client_error(e: aiohttp.ClientError) -> BackendError:
 
 
 def _http_error(status: int, body: bytes) -> BackendError:
+    # {"error": {"message": ...}}, or SGLang's ErrorResponse {"object": "error", "message"}
     try:
-        message = loads(body)["error"]["message"]
+        data = loads(body)
+        message = data["error"]["message"] if "error" in data else data["message"]
     except (WireError, KeyError, TypeError):
         message = body[:200].decode("utf-8", "replace")
     text = f"backend answered HTTP {status}: {str(message)[:300]}"

@@ -730,14 +730,14 @@ class SchedulerCore:
                     prefill is None or prefill.dispatcher.healthy().any()
                 )
                 delay = 0.0 if e.unreachable and others else self._backoff(out.attempts)
-                if sent.any:
+                if sent.any and e.unreachable:
                     raise RequestError(
                         "backend_error",
                         f"instance {e.instance or leg.instance.name} failed after the stream "
                         f"sent tokens ({e}); the answer is incomplete and is not retried, so "
                         "that no token is sent twice",
                     ) from e
-                if not e.retryable or not allowed or now + delay >= give_up:
+                if not e.retryable or sent.any or not allowed or now + delay >= give_up:
                     raise RequestError("backend_error", str(e)) from e
                 self.dispatcher.reroutes += 1
                 self.metrics.reroutes.inc()
