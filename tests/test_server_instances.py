@@ -385,3 +385,41 @@ def test_a_prefill_instance_killed_mid_load_loses_no_request(tmp_path: Path) -> 
     assert sorted(decode_ok) == sorted(f"r{i}" for i in range(40))  # each answered once
     assert all(r.info.completion_tokens == 8 for r in replies)  # type: ignore[attr-defined]
     assert {r.info.prefill_instance for r in replies} >= {"p2"}  # type: ignore[attr-defined]
+
+
+def test_a_slow_health_check_is_not_a_dead_instance(tmp_path: Path) -> None:
+    """/health that times out (a busy instance) takes it out only after three rounds in
+    a row; a refused or reset one (None vs False from the backend) at once."""
+    from scheduler.server.core import SLOW_HEALTH_ROUNDS, SchedulerCore
+
+    config = load_config(
+        write_config(tmp_path, "http://127.0.0.1:9", feedback={"worker": "thread"})
+    )
+
+    async def go() -> list[bool]:
+        core = SchedulerCore(config)
+        inst = core.cluster.instances[0]
+        backend = core.backends[inst.name]
+        answers = iter([True] + [None] * SLOW_HEALTH_ROUNDS + [True, False])
+
+        async def health(timeout_s: float) -> bool | None:
+            return next(answers)
+
+        async def loads(ranks: int, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
+            return np.zeros(ranks, dtype=np.int64), np.zeros(ranks, dtype=np.int64)
+
+        async def server_info(timeout_s: float) -> dict[str, object]:
+            return {"version": "0.5.23"}
+
+        backend.health, backend.loads, backend.server_info = health, loads, server_info  # type: ignore[method-assign]
+        seen = []
+        for _ in range(SLOW_HEALTH_ROUNDS + 3):
+            await core._poll_once(inst)
+            seen.append(core.instance_up[inst.name])
+        core.telemetry.close()
+        await backend.close()
+        return seen
+
+    up = run(go())
+    slow = SLOW_HEALTH_ROUNDS
+    assert up == [True] * slow + [False, True, False]

@@ -150,14 +150,19 @@ class SGLangBackend:
             raise BackendError(f"backend sent a bad event ({e})", retryable=False) from e
         yield _final(last)
 
-    async def health(self, timeout_s: float) -> bool:
+    async def health(self, timeout_s: float) -> bool | None:
+        """``/health``: True when it answers 200, False when it answers otherwise or the
+        connection is refused or reset (down), None when it did not answer in time (a
+        busy server is slow, not down)."""
         try:
             async with self.session.get(
                 f"{self.url}/health", timeout=self._timeout(timeout_s)
             ) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ServerTimeoutError, TimeoutError):
+            return None
+        except aiohttp.ClientError:
             return False
 
     async def _get_json(self, path: str, timeout_s: float) -> Any:

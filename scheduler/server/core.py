@@ -69,6 +69,9 @@ DEFAULT_NEW_TOKENS = 128
 
 #: Longest user-supplied value quoted back in an error message.
 _QUOTE_CHARS = 40
+#: Health rounds in a row whose /health times out before an instance is taken out (a
+#: busy instance answers late; a dead one refuses or resets, and is out at once).
+SLOW_HEALTH_ROUNDS = 3
 #: Seconds a reply waits for its own telemetry (local_fraction, inter_node_bytes).
 REPLY_TELEMETRY_WAIT_S = 0.25
 
@@ -282,6 +285,8 @@ class SchedulerCore:
             i.name: i.sglang_version for i in self.cluster.instances
         }
         self.bootstrap_ports = {i.name: i.bootstrap_port for i in self.cluster.instances}
+        #: Health rounds in a row whose /health did not answer in time, per instance.
+        self.slow_rounds = dict.fromkeys(self.instance_up, 0)
         #: Instances that answer but cannot be used, and why (kept out of service).
         self.refused: dict[str, str] = {}
         self.predictor = RequestPredictor(self.cluster)
@@ -452,7 +457,15 @@ class SchedulerCore:
         /v1/loads."""
         backend, dispatcher = self.backends[inst.name], self.dispatchers[inst.role]
         timeout = max(self.config.backend.health_interval_s, 1.0)
-        if not await backend.health(timeout_s=timeout):
+        healthy = await backend.health(timeout_s=timeout)
+        if healthy is None:  # slow: out only after several rounds in a row
+            self.slow_rounds[inst.name] += 1
+            if self.instance_up[inst.name] and self.slow_rounds[inst.name] < SLOW_HEALTH_ROUNDS:
+                return
+            healthy = False
+        else:
+            self.slow_rounds[inst.name] = 0
+        if not healthy:
             self._instance_down(inst, "/health does not answer 200")
             return
         if inst.name in self.refused:
