@@ -397,6 +397,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             server.stop()
             processes.remove(server)
         if args.pd:
+            for mixed in [p for p in processes if p.name == "emulator"]:
+                mixed.stop()  # its cores go to the pair
+                processes.remove(mixed)
             prefill = start_emulator(
                 "prefill-emulator", "--role", "prefill", "--disaggregation-bootstrap-port", "0"
             )
