@@ -55,7 +55,9 @@ def test_fit_then_classify_with_single_pass_traces(data_dir, model_file, tmp_pat
     routing = report["routing"]
     assert routing["pairs"].startswith("early-late proxy")
     assert routing["clusters"]["held_out"]["selected"]["hot_set"] > 0
-    assert set(routing["prefill_decode"]["held_out"]) == {"prefill", "prior", "ridge"}
+    pd = routing["prefill_decode"]
+    assert set(pd["held_out"]) == {"prefill", "prior", "ridge_unblended", "ridge"}
+    assert pd["blend_n0"] >= 0 and pd["held_out_by_prefill_length"]["ridge"]
     assert "skipped" in routing["text_cluster"]  # no prompts in ESFT-like traces
     bundle = load_bundle(out)
     assert bundle.model == _tiny(model_file) and bundle.text_cluster is None

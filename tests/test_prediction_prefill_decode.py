@@ -69,3 +69,57 @@ def test_split_tokens_is_the_early_late_proxy():
     assert early[0].sum() == 2 and late[0].sum() == 6
     with pytest.raises(ValueError, match="two tokens"):
         split_tokens([ids[:1]], 4, 0.5)
+
+
+def test_blending_leans_on_the_prior_for_short_prefills() -> None:
+    from scheduler.prediction.prefill_decode import (
+        BLEND_N0,
+        prefill_tokens,
+        quality_by_length,
+    )
+
+    rng = np.random.default_rng(3)
+    layers, experts, top_k, n = 2, 8, 2, 60
+    lengths = rng.choice([1, 2, 40, 400], size=n)
+    prefill = np.zeros((n, layers, experts))
+    for i, t in enumerate(lengths):
+        for layer in range(layers):
+            prefill[i, layer] = np.bincount(rng.integers(0, experts, t * top_k), minlength=experts)
+    decode = rng.poisson(5.0, (n, layers, experts)).astype(float)
+    np.testing.assert_allclose(prefill_tokens(prefill, top_k), lengths)
+
+    model = PrefillDecodePredictor("ridge", top_k=top_k).fit(prefill, decode)
+    assert model.blend_n0_ in BLEND_N0
+    model.blend_n0_ = 16.0
+    w = model.weight(prefill)
+    assert np.all(np.diff(w[np.argsort(lengths)]) >= 0) and 0 < w.min() < w.max() < 1
+    pred = model.predict(prefill)
+    np.testing.assert_allclose(pred.sum(axis=-1), 1.0)
+    # The shortest prefills end near the prior, the longest near the ridge prediction.
+    plain = PrefillDecodePredictor("ridge", blend=False, top_k=top_k).fit(prefill, decode)
+    assert plain.blend_n0_ == 0
+    short = lengths == 1
+    assert (
+        np.abs(pred[short] - model.prior_).sum()
+        < np.abs(plain.predict(prefill)[short] - plain.prior_).sum()
+    )
+    # A class prior, given per request, is what short prefills lean on instead.
+    prior = np.zeros((layers, experts))
+    prior[:, 0] = 1.0
+    assert (model.predict(prefill[short], prior=prior)[:, :, 0] > 0.9).all()
+
+    restored = PrefillDecodePredictor.from_state(*model.get_state())
+    np.testing.assert_allclose(restored.predict(prefill), pred)
+    buckets = quality_by_length(pred, decode, prefill, k=top_k, top_k=top_k)
+    assert [b["tokens"] for b in buckets] == ["<= 8", "(32, 128]", "(128, 512]"]
+    assert sum(b["requests"] for b in buckets) == n and "pearson_mean" in buckets[0]
+
+
+def test_a_bundle_from_before_blending_loads_without_it() -> None:
+    rng = np.random.default_rng(0)
+    prefill = rng.poisson(3.0, (10, 2, 4)).astype(float)
+    model = PrefillDecodePredictor("ridge").fit(prefill, prefill)
+    params, arrays = model.get_state()
+    old = {k: v for k, v in params.items() if k in ("method", "alphas")}
+    loaded = PrefillDecodePredictor.from_state(old, arrays)
+    assert loaded.blend_n0_ == 0 and not loaded.blend

@@ -75,11 +75,22 @@ def _print_fit_report(report: dict[str, Any]) -> None:
     if "held_out" in pd:
         h = pd["held_out"]
         print(f"prefill->decode predictor{proxy}, {pd['test']} held-out requests:")
-        for name in ("prefill", "prior", "ridge"):
+        for name in ("prefill", "prior", "ridge_unblended", "ridge"):
             m = h[name]
+            n0 = pd["blend_n0"]
+            blended = f"ridge, blend n0 {n0:g}" if n0 else "ridge, no blend chosen"
+            label = blended if name == "ridge" else name
             print(
-                f"  {name:>7}: Pearson {_fmt(m['pearson_mean'])}, recall@{m['k']} "
+                f"  {label:>24}: Pearson {_fmt(m['pearson_mean'])}, recall@{m['k']} "
                 f"{_fmt(m['recall_at_k_mean'])}, mass@{m['m']} {_fmt(m['mass_at_m_mean'])}"
+            )
+        buckets = pd.get("held_out_by_prefill_length", {}).get("ridge", [])
+        if buckets:
+            print(
+                "  blended ridge Pearson by prefill tokens: "
+                + ", ".join(
+                    f"{b['tokens']}: {_fmt(b['pearson_mean'])} ({b['requests']})" for b in buckets
+                )
             )
     elif "skipped" in pd:
         print(f"prefill->decode predictor: skipped ({pd['skipped']})")

@@ -10,6 +10,15 @@ Methods (``method``):
   per layer by scikit-learn's efficient leave-one-out ``RidgeCV``). Predictions are
   clipped at zero and renormalised.
 
+A short prefill says little about the decode: a prompt of a few tokens (often all that
+is left after a prefix-cache hit) routes a handful of (token, expert) pairs per layer.
+``ridge`` therefore blends, per request, its prediction with a prior by the prefill's
+length ``n`` (tokens): ``w = n / (n + n0)`` on the ridge prediction, ``1 - w`` on the
+prior (the training decode mean, or a class's shares the caller passes). ``n0`` is
+chosen from :data:`BLEND_N0` on a validation part of the training requests (mean
+per-layer Pearson), then the model is refitted on all of them; ``n0 = 0`` is no blend.
+:func:`quality_by_length` reports a method's scores per prefill-length bucket.
+
 Arrays: ``prefill`` / ``decode`` [n, layers, experts] counts; predictions are
 [n, layers, experts] per-layer shares. Metrics (paper B's per-layer Pearson, top-k
 recall, activation mass captured) are :func:`evaluate_prediction`.
@@ -25,6 +34,13 @@ from scheduler.analysis.stats import pearson_per_layer
 from scheduler.prediction.locality import top_mask
 
 METHODS = ("prefill", "prior", "ridge")
+#: Candidate blend half-weights (prefill tokens at which ridge and the prior weigh the
+#: same); 0: ridge alone.
+BLEND_N0 = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+#: Share of the training requests held out to choose ``n0`` (at least 3 requests each).
+BLEND_VALIDATION = 0.2
+#: Upper edges (prefill tokens, inclusive) of the length buckets of the report.
+LENGTH_BUCKETS = (8, 32, 128, 512)
 
 
 def layer_shares(counts: np.ndarray) -> np.ndarray:
@@ -38,8 +54,9 @@ class PrefillDecodePredictor:
     """Decode expert shares from prefill counts (see the module docstring).
 
     Learned: ``prior_`` [L, E] mean training decode shares; for ``ridge`` also
-    ``coef_`` [L, E, E] (output expert x input expert), ``intercept_`` [L, E] and
-    ``alpha_`` [L].
+    ``coef_`` [L, E, E] (output expert x input expert), ``intercept_`` [L, E],
+    ``alpha_`` [L] and ``blend_n0_`` (0 when fitted with ``blend=False`` or too few
+    requests to choose it).
     """
 
     def __init__(
@@ -47,14 +64,48 @@ class PrefillDecodePredictor:
         method: str = "ridge",
         *,
         alphas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0),
+        blend: bool = True,
+        top_k: int = 1,
     ) -> None:
         self.method = method
         self.alphas = alphas
+        self.blend = blend
+        self.top_k = top_k
+        self.blend_n0_ = 0.0
 
     def get_params(self) -> dict[str, Any]:
-        return {"method": self.method, "alphas": list(self.alphas)}
+        return {
+            "method": self.method,
+            "alphas": list(self.alphas),
+            "blend": self.blend,
+            "top_k": self.top_k,
+        }
 
     def fit(self, prefill: np.ndarray, decode: np.ndarray) -> PrefillDecodePredictor:
+        """Fit on ``prefill`` / ``decode`` counts [n, L, E]; a blending ridge first picks
+        ``n0`` on a validation part (``top_k`` turns counts into tokens)."""
+        prefill, decode = np.asarray(prefill), np.asarray(decode)
+        self.blend_n0_ = 0.0
+        n_val = int(len(prefill) * BLEND_VALIDATION)
+        if self.method == "ridge" and self.blend and n_val >= 3 and len(prefill) - n_val >= 3:
+            order = np.random.default_rng(0).permutation(len(prefill))
+            val, fit = order[:n_val], order[n_val:]
+            self._fit(prefill[fit], decode[fit])
+            scores = {}
+            for n0 in BLEND_N0:
+                self.blend_n0_ = n0
+                pred = self.predict(prefill[val])
+                per_layer = _nanmean(
+                    np.stack(
+                        [pearson_per_layer(p, a) for p, a in zip(pred, decode[val], strict=True)]
+                    ),
+                    axis=0,
+                )
+                scores[n0] = float(np.nanmean(per_layer)) if np.isfinite(per_layer).any() else -1.0
+            self.blend_n0_ = max(scores, key=lambda n0: (scores[n0], -n0))
+        return self._fit(prefill, decode)
+
+    def _fit(self, prefill: np.ndarray, decode: np.ndarray) -> PrefillDecodePredictor:
         from sklearn.linear_model import RidgeCV
 
         if self.method not in METHODS:
@@ -82,8 +133,10 @@ class PrefillDecodePredictor:
             self.alpha_[layer] = model.alpha_
         return self
 
-    def predict(self, prefill: np.ndarray) -> np.ndarray:
-        """Predicted decode shares [n, L, E] from prefill counts [n, L, E]."""
+    def predict(self, prefill: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
+        """Predicted decode shares [n, L, E] from prefill counts [n, L, E]; ``prior``:
+        per-request [n, L, E] (or shared [L, E]) shares a blending ridge leans on for
+        short prefills (default: the training decode mean)."""
         x = layer_shares(prefill)
         if x.shape[1:] != self.prior_.shape:
             raise ValueError(
@@ -95,9 +148,20 @@ class PrefillDecodePredictor:
             return np.broadcast_to(self.prior_, x.shape).copy()
         pred = np.einsum("nle,lfe->nlf", x, self.coef_) + self.intercept_
         pred = layer_shares(np.clip(pred, 0.0, None))
+        base = np.broadcast_to(self.prior_ if prior is None else layer_shares(prior), x.shape)
         empty = pred.sum(axis=-1) == 0
-        pred[empty] = np.broadcast_to(self.prior_, x.shape)[empty]
+        pred[empty] = base[empty]
+        if self.blend_n0_ > 0:
+            w = self.weight(prefill)[:, None, None]
+            pred = w * pred + (1 - w) * base
         return pred
+
+    def weight(self, prefill: np.ndarray) -> np.ndarray:
+        """[n] the ridge's share of the blend for prefill counts [n, L, E]."""
+        tokens = prefill_tokens(prefill, self.top_k)
+        if self.blend_n0_ <= 0:
+            return np.ones(len(tokens))
+        return tokens / (tokens + self.blend_n0_)
 
     # ------------------------------------------------------------------ state
 
@@ -105,13 +169,19 @@ class PrefillDecodePredictor:
         arrays = {"prior": self.prior_}
         if self.method == "ridge":
             arrays.update(coef=self.coef_, intercept=self.intercept_, alpha=self.alpha_)
-        return self.get_params(), arrays
+        return {**self.get_params(), "blend_n0": self.blend_n0_}, arrays
 
     @classmethod
     def from_state(
         cls, params: dict[str, Any], arrays: dict[str, np.ndarray]
     ) -> PrefillDecodePredictor:
-        self = cls(str(params["method"]), alphas=tuple(float(a) for a in params["alphas"]))
+        self = cls(
+            str(params["method"]),
+            alphas=tuple(float(a) for a in params["alphas"]),
+            blend=bool(params.get("blend", False)),  # bundles before blending had none
+            top_k=int(params.get("top_k", 1)),
+        )
+        self.blend_n0_ = float(params.get("blend_n0", 0.0))
         if self.method not in METHODS:
             raise ValueError(f"unknown prefill-decode method {self.method!r}")
         self.prior_ = arrays["prior"].astype(np.float64)
@@ -165,6 +235,43 @@ def evaluate_prediction(
         out[name] = [None if np.isnan(v) else float(v) for v in per_layer]
         out[f"{name}_mean"] = float(np.nanmean(per_layer)) if np.isfinite(per_layer).any() else None
     out.update(k=k, m=m, requests=len(actual))
+    return out
+
+
+def prefill_tokens(prefill: np.ndarray, top_k: int) -> np.ndarray:
+    """[n] prompt tokens behind prefill counts [n, L, E] (pairs per MoE layer / top_k)."""
+    prefill = np.asarray(prefill, dtype=np.float64)
+    return prefill.sum(axis=-1).max(axis=-1) / max(top_k, 1)
+
+
+def quality_by_length(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    prefill: np.ndarray,
+    *,
+    k: int,
+    m: int | None = None,
+    top_k: int = 1,
+) -> list[dict[str, Any]]:
+    """:func:`evaluate_prediction` per prefill-length bucket (:data:`LENGTH_BUCKETS`):
+    ``[{"tokens": "<= 8", "requests": n, "pearson_mean", "recall_at_k_mean", ...}]``,
+    empty buckets left out."""
+    tokens = prefill_tokens(prefill, top_k)
+    edges = (0, *LENGTH_BUCKETS, np.inf)
+    out = []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        rows = (tokens > low) & (tokens <= high) if low else tokens <= high
+        if not rows.any():
+            continue
+        scores = evaluate_prediction(predicted[rows], actual[rows], k=k, m=m)
+        if low == 0:
+            label = f"<= {high:g}"
+        else:
+            label = f"> {low:g}" if high == np.inf else f"({low:g}, {high:g}]"
+        out.append(
+            {"tokens": label, "requests": int(rows.sum())}
+            | {key: value for key, value in scores.items() if key.endswith("_mean")}
+        )
     return out
 
 

@@ -41,7 +41,12 @@ from scheduler.prediction.datasets import (
 from scheduler.prediction.drift import ClassMixDrift
 from scheduler.prediction.evaluation import classification_scores
 from scheduler.prediction.locality import oracle_locality, per_node_capacity
-from scheduler.prediction.prefill_decode import METHODS, PrefillDecodePredictor, evaluate_prediction
+from scheduler.prediction.prefill_decode import (
+    METHODS,
+    PrefillDecodePredictor,
+    evaluate_prediction,
+    quality_by_length,
+)
 from scheduler.prediction.text_classifier import TextClassifier
 from scheduler.prediction.text_cluster import TextClusterClassifier
 
@@ -278,12 +283,21 @@ def fit_prefill_decode(
     if len(train) < 3:
         return None, {"skipped": f"only {len(train)} requests with both phases"}
     report: dict[str, Any] = {"mode": pairs["mode"], "train": len(train), "test": len(test)}
-    fitted = {m: PrefillDecodePredictor(m).fit(pre[train], dec[train]) for m in METHODS}
+    k = model.top_k
+    fitted = {m: PrefillDecodePredictor(m, top_k=k).fit(pre[train], dec[train]) for m in METHODS}
+    fitted["ridge_unblended"] = PrefillDecodePredictor("ridge", blend=False, top_k=k).fit(
+        pre[train], dec[train]
+    )
+    report["blend_n0"] = fitted["ridge"].blend_n0_
     if len(test):
         m = per_node_capacity(model.num_experts, nodes)
+        predicted = {name: p.predict(pre[test]) for name, p in fitted.items()}
         report["held_out"] = {
-            name: evaluate_prediction(p.predict(pre[test]), dec[test], k=model.top_k, m=m)
-            for name, p in fitted.items()
+            name: evaluate_prediction(p, dec[test], k=k, m=m) for name, p in predicted.items()
+        }
+        report["held_out_by_prefill_length"] = {
+            name: quality_by_length(p, dec[test], pre[test], k=k, m=m, top_k=k)
+            for name, p in predicted.items()
         }
         report["alpha_per_layer"] = fitted["ridge"].alpha_.tolist()
     return fitted["ridge"], report
