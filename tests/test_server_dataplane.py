@@ -465,3 +465,33 @@ def test_an_unseen_model_shape_at_production_size() -> None:
         assert 0 <= obs.local_fraction <= 1 and obs.inter_node_bytes > 0
 
     run(go())
+
+
+def test_a_late_serving_loop_refuses_new_calls(tmp_path: Path) -> None:
+    """While the loop runs later than server.max_loop_lag_ms (out of CPU), a new call is
+    refused with the reason; once it catches up, calls are admitted again."""
+    from scheduler.server.core import SchedulerCore
+
+    config = load_config(
+        write_config(
+            tmp_path,
+            "http://127.0.0.1:9",
+            server={"max_loop_lag_ms": 250.0},
+            feedback={"worker": "thread"},
+        )
+    )
+
+    async def go() -> list[str | None]:
+        core = SchedulerCore(config)
+        seen = []
+        for lag_s in (0.3, 0.1):
+            core.loop_lag_s = lag_s
+            seen.append(core.refuse_new_call())
+        core.telemetry.close()
+        for backend in core.backends.values():
+            await backend.close()
+        return seen
+
+    late, caught_up = run(go())
+    assert late is not None and "300 ms late" in late and "max_loop_lag_ms" in late
+    assert caught_up is None
