@@ -5,12 +5,18 @@ mixed, prefill (one token after the decode peer took the KV) or decode (KV fetch
 the prefill's bootstrap server, then the completion); ``GET /health`` (and
 ``/health_generate``), ``GET /ready``, ``GET /server_info`` (and ``/get_server_info``),
 ``GET /model_info`` (and ``/get_model_info``), ``GET /v1/models[/{model}]``,
-``GET /v1/loads``; and the emulator's ``/admin`` endpoints (:mod:`.admin`).
+``GET /v1/loads``; ``POST /v1/chat/completions`` and ``POST /v1/completions`` (unary or
+SSE), which take /generate's path (rank, timing, routing, PD role) with the OpenAI body
+read and the answer written by :mod:`.openai_api` (a :class:`_Format` per endpoint); and
+the emulator's ``/admin`` endpoints (:mod:`.admin`).
 
-Errors are SGLang's: ``{"error": {"message": ...}}`` with 400 for a bad request; a KV
+Errors are SGLang's: on /generate ``{"error": {"message": ...}}`` with 400 for a bad
+request (the OpenAI endpoints: its ``ErrorResponse``, below, type ``BadRequestError``, or
+``Bad Request`` where FastAPI's validation would refuse the body); a KV
 transfer failure (PD) is 500 with SGLang's ``ErrorResponse`` body ``{"object": "error",
 "message", "type": "500", "param": null, "code": 500}`` (in a stream: a last chunk whose
-``finish_reason`` is ``{"type": "abort", "message", "status_code": 500, ...}``). Where
+``finish_reason`` is ``{"type": "abort", "message", "status_code": 500, ...}``; an
+OpenAI stream sends ``{"error": ErrorResponse}`` instead). Where
 SGLang's DP controller would raise (a request pinned to a failed rank), the instance
 dies instead of answering (:mod:`.instance`). With an API key every path but
 ``/health*``, ``/ready*`` and ``/metrics*`` needs ``Authorization: Bearer KEY``
@@ -22,10 +28,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +45,14 @@ from scheduler.emulator.generate_request import expected_prefill_rank
 from scheduler.emulator.info import DISAGGREGATION_MODE, model_info, server_info
 from scheduler.emulator.instance import Instance, vanish
 from scheduler.emulator.kv_rooms import KvTransferFailed
+from scheduler.emulator.openai_api import (
+    DP_RANK_HEADER,
+    OpenAIFormat,
+    OpenAIRefusal,
+    OpenAIRequest,
+    parse_chat,
+    parse_completion,
+)
 from scheduler.emulator.ranks import ControllerCrash, RankPool, RankUnavailable
 from scheduler.emulator.web_common import (
     EMULATOR_KEY,
@@ -83,25 +97,129 @@ async def _run_for(emulator: Emulator, pool: RankPool, rank: int, modelled_s: fl
     await pool.checkpoint(rank)
 
 
+class _Format(Protocol):
+    """How an endpoint writes what the shared path produces: /generate's answer and
+    stream chunks (``Emulator.response``, ``stream_chunk``, ``abort_chunk``) as they
+    are (:class:`_Native`), or as SGLang's OpenAI layer translates them
+    (:class:`.openai_api.OpenAIFormat`)."""
+
+    def answer(self, content: dict[str, Any]) -> dict[str, Any]: ...
+    def chunks(self, content: dict[str, Any]) -> list[bytes]: ...
+    def end(self) -> list[bytes]: ...
+    def refused(self, message: str, status: int) -> dict[str, Any]: ...
+    def stream_error(self, message: str, status: int) -> bytes: ...
+
+
+class _Native:
+    """/generate: the native answer and chunks; errors ``{"error": {"message": ...}}``."""
+
+    def answer(self, content: dict[str, Any]) -> dict[str, Any]:
+        return content
+
+    def chunks(self, content: dict[str, Any]) -> list[bytes]:
+        return [_sse(content)]
+
+    def end(self) -> list[bytes]:
+        return []
+
+    def refused(self, message: str, status: int) -> dict[str, Any]:
+        return {"error": {"message": message}}
+
+    def stream_error(self, message: str, status: int) -> bytes:
+        return _sse({"error": {"message": message}})
+
+
+_NATIVE = _Native()
+
+
 @dataclass
 class _Served:
-    """What the request log records of one /generate request."""
+    """One request on its way: how its answer is written, and what the request log
+    records of it."""
 
+    format: _Format = field(default=_NATIVE)
     plan: Plan | None = None
     outcome: str = "error"
     generated: int = 0
     error: str | None = None
 
 
-# --------------------------------------------------------------------------- /generate
+@dataclass(frozen=True)
+class _Parsed:
+    """A request body read by its endpoint: the /generate body it amounts to, and what
+    :meth:`Emulator.plan` and the answer need besides."""
+
+    body: Any
+    format: _Format
+    class_text: str | None = None
+    pinned_field: str | None = None
+
+
+class _Refused(Exception):
+    """A body its endpoint refuses before planning: ``body`` with ``status``."""
+
+    def __init__(self, message: str, body: dict[str, Any], status: int) -> None:
+        super().__init__(message)
+        self.body = body
+        self.status = status
+
+
+def _read_generate(request: web.Request, raw: bytes, emulator: Emulator) -> _Parsed:
+    try:
+        return _Parsed(json.loads(raw), _NATIVE)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        message = f"the request body is not JSON ({e})"
+        raise _Refused(message, _NATIVE.refused(message, 400), 400) from None
+
+
+def _openai_reader(
+    parse: Callable[[bytes, str, str | None, Any, str], OpenAIRequest],
+) -> Callable[[web.Request, bytes, Emulator], _Parsed]:
+    def read(request: web.Request, raw: bytes, emulator: Emulator) -> _Parsed:
+        headers = request.headers
+        try:
+            r = parse(
+                raw,
+                headers.get("Content-Type", ""),
+                headers.get(DP_RANK_HEADER),
+                emulator.version,
+                emulator.model.name,
+            )
+        except OpenAIRefusal as e:
+            raise _Refused(str(e), e.body, e.status) from None
+        incremental = emulator.config.incremental_streaming_output
+        fmt = OpenAIFormat(r, int(time.time()), incremental)
+        return _Parsed(r.generate_body, fmt, r.class_text, r.pinned_field)
+
+    return read
+
+
+# --------------------------------------------------------------------------- handlers
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
+    """``/generate``."""
+    return await _serve(request, _read_generate)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """``/v1/chat/completions``: /generate's path, OpenAI's request and response."""
+    return await _serve(request, _openai_reader(parse_chat))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """``/v1/completions``: /generate's path, OpenAI's request and response."""
+    return await _serve(request, _openai_reader(parse_completion))
+
+
+async def _serve(
+    request: web.Request, read: Callable[[web.Request, bytes, Emulator], _Parsed]
+) -> web.StreamResponse:
     emulator = request.app[EMULATOR_KEY]
     instance = request.app[INSTANCE_KEY]
     served = _Served()
     try:
-        return await _generate(request, emulator, instance, emulator.pool, served)
+        return await _generate(request, read, emulator, instance, emulator.pool, served)
     except asyncio.CancelledError:  # the client went away, or the instance died
         served.outcome = "error" if instance.dead else "cancelled"
         served.error = served.error or instance.reason or "the client went away"
@@ -122,18 +240,26 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(
-    request: web.Request, emulator: Emulator, instance: Instance, pool: RankPool, served: _Served
+    request: web.Request,
+    read: Callable[[web.Request, bytes, Emulator], _Parsed],
+    emulator: Emulator,
+    instance: Instance,
+    pool: RankPool,
+    served: _Served,
 ) -> web.StreamResponse:
     started = time.perf_counter()
     try:
-        body = json.loads(await request.read())
-        plan = emulator.plan(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        served.error = f"the request body is not JSON ({e})"
-        return error_response(served.error, 400)
+        parsed = read(request, await request.read(), emulator)
+        served.format = parsed.format
+        plan = emulator.plan(
+            parsed.body, class_text=parsed.class_text, pinned_field=parsed.pinned_field
+        )
+    except _Refused as e:
+        served.error = str(e)
+        return json_response(e.body, e.status)
     except BadRequest as e:
         served.error = str(e)
-        return error_response(served.error, 400)
+        return json_response(served.format.refused(served.error, 400), 400)
     except ControllerCrash as e:  # SGLang's DP controller raises: the server goes down
         served.error = str(e)
         instance.die(f"SGLang's DP controller would raise: {e}", e.restart_after_s)
@@ -148,7 +274,7 @@ async def _generate(
             response = await _mixed(request, emulator, pool, plan, started, served)
     except RankUnavailable as e:  # shutting down, or the rank failed under the request
         served.error = str(e)
-        return error_response(str(e), 503)
+        return json_response(served.format.refused(str(e), 503), 503)
     except _Abort as e:  # SGLang's ErrorResponse, as its HTTPException handler sends it
         served.error, served.generated = str(e), 0
         body = {"object": "error", "message": str(e), "type": str(e.status), "param": None}
@@ -201,7 +327,8 @@ async def _tokens(
     finally:
         pool.record_decode(plan.rank, max(served.generated - 1, 0), batch, per_token)
         pool.release(plan.rank, plan.ticket, served.generated)
-    return json_response(emulator.response(plan, time.perf_counter() - started, modelled))
+    answer = emulator.response(plan, time.perf_counter() - started, modelled)
+    return json_response(served.format.answer(answer))
 
 
 async def _prefill(
@@ -256,7 +383,8 @@ async def _prefill(
         rooms.close(room)
     if plan.request.stream:
         return await _stream(request, emulator, pool, plan, [0.0], modelled, started, served)
-    return json_response(emulator.response(plan, time.perf_counter() - started, modelled))
+    answer = emulator.response(plan, time.perf_counter() - started, modelled)
+    return json_response(served.format.answer(answer))
 
 
 def _prefill_failure(plan: Plan, reason: str) -> str:
@@ -328,20 +456,24 @@ async def _stream(
     started: float,
     served: _Served,
 ) -> web.StreamResponse:
-    """SSE: one ``data: {...}`` chunk per generated token, each after its modelled delay
-    (``delays``, one per chunk), then ``data: [DONE]``; the last chunk has the finish
-    reason and ``routed_experts``. With ``served.error`` set (a PD abort), a single
-    abort chunk as SGLang streams it. Counts the tokens sent in ``served.generated``."""
+    """SSE: one native chunk per generated token, each after its modelled delay
+    (``delays``, one per chunk), written by ``served.format`` (the chunk itself, or its
+    OpenAI events), then the format's closing events and ``data: [DONE]``; the last
+    native chunk has the finish reason and ``routed_experts``. With ``served.error`` set
+    (a PD abort), a single abort chunk as SGLang streams it. Counts the tokens sent in
+    ``served.generated``."""
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    error: dict[str, Any] | None = None
+    fmt = served.format
+    error: bytes | None = None
     sent = 0
     try:
         if served.error is not None:
             served.generated = 0  # nothing reaches the client
-            await response.write(_sse(emulator.abort_chunk(plan, served.error, 500)))
+            for event in fmt.chunks(emulator.abort_chunk(plan, served.error, 500)):
+                await response.write(event)
         for done, delay in _chunks(plan, delays):
             if delay > 0:  # (a token that came with the KV, or the prefill's after it)
                 await _run_for(emulator, pool, plan.rank, delay)
@@ -353,17 +485,21 @@ async def _stream(
                 e2e_latency=time.perf_counter() - started if last else None,
                 modelled=modelled if last else None,
             )
-            await response.write(_sse(chunk))
+            for event in fmt.chunks(chunk):
+                await response.write(event)
             sent = served.generated = done
     except RankUnavailable as e:
-        error = {"error": {"message": str(e)}}
+        error = fmt.stream_error(str(e), 503)
         served.error = str(e)
     except ConnectionError:  # the client went away: nothing more to send
         served.outcome, served.error = "cancelled", "the client went away"
         return response
     try:
-        if error is not None:
-            await response.write(_sse(error))
+        if error is not None:  # (SGLang's OpenAI stream ends at an error too)
+            await response.write(error)
+        else:
+            for event in fmt.end():
+                await response.write(event)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionError:
@@ -512,6 +648,8 @@ def create_app(emulator: Emulator, instance: Instance) -> web.Application:
         app.cleanup_ctx.append(_client_session)
     app.router.add_route("POST", "/generate", generate)
     app.router.add_route("PUT", "/generate", generate)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
     for path in ("/health", "/health_generate", "/ready"):
         app.router.add_get(path, health)
     for path in ("/server_info", "/get_server_info"):

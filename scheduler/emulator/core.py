@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -260,12 +260,20 @@ class Emulator:
 
     # ----------------------------------------------------------------- planning
 
-    def plan(self, body: Any) -> Plan:
+    def plan(
+        self, body: Any, *, class_text: str | None = None, pinned_field: str | None = None
+    ) -> Plan:
         """Validate a /generate body and decide rank, class, routing and tokens.
 
+        ``class_text``: the text the prompt's class is looked up by, when not the prompt
+        itself (a chat request: its last user message, not the rendered template);
+        ``pinned_field``: what pinned the rank when not a body field (the OpenAI
+        endpoints' ``X-Data-Parallel-Rank`` header), for the request log.
         Raises BadRequest, or ControllerCrash where SGLang's DP controller would raise.
         """
         request = parse_generate(body, self.config.default_max_new_tokens, self.version)
+        if pinned_field is not None and request.routed_dp_rank is not None:
+            request = replace(request, pinned_field=pinned_field)
         if request.text is not None:
             key = prompt_key(request.text)
             prompt_tokens = estimate_prompt_tokens(request.text)
@@ -290,7 +298,8 @@ class Emulator:
         request_id = request.rid or f"{self._ids.getrandbits(128):032x}"
         if pd:
             self._check_bootstrap_fields(request, request_id)
-        class_name, class_from = self.workload.class_of(key)
+        class_key = key if class_text is None else prompt_key(class_text)
+        class_name, class_from = self.workload.class_of(class_key)
         requested = request.max_new_tokens
         completion = min(requested, 1) if self.role == "prefill" else requested
         locality = self._class_locality(class_name, rank)
