@@ -3,6 +3,8 @@
 async with SchedulerClient("127.0.0.1:50051") as client:
     reply = await client.generate("Solve 2x + 3 = 7", max_new_tokens=32)
     print(reply.text, reply.info.dp_rank)
+    reply = await client.chat([("user", "Solve 2x + 3 = 7")], max_new_tokens=32)
+    print(reply.message.content)
 
 TLS: ``tls_ca`` (PEM bytes of the CA that signed the server's certificate), and
 ``tls_cert``/``tls_key`` for a client certificate. ``token``: the admin bearer token,
@@ -22,6 +24,36 @@ from scheduler.api.v1 import scheduler_pb2 as pb
 from scheduler.api.v1 import scheduler_pb2_grpc as pb_grpc
 
 
+def _sampling(max_new_tokens: int | None, temperature: float | None) -> pb.SamplingParams:
+    sampling = pb.SamplingParams()
+    if max_new_tokens is not None:
+        sampling.max_new_tokens = max_new_tokens
+    if temperature is not None:
+        sampling.temperature = temperature
+    return sampling
+
+
+def make_chat_request(
+    messages: list[tuple[str, str]],
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    class_hint: str = "",
+    request_id: str = "",
+    conversation_id: str = "",
+    model: str = "",
+) -> pb.ChatRequest:
+    """A ChatRequest of (role, content) messages."""
+    return pb.ChatRequest(
+        request_id=request_id,
+        messages=[pb.ChatMessage(role=role, content=content) for role, content in messages],
+        sampling=_sampling(max_new_tokens, temperature),
+        class_hint=class_hint,
+        conversation_id=conversation_id,
+        model=model,
+    )
+
+
 def make_request(
     prompt: str | list[int],
     *,
@@ -32,11 +64,7 @@ def make_request(
     conversation_id: str = "",
 ) -> pb.GenerateRequest:
     """A GenerateRequest for a text prompt or a list of token ids."""
-    sampling = pb.SamplingParams()
-    if max_new_tokens is not None:
-        sampling.max_new_tokens = max_new_tokens
-    if temperature is not None:
-        sampling.temperature = temperature
+    sampling = _sampling(max_new_tokens, temperature)
     request = pb.GenerateRequest(
         request_id=request_id,
         sampling=sampling,
@@ -101,6 +129,21 @@ class SchedulerClient:
         self, prompt: str | list[int], *, timeout: float | None = None, **kwargs: Any
     ) -> AsyncIterator[pb.GenerateChunk]:
         call = self.stub.GenerateStream(make_request(prompt, **kwargs), timeout=timeout)
+        async for chunk in call:
+            yield chunk
+
+    async def chat(
+        self, messages: list[tuple[str, str]], *, timeout: float | None = None, **kwargs: Any
+    ) -> pb.ChatResponse:
+        response: pb.ChatResponse = await self.stub.Chat(
+            make_chat_request(messages, **kwargs), timeout=timeout
+        )
+        return response
+
+    async def chat_stream(
+        self, messages: list[tuple[str, str]], *, timeout: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[pb.ChatChunk]:
+        call = self.stub.ChatStream(make_chat_request(messages, **kwargs), timeout=timeout)
         async for chunk in call:
             yield chunk
 

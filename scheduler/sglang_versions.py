@@ -87,6 +87,10 @@ ROUTING_KEY_POLICY_SINCE = SglangVersion.parse("0.5.8")
 #: ``--enable-return-routed-experts`` and /generate's ``return_routed_experts`` first
 #: appear in 0.5.7 (sgl-project/sglang#12162); 0.5.6's parser has no such flag.
 ROUTED_EXPERTS_SINCE = SglangVersion.parse("0.5.7")
+#: The OpenAI endpoints (``/v1/chat/completions``, ``/v1/completions``) accept
+#: ``return_routed_experts`` and answer a response-level ``sglext.routed_experts`` from
+#: 0.5.9 (sgl-project/sglang PR #17434); older versions drop the field.
+OPENAI_ROUTED_EXPERTS_SINCE = SglangVersion.parse("0.5.9")
 
 #: Prefill/decode disaggregation: ``--disaggregation-mode null|prefill|decode``,
 #: ``--disaggregation-bootstrap-port`` (default :data:`DEFAULT_BOOTSTRAP_PORT`) and

@@ -275,14 +275,15 @@ def test_prefill_and_decode_legs_carry_the_pairing_fields(tmp_path: Path) -> Non
                         for i in range(4)
                     ]
                     chunks = [c async for c in client.generate_stream("hi", max_new_tokens=3)]
+                    chat = await client.chat([("user", "hi")], max_new_tokens=3)  # OpenAI's
                     stats = await client.stats()
                     assert {r.role for r in stats.ranks} == {"prefill", "decode"}
-                    return [*replies, chunks[-1]]
+                    return [*replies, chunks[-1], chat]
 
             answers = run(go())
         prefill_rows = {r["rid"]: r for r in _served(p)}
         decode_rows = {r["rid"]: r for r in _served(d)}
-    assert len(prefill_rows) == len(decode_rows) == 5
+    assert len(prefill_rows) == len(decode_rows) == 6
     for answer in answers:
         info = answer.info  # type: ignore[attr-defined]
         assert (info.instance, info.prefill_instance) == ("a", "b")
@@ -294,19 +295,21 @@ def test_prefill_and_decode_legs_carry_the_pairing_fields(tmp_path: Path) -> Non
         assert (decode["bootstrap_host"], decode["bootstrap_port"]) == p.bootstrap
         assert decode["disagg_prefill_dp_rank"] == prefill["dp_rank"]
         assert prefill["pinned_field"] == decode["pinned_field"] == "routed_dp_rank"
-    assert sum(d.emulator.requests.prefill_rank_honoured) == 5
+    assert sum(d.emulator.requests.prefill_rank_honoured) == 6
 
 
 def test_an_old_sglang_gets_the_old_rank_field(tmp_path: Path) -> None:
-    """SGLang 0.5.9 knows only data_parallel_rank (routed_dp_rank would be dropped): the
-    scheduler reads the version from /server_info and the pin holds."""
+    """SGLang 0.5.9 knows only data_parallel_rank (routed_dp_rank would be dropped), on
+    /generate and on its OpenAI endpoints: the scheduler reads the version from
+    /server_info and the pin holds."""
     with EmulatorServer(make_emulator(sglang_version="0.5.9")) as emu:
         config = write_config(tmp_path, emu.url, policy={"name": "round_robin"})
         with SchedulerServer(config) as s:
 
             async def go() -> list[int]:
                 async with SchedulerClient(s.target) as client:
-                    replies = [await client.generate(f"p{i}", max_new_tokens=2) for i in range(8)]
+                    replies = [await client.generate(f"p{i}", max_new_tokens=2) for i in range(7)]
+                    replies.append(await client.chat([("user", "p7")], max_new_tokens=2))
                     return [r.info.dp_rank for r in replies]
 
             chosen = run(go())

@@ -1,6 +1,7 @@
-"""Start and stop a scheduler server: gRPC (the API, health, reflection) and the
-Prometheus metrics endpoint on one asyncio loop (uvloop when installed); SIGHUP reloads
-the configuration. TLS and the admission bounds are set here (docs/server.md)."""
+"""Start and stop a scheduler server: gRPC (the API, health, reflection), the Prometheus
+metrics endpoint and the optional OpenAI-compatible listener on one asyncio loop (uvloop
+when installed); SIGHUP reloads the configuration. TLS and the admission bounds are set
+here (docs/server.md)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from scheduler.errors import ConfigError
 from scheduler.server.config import ServerConfig
 from scheduler.server.core import SchedulerCore
+from scheduler.server.openai_http import start_openai
 from scheduler.server.service import SERVICE_NAME, SchedulerService, handlers
 
 log = logging.getLogger("moe_scheduler.server")
@@ -42,6 +44,9 @@ class RunningServer:
     metrics_runner: web.AppRunner
     grpc_address: str
     metrics_url: str
+    #: The OpenAI-compatible listener (server.openai_listen), when configured.
+    openai_runner: web.AppRunner | None = None
+    openai_url: str = ""
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -56,6 +61,9 @@ class RunningServer:
         """Stop taking requests, let running ones finish for ``grace_s``, then close."""
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace_s)
+        if self.openai_runner is not None:
+            await self.openai_runner.shutdown()
+            await self.openai_runner.cleanup()
         await self.core.stop()
         await self.metrics_runner.cleanup()
 
@@ -152,9 +160,24 @@ async def start_server(config: ServerConfig) -> RunningServer:
         await runner.cleanup()
         raise ConfigError(f"server.metrics_listen {config.server.metrics_listen}: {e}") from None
     bound = runner.addresses[0][1]
+    openai_runner, openai_url = None, ""
+    if config.server.openai_listen:
+        o_host, o_port = _split(config.server.openai_listen)
+        try:
+            openai_runner, openai_url = await start_openai(core, o_host, o_port)
+        except OSError as e:
+            await runner.cleanup()
+            raise ConfigError(f"server.openai_listen {config.server.openai_listen}: {e}") from None
     await server.start()
     running = RunningServer(
-        core, server, health, runner, f"{host}:{port}", f"http://{m_host}:{bound}/metrics"
+        core,
+        server,
+        health,
+        runner,
+        f"{host}:{port}",
+        f"http://{m_host}:{bound}/metrics",
+        openai_runner,
+        openai_url,
     )
     await running.set_serving(False)
     loop = asyncio.get_running_loop()

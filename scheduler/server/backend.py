@@ -1,5 +1,6 @@
-"""SGLang's HTTP API as the scheduler uses it (docs/server.md): ``/generate`` (unary and
-server-sent events), ``/health``, ``/v1/loads`` and ``/server_info``; one
+"""SGLang's HTTP API as the scheduler uses it (docs/server.md): ``/generate`` and the
+OpenAI ``/v1/chat/completions`` and ``/v1/completions`` (unary and server-sent events),
+``/health``, ``/v1/loads`` and ``/server_info``; one
 :class:`SGLangBackend` per SGLang instance.
 
 Responses are read as bytes (``wire.py``): the routed experts stay raw base64 for the
@@ -17,7 +18,21 @@ import aiohttp
 import numpy as np
 import orjson
 
-from scheduler.server.wire import SSEEvents, StreamDelta, WireError, loads, split_routed
+from scheduler.server.wire import (
+    OpenAIEvents,
+    SSEEvents,
+    StreamDelta,
+    WireError,
+    loads,
+    openai_content,
+    openai_meta,
+    split_routed,
+)
+
+#: SGLang's native endpoint; the OpenAI ones are CHAT and COMPLETIONS.
+GENERATE = "/generate"
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 
 
 class BackendError(Exception):
@@ -48,12 +63,16 @@ class BackendError(Exception):
 @dataclass
 class Answer:
     """A finished ``/generate``: its ``meta_info`` (without routed experts), the text and
-    ids (unary only; a stream relayed them), and the routed experts as base64 bytes."""
+    ids (unary only; a stream relayed them), and the routed experts as base64 bytes. From
+    an OpenAI endpoint: ``meta`` in the same terms (``wire.openai_meta``), the first
+    choice's text and the body."""
 
     meta: dict[str, Any] = field(default_factory=dict)
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     routed: bytes | None = None
+    #: An OpenAI endpoint's unary answer as the client gets it (routed experts cut out).
+    body: bytes = b""
 
 
 class SGLangBackend:
@@ -84,17 +103,25 @@ class SGLangBackend:
     def _timeout(self, total_s: float | None) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=total_s, sock_connect=self.connect_timeout_s)
 
-    async def generate(self, payload: dict[str, Any], timeout_s: float | None) -> Answer:
-        """One non-streaming ``/generate``; raises :class:`BackendError`."""
+    async def _post(self, path: str, payload: dict[str, Any], timeout_s: float | None) -> bytes:
+        """The body of a 200 answer to POST ``path``; raises :class:`BackendError`."""
         try:
             async with self.session.post(
-                f"{self.url}/generate", data=orjson.dumps(payload), timeout=self._timeout(timeout_s)
+                f"{self.url}{path}", data=orjson.dumps(payload), timeout=self._timeout(timeout_s)
             ) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     raise _http_error(resp.status, body)
+                return body
         except aiohttp.ClientError as e:
             raise _client_error(e) from e
+
+    async def generate(
+        self, payload: dict[str, Any], timeout_s: float | None, path: str = GENERATE
+    ) -> Answer:
+        """One non-streaming ``/generate`` (or OpenAI ``path``); raises
+        :class:`BackendError`."""
+        body = await self._post(path, payload, timeout_s)
         try:
             rest, routed = split_routed(body)
             data = loads(rest)
@@ -102,6 +129,8 @@ class SGLangBackend:
             raise BackendError(f"backend answered {e}", retryable=True) from e
         if not isinstance(data, dict):
             raise BackendError("backend answered a non-object", retryable=True)
+        if path != GENERATE:
+            return Answer(openai_meta(data), openai_content(data), routed=routed, body=rest)
         meta = data.get("meta_info")
         try:
             ids = [int(i) for i in data.get("output_ids") or []]
@@ -112,16 +141,23 @@ class SGLangBackend:
         )
 
     async def generate_stream(
-        self, payload: dict[str, Any], timeout_s: float | None, max_event_bytes: int
-    ) -> AsyncIterator[tuple[str, list[int]] | Answer]:
-        """The new (text, ids) of each streamed chunk, then the :class:`Answer` of the
-        last one. An error event raises a non-retryable :class:`BackendError`."""
+        self,
+        payload: dict[str, Any],
+        timeout_s: float | None,
+        max_event_bytes: int,
+        openai: OpenAIEvents | None = None,
+        path: str = GENERATE,
+    ) -> AsyncIterator[tuple[str, Any] | Answer]:
+        """The new (text, ids) of each streamed ``/generate`` chunk, or with ``openai``
+        (an OpenAI ``path``) the (new text, event to relay or None) of each chunk; then
+        the :class:`Answer` of the last one. An error event raises a non-retryable
+        :class:`BackendError`."""
         events = SSEEvents(max_event_bytes)
-        delta = StreamDelta()
+        feed = StreamDelta().feed if openai is None else openai.feed
         last = b""
         try:
             async with self.session.post(
-                f"{self.url}/generate",
+                f"{self.url}{path}",
                 data=orjson.dumps({**payload, "stream": True}),
                 timeout=self._timeout(timeout_s),
             ) as resp:
@@ -135,20 +171,20 @@ class SGLangBackend:
                             break
                         if b'"error"' in raw[:16]:
                             raise _event_error(raw)
-                        yield delta.feed(raw)
+                        yield feed(raw)
                         last = raw
                     if done:
                         break
                 if not done:
                     for raw in events.close():
                         if raw != b"[DONE]":
-                            yield delta.feed(raw)
+                            yield feed(raw)
                             last = raw
         except aiohttp.ClientError as e:
             raise _client_error(e) from e
         except WireError as e:
             raise BackendError(f"backend sent a bad event ({e})", retryable=False) from e
-        yield _final(last)
+        yield _final(last) if openai is None else Answer(openai.meta, routed=openai.routed)
 
     async def health(self, timeout_s: float) -> bool | None:
         """``/health``: True when it answers 200, False when it answers otherwise or the

@@ -52,6 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         c = running.core
         print(f"grpc listening on {running.grpc_address}", flush=True)
         print(f"metrics on {running.metrics_url}", flush=True)
+        if running.openai_url:
+            print(f"openai listening on {running.openai_url}", flush=True)
         print(
             f"serving placement {c.cluster.version} ({c.cluster.topology.nodes} nodes x "
             f"{c.cluster.topology.gpus_per_node} GPUs, {c.cluster.model.name}) with policy "
@@ -353,6 +355,23 @@ async def _client(args: argparse.Namespace) -> int:
                             timeout=args.timeout,
                         )
                     )
+            elif args.action == "chat":
+                messages = [("system", args.system)] if args.system else []
+                messages.append(("user", args.message))
+                kwargs = {
+                    "max_new_tokens": args.max_new_tokens,
+                    "class_hint": args.class_hint,
+                    "timeout": args.timeout,
+                }
+                if args.stream:
+                    async for piece in client.chat_stream(messages, **kwargs):
+                        if piece.finished:
+                            print(file=sys.stderr)
+                            show(piece.info)
+                        else:
+                            print(piece.content, end="", flush=True)
+                else:
+                    show(await client.chat(messages, **kwargs))
             elif args.action == "stats":
                 stats = await client.stats()
                 show(stats)
@@ -423,6 +442,14 @@ def add_commands(sub: Any) -> None:
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--class-hint", default="")
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    h = actions.add_parser(
+        "chat", help="send one chat message (SGLang applies the chat template); print the answer"
+    )
+    h.add_argument("message", help="the user's message")
+    h.add_argument("--system", default="", help="a system message before it")
+    h.add_argument("--max-new-tokens", type=int, default=None)
+    h.add_argument("--class-hint", default="")
+    h.add_argument("--stream", action="store_true", help="print the answer as it arrives")
     r = actions.add_parser("replay", help="send a prompt file at a rate; print a summary")
     r.add_argument("prompts", type=Path, help='JSONL(.gz) rows with "prompt" (and "id")')
     r.add_argument("--rate", type=float, default=50.0, help="requests per second (default 50)")

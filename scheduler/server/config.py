@@ -22,6 +22,7 @@ ROLES = ("mixed", "prefill", "decode")
 WORKER_KINDS = ("process", "thread")
 #: Environment variables that override the secret files (Kubernetes Secrets).
 ADMIN_TOKEN_ENV = "MOE_SCHEDULER_ADMIN_TOKEN"
+OPENAI_API_KEY_ENV = "MOE_SCHEDULER_OPENAI_API_KEY"
 BACKEND_API_KEY_ENV = "MOE_SCHEDULER_BACKEND_API_KEY"
 
 
@@ -57,6 +58,11 @@ class ServerSection:
     #: File holding the bearer token of the admin RPCs ($MOE_SCHEDULER_ADMIN_TOKEN
     #: overrides it). Without one, admin RPCs answer PERMISSION_DENIED.
     admin_token_file: Path | None = None
+    #: The OpenAI-compatible HTTP listener (host:port; port 0 picks a free one); "": off.
+    openai_listen: str = ""
+    #: File holding the API key OpenAI clients must send as ``Authorization: Bearer``
+    #: ($MOE_SCHEDULER_OPENAI_API_KEY overrides it); without one the listener is open.
+    openai_api_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,7 @@ _PATH_KEYS = {
     ("server", "tls_key"),
     ("server", "tls_client_ca"),
     ("server", "admin_token_file"),
+    ("server", "openai_api_key_file"),
     ("backend", "api_key_file"),
     ("cluster", "placement"),
     ("cluster", "topology"),
@@ -323,8 +330,10 @@ def _check(c: ServerConfig) -> None:
             "backend.instances: prefill/decode disaggregation needs at least one prefill and one "
             f"decode instance and no mixed one (roles given: {', '.join(sorted(roles))})"
         )
-    for key in ("listen", "metrics_listen"):
+    for key in ("listen", "metrics_listen", "openai_listen"):
         value = getattr(c.server, key)
+        if key == "openai_listen" and not value:
+            continue
         host, _, port = value.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
             fail(f"server.{key} must be HOST:PORT, got {value!r}")

@@ -27,17 +27,18 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from scheduler.errors import MoeSchedulerError
 from scheduler.policies import POLICIES, RequestInfo, RoutingPolicy, make_policy
-from scheduler.server.backend import Answer, BackendError, SGLangBackend
+from scheduler.server.backend import GENERATE, Answer, BackendError, SGLangBackend
 from scheduler.server.cluster import ClusterState, InstanceState, load_cluster
 from scheduler.server.config import (
     ADMIN_TOKEN_ENV,
     BACKEND_API_KEY_ENV,
+    OPENAI_API_KEY_ENV,
     ServerConfig,
     decode_too_old,
     load_config,
@@ -54,9 +55,11 @@ from scheduler.server.telemetry import (
     RoutedSampler,
     TelemetryWorker,
 )
+from scheduler.server.wire import OpenAIEvents
 from scheduler.sglang_versions import (
     DEFAULT_BOOTSTRAP_PORT,
     DISAGG_PREFILL_DP_RANK_SINCE,
+    OPENAI_ROUTED_EXPERTS_SINCE,
     SglangVersion,
     rank_field,
 )
@@ -101,6 +104,11 @@ class Job:
     conversation_id: str
     prompt_tokens: int
     arrived: float = field(default_factory=time.monotonic)
+    #: The SGLang endpoint (backend.GENERATE, CHAT or COMPLETIONS). For an OpenAI one,
+    #: ``openai`` is the body to forward (without ``stream`` and the fields the scheduler
+    #: sets) and ``text`` what prediction reads.
+    endpoint: str = GENERATE
+    openai: dict[str, Any] | None = None
 
     @property
     def max_new_tokens(self) -> int:
@@ -133,9 +141,14 @@ class Outcome:
     attempts: int = 0
     local_fraction: float | None = None
     inter_node_bytes: float | None = None
+    #: An OpenAI endpoint's unary answer as the client gets it.
+    body: bytes = b""
 
 
+#: Streamed /generate: called with the new (text, token ids) of each chunk.
 Chunk = Callable[[str, list[int]], Awaitable[None]]
+#: Streamed OpenAI endpoint: called with the new text and the event to relay (or None).
+EventChunk = Callable[[str, bytes | None], Awaitable[None]]
 
 
 def build_policy(
@@ -159,6 +172,11 @@ def build_policy(
         accepted = inspect.signature(cls.__init__).parameters
         params = {k: v for k, v in available.items() if k in accepted}
     return make_policy(name, **params)
+
+
+def estimate_tokens(text: str) -> int:
+    """A prompt's tokens before SGLang tokenizes it: about 4 bytes of UTF-8 per token."""
+    return max(1, math.ceil(len(text.encode("utf-8", "replace")) / 4))
 
 
 def validate(config: ServerConfig, cluster: ClusterState, request: dict[str, Any]) -> Job:
@@ -186,7 +204,7 @@ def validate(config: ServerConfig, cluster: ClusterState, request: dict[str, Any
             raise bad(f"the prompt has {len(text)} characters; the limit is {s.max_prompt_chars}")
         if not text.strip():
             raise bad("the prompt text is empty")
-        prompt_tokens = max(1, math.ceil(len(text.encode("utf-8", "replace")) / 4))
+        prompt_tokens = estimate_tokens(text)
     else:
         assert ids is not None
         if not ids:
@@ -295,8 +313,11 @@ class SchedulerCore:
         self.sampler = self._sampler(config)
         self.max_event_bytes = max_event_bytes(config, self.cluster)
         self.admin_token = self._admin_token(config)
+        self.openai_api_key = self._openai_api_key(config)
         self.started = time.monotonic()
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        #: Each instance's --served-model-name, from its /server_info.
+        self.served_models: dict[str, str] = {}
         self.in_progress = 0
         self.loop_lag_s = 0.0
         self.probes = 0
@@ -352,6 +373,11 @@ class SchedulerCore:
             i.name: SGLangBackend(i.url, config.backend.connect_timeout_s, key)
             for i in cluster.instances
         }
+
+    @staticmethod
+    def _openai_api_key(config: ServerConfig) -> str:
+        s = config.server
+        return read_secret(s.openai_api_key_file, OPENAI_API_KEY_ENV, "server.openai_api_key_file")
 
     @staticmethod
     def _admin_token(config: ServerConfig) -> str:
@@ -488,9 +514,8 @@ class SchedulerCore:
 
     async def _discover(self, inst: InstanceState, timeout: float) -> None:
         """What the configuration left open, from the instance's /server_info: its SGLang
-        version (which names the rank field) and a prefill's bootstrap port."""
-        if self.sglang_versions[inst.name] is not None and self.bootstrap_ports[inst.name]:
-            return
+        version (which names the rank field), a prefill's bootstrap port, and the model
+        name its OpenAI endpoints serve."""
         try:
             info = await self.backends[inst.name].server_info(timeout)
         except BackendError as e:
@@ -507,6 +532,9 @@ class SchedulerCore:
                     self.refused[inst.name] = decode_too_old(inst.name, version)
                     log.error("%s; it is kept out of service", self.refused[inst.name])
                     self._instance_down(inst, self.refused[inst.name])
+        served = info.get("served_model_name")
+        if isinstance(served, str) and served:
+            self.served_models[inst.name] = served
         port = info.get("disaggregation_bootstrap_port")
         if not self.bootstrap_ports[inst.name] and isinstance(port, int):
             self.bootstrap_ports[inst.name] = port
@@ -611,6 +639,7 @@ class SchedulerCore:
                 )
                 backends = self._backends(config, cluster) if changed else None
                 admin_token = self._admin_token(config)
+                openai_api_key = self._openai_api_key(config)
             except MoeSchedulerError as e:
                 self.metrics.config_reloads.labels("rejected").inc()
                 log.error("configuration reload rejected, the old one stays: %s", e)
@@ -633,6 +662,7 @@ class SchedulerCore:
                 self.sampler = self._sampler(config)
             self.predictor = RequestPredictor(cluster)
             self.admin_token = admin_token
+            self.openai_api_key = openai_api_key
             self.config, self.cluster = config, cluster
             self.max_event_bytes = max_event_bytes(config, cluster)
             for role, policy in policies.items():
@@ -660,13 +690,20 @@ class SchedulerCore:
 
     # ------------------------------------------------------------------ requests
 
+    def model_names(self) -> list[str]:
+        """The model names the OpenAI front door answers to: each instance's served model
+        name (from its /server_info), then the placement's model."""
+        return list(dict.fromkeys([*self.served_models.values(), self.cluster.model.name]))
+
     def validate(self, request: dict[str, Any]) -> Job:
         return validate(self.config, self.cluster, request)
 
-    async def run(self, job: Job, deadline: float | None, on_chunk: Chunk | None) -> Outcome:
+    async def run(
+        self, job: Job, deadline: float | None, on_chunk: Chunk | EventChunk | None
+    ) -> Outcome:
         """Serve ``job``; ``deadline``: the client's, absolute ``time.monotonic()``, or
-        None; ``on_chunk``: called with each new (text, token ids) when streaming.
-        Raises RequestError."""
+        None; ``on_chunk``: called with each new (text, token ids) when streaming
+        (:data:`EventChunk` for an OpenAI endpoint). Raises RequestError."""
         out = Outcome(job.request_id, attempts=0)
         prediction = await self._predict(job, deadline)
         out.predicted_class = prediction.cls or ""
@@ -709,7 +746,7 @@ class SchedulerCore:
             try:
                 if prefill is None:
                     payload = self._payload(job, leg, prediction.cls, routed)
-                    answer = await self._send(leg, payload, timeout, on_chunk, sent)
+                    answer = await self._send(leg, payload, timeout, on_chunk, sent, job.endpoint)
                 else:
                     answer, prefill_answer = await self._send_pair(
                         job, prefill, leg, prediction.cls, routed, timeout, on_chunk, sent
@@ -772,7 +809,7 @@ class SchedulerCore:
         out.node = leg.dp_rank // per_node
         if prefill is not None:
             out.prefill_instance, out.prefill_dp_rank = prefill.instance.name, prefill.dp_rank
-        out.text, out.output_ids = answer.text, answer.output_ids
+        out.text, out.output_ids, out.body = answer.text, answer.output_ids, answer.body
         out.prompt_tokens = _int(meta.get("prompt_tokens"), job.prompt_tokens)
         out.completion_tokens = _int(meta.get("completion_tokens"), 0)
         finish = meta.get("finish_reason")
@@ -856,11 +893,21 @@ class SchedulerCore:
     def _payload(
         self, job: Job, leg: _Leg, cls: str | None, routed: bool = False
     ) -> dict[str, Any]:
-        """The /generate body for ``leg``: the rank pin under the name the instance's
-        SGLang version knows (``routed_dp_rank``, or ``data_parallel_rank`` up to 0.5.9)."""
-        payload: dict[str, Any] = {
+        """The body for ``leg``: the rank pin under the name the instance's SGLang version
+        knows (``routed_dp_rank``, or ``data_parallel_rank`` up to 0.5.9). An OpenAI body
+        is the client's, with the instance's served model name, the rid, the pin, and
+        routed experts asked for where the version's OpenAI endpoints return them."""
+        version = self.sglang_versions[leg.instance.name]
+        if job.openai is not None:
+            payload = {**job.openai, "rid": job.request_id, rank_field(version): leg.dp_rank}
+            if served := self.served_models.get(leg.instance.name):
+                payload["model"] = served
+            if routed and (version is None or version >= OPENAI_ROUTED_EXPERTS_SINCE):
+                payload["return_routed_experts"] = True
+            return payload
+        payload = {
             "rid": job.request_id,
-            rank_field(self.sglang_versions[leg.instance.name]): leg.dp_rank,
+            rank_field(version): leg.dp_rank,
             "sampling_params": _sglang_sampling(job.sampling),
         }
         if job.text is not None:
@@ -878,17 +925,20 @@ class SchedulerCore:
         leg: _Leg,
         payload: dict[str, Any],
         timeout: float,
-        on_chunk: Chunk | None,
+        on_chunk: Chunk | EventChunk | None,
         sent: _Sent,
+        endpoint: str = GENERATE,
     ) -> Answer:
-        """One /generate on ``leg``'s instance; its BackendError names the instance."""
+        """One request to ``endpoint`` on ``leg``'s instance; its BackendError names the
+        instance. A streamed OpenAI endpoint asks for the usage chunk (``on_chunk`` gets
+        it only if ``payload`` did)."""
         backend = self.backends[leg.instance.name]
         try:
             if on_chunk is None:
-                answer = await backend.generate(payload, timeout)
+                answer = await backend.generate(payload, timeout, endpoint)
                 sent.first = time.monotonic()
                 return answer
-            return await self._stream(backend, payload, timeout, on_chunk, sent)
+            return await self._stream(backend, payload, timeout, on_chunk, sent, endpoint)
         except BackendError as e:
             e.instance = leg.instance.name
             raise
@@ -901,7 +951,7 @@ class SchedulerCore:
         cls: str | None,
         routed: bool,
         timeout: float,
-        on_chunk: Chunk | None,
+        on_chunk: Chunk | EventChunk | None,
         sent: _Sent,
     ) -> tuple[Answer, Answer | None]:
         """Both legs of a disaggregated request at once, as sgl-router's PD mode sends
@@ -926,9 +976,14 @@ class SchedulerCore:
             **bootstrap,
             "disagg_prefill_dp_rank": prefill.dp_rank,
         }
-        prefill_task = asyncio.ensure_future(self._send(prefill, first, timeout, None, _Sent()))
+        endpoint = job.endpoint
+        prefill_task = asyncio.ensure_future(
+            self._send(prefill, first, timeout, None, _Sent(), endpoint)
+        )
         prefill_task.add_done_callback(lambda _: prefill.release())
-        decode_task = asyncio.ensure_future(self._send(decode, second, timeout, on_chunk, sent))
+        decode_task = asyncio.ensure_future(
+            self._send(decode, second, timeout, on_chunk, sent, endpoint)
+        )
         try:
             # The decode leg decides: a prefill that failed after its KV reached the
             # decode rank leaves a decode that still finishes, and one that failed before
@@ -956,20 +1011,30 @@ class SchedulerCore:
         backend: SGLangBackend,
         payload: dict[str, Any],
         timeout: float,
-        on_chunk: Chunk,
+        on_chunk: Chunk | EventChunk,
         sent: _Sent,
+        endpoint: str,
     ) -> Answer:
         answer = Answer()
-        async for item in backend.generate_stream(payload, timeout, self.max_event_bytes):
+        events = None
+        if endpoint != GENERATE:  # the usage chunk says how many tokens were generated
+            options = payload.get("stream_options")
+            keep = isinstance(options, dict) and options.get("include_usage") is True
+            events = OpenAIEvents(keep)
+            options = options if isinstance(options, dict) else {}
+            payload = {**payload, "stream_options": {**options, "include_usage": True}}
+        relay = cast(Callable[[str, Any], Awaitable[None]], on_chunk)
+        stream = backend.generate_stream(payload, timeout, self.max_event_bytes, events, endpoint)
+        async for item in stream:
             if isinstance(item, Answer):
                 answer = item
                 break
-            text, ids = item
-            if text or ids:
+            text, rest = item
+            if text or rest:
                 if sent.first is None:
                     sent.first = time.monotonic()
                 sent.any = True
-                await on_chunk(text, ids)
+                await relay(text, rest)
         return answer
 
     async def _predict(self, job: Job, deadline: float | None) -> Prediction:
@@ -1004,11 +1069,16 @@ class SchedulerCore:
         try:
             payload = self._payload(job, leg, guess.cls, routed=True)
             payload["rid"] = info.request_id
-            payload["sampling_params"] = {**payload["sampling_params"], "max_new_tokens": 1}
+            if job.openai is None:
+                payload["sampling_params"] = {**payload["sampling_params"], "max_new_tokens": 1}
+            else:
+                payload.pop("max_completion_tokens", None)
+                payload.pop("stream_options", None)
+                payload["max_tokens"] = 1
             timeout = self.config.backend.request_timeout_s
             if deadline is not None:
                 timeout = max(0.001, min(timeout, deadline - time.monotonic()))
-            answer = await self._send(leg, payload, timeout, None, _Sent())
+            answer = await self._send(leg, payload, timeout, None, _Sent(), job.endpoint)
         except (BackendError, TimeoutError) as e:
             log.info("request %s: probe failed (%s); using the text prediction", job.request_id, e)
             return None

@@ -22,7 +22,17 @@ from typing import Any
 import grpc
 
 from scheduler.api.v1 import scheduler_pb2 as pb
-from scheduler.server.core import Outcome, RequestError, SchedulerCore, quote
+from scheduler.server.backend import CHAT
+from scheduler.server.core import (
+    Chunk,
+    EventChunk,
+    Job,
+    Outcome,
+    RequestError,
+    SchedulerCore,
+    quote,
+)
+from scheduler.server.openai_requests import parse
 
 log = logging.getLogger("moe_scheduler.server")
 
@@ -80,6 +90,27 @@ def request_fields(request: pb.GenerateRequest) -> dict[str, Any]:
         "class_hint": request.class_hint,
         "conversation_id": request.conversation_id,
     }
+
+
+def chat_body(request: pb.ChatRequest, model: str) -> dict[str, Any]:
+    """The OpenAI chat body of a ChatRequest (``model``: the one served, when the
+    request names none)."""
+    body: dict[str, Any] = {
+        "model": request.model or model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+    }
+    sp = request.sampling
+    if sp.HasField("max_new_tokens"):
+        body["max_tokens"] = sp.max_new_tokens
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if sp.HasField(name):
+            body[name] = getattr(sp, name)
+    if sp.stop:
+        body["stop"] = list(sp.stop)
+    for name in ("class_hint", "conversation_id"):
+        if getattr(request, name):
+            body[name] = getattr(request, name)
+    return body
 
 
 def info_message(out: Outcome) -> pb.RequestInfo:
@@ -149,15 +180,29 @@ class _Relay:
     one message per ``min_interval_s`` after the first (``server.stream_interval_ms``).
     The reading side never waits for the client."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, min_interval_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext,
+        min_interval_s: float = 0.0,
+        message: Callable[[str, str, list[int]], Any] | None = None,
+    ) -> None:
         self._context = context
         self._min_interval_s = min_interval_s
+        #: (request id, text, ids) -> the message to write (default: a GenerateChunk).
+        self._message = message or (
+            lambda rid, text, ids: pb.GenerateChunk(request_id=rid, text=text, output_ids=ids)
+        )
         self.request_id = ""
         self._text: list[str] = []
         self._ids: list[int] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+
+    async def push_event(self, text: str, event: bytes | None) -> None:
+        """An OpenAI stream's chunk: its new content (the event itself is not relayed)."""
+        if text:
+            await self.push(text, [])
 
     async def push(self, text: str, ids: list[int]) -> None:
         self._text.append(text)
@@ -181,9 +226,7 @@ class _Relay:
             while self._text or self._ids:
                 text, ids = "".join(self._text), self._ids
                 self._text, self._ids = [], []
-                await self._context.write(
-                    pb.GenerateChunk(request_id=self.request_id, text=text, output_ids=ids)
-                )
+                await self._context.write(self._message(self.request_id, text, ids))
                 if self._min_interval_s and not self._closing:
                     await asyncio.sleep(self._min_interval_s)
             if self._closing:
@@ -197,7 +240,7 @@ class _Relay:
             self._wake.set()
             await asyncio.wait({self._task})
 
-    async def finish(self, last: pb.GenerateChunk) -> None:
+    async def finish(self, last: Any) -> None:
         """Write what is pending, then ``last``."""
         await self.drain()
         self._gone()
@@ -217,9 +260,18 @@ class SchedulerService:
     def __init__(self, core: SchedulerCore) -> None:
         self.core = core
 
+    def _job(self, request: Any) -> Job:
+        """The Job of a GenerateRequest or ChatRequest; raises RequestError."""
+        core = self.core
+        if isinstance(request, pb.ChatRequest):
+            models = core.model_names()
+            body = chat_body(request, models[0])
+            return parse(CHAT, body, core.config, core.cluster, models, request.request_id).job
+        return core.validate(request_fields(request))
+
     async def _serve(
         self,
-        request: pb.GenerateRequest | BadMessage,
+        request: pb.GenerateRequest | pb.ChatRequest | BadMessage,
         context: grpc.aio.ServicerContext,
         relay: _Relay | None,
     ) -> tuple[_Call, Outcome]:
@@ -237,17 +289,19 @@ class SchedulerService:
                 raise RequestError(
                     "invalid", f"the request message does not decode: {request.reason}"
                 )
-            job = core.validate(request_fields(request))
+            job = self._job(request)
         except RequestError as e:
             call.outcome = e.outcome
             if not isinstance(request, BadMessage):
                 log.info("request %s: invalid: %s", quote(request.request_id), e)
             await context.abort(STATUS[e.outcome], str(e))
 
+        on_chunk: Chunk | EventChunk | None = None
         if relay is not None:
             relay.request_id = job.request_id
+            on_chunk = relay.push if job.openai is None else relay.push_event
         try:
-            out = await core.run(job, call.deadline, None if relay is None else relay.push)
+            out = await core.run(job, call.deadline, on_chunk)
         except RequestError as e:
             call.outcome = e.outcome
             log.info("request %s: %s: %s", job.request_id, e.outcome, e)
@@ -277,12 +331,21 @@ class SchedulerService:
     async def generate_stream(
         self, request: pb.GenerateRequest | BadMessage, context: grpc.aio.ServicerContext
     ) -> None:
-        relay = _Relay(context, self.core.config.server.stream_interval_ms / 1000)
+        await self._stream(request, context, pb.GenerateChunk, None)
+
+    async def _stream(
+        self,
+        request: pb.GenerateRequest | pb.ChatRequest | BadMessage,
+        context: grpc.aio.ServicerContext,
+        chunk: type[pb.GenerateChunk] | type[pb.ChatChunk],
+        message: Callable[[str, str, list[int]], Any] | None,
+    ) -> None:
+        """A streaming call: relayed chunks (``message``), then a last ``chunk`` with the
+        request's info."""
+        relay = _Relay(context, self.core.config.server.stream_interval_ms / 1000, message)
         try:
             call, out = await self._serve(request, context, relay)
-            last = pb.GenerateChunk(
-                request_id=out.request_id, finished=True, info=info_message(out)
-            )
+            last = chunk(request_id=out.request_id, finished=True, info=info_message(out))
             try:
                 await relay.finish(last)
             except asyncio.CancelledError:
@@ -291,6 +354,26 @@ class SchedulerService:
             call.answered()
         finally:
             relay.cancel()
+
+    async def chat(
+        self, request: pb.ChatRequest | BadMessage, context: grpc.aio.ServicerContext
+    ) -> pb.ChatResponse:
+        call, out = await self._serve(request, context, None)
+        response = pb.ChatResponse(
+            request_id=out.request_id,
+            message=pb.ChatMessage(role="assistant", content=out.text),
+            info=info_message(out),
+        )
+        call.answered()
+        return response
+
+    async def chat_stream(
+        self, request: pb.ChatRequest | BadMessage, context: grpc.aio.ServicerContext
+    ) -> None:
+        def message(rid: str, text: str, ids: list[int]) -> pb.ChatChunk:
+            return pb.ChatChunk(request_id=rid, content=text)
+
+        await self._stream(request, context, pb.ChatChunk, message)
 
     async def get_placement(
         self, request: Any, context: grpc.aio.ServicerContext
@@ -442,6 +525,8 @@ def handlers(service: SchedulerService) -> grpc.GenericRpcHandler:
     implementations = {
         "Generate": service.generate,
         "GenerateStream": service.generate_stream,
+        "Chat": service.chat,
+        "ChatStream": service.chat_stream,
         "GetPlacement": service.get_placement,
         "GetStats": service.get_stats,
         "GetFeedback": service.get_feedback,

@@ -236,3 +236,72 @@ def _int_after(raw: bytes, key: bytes, begin: int) -> int | None:
     while j < len(raw) and 0x30 <= raw[j] <= 0x39:
         j += 1
     return int(raw[i:j]) if j > i else None
+
+
+# ------------------------------------------------------------------ OpenAI endpoints
+
+
+def openai_content(chunk: dict[str, Any]) -> str:
+    """The text of the first choice of an OpenAI response or streamed chunk: a chat
+    ``message.content`` or ``delta.content``, or a completion's ``text``."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return ""
+    choice = choices[0]
+    for key in ("delta", "message"):
+        part = choice.get(key)
+        if isinstance(part, dict):
+            return str(part.get("content") or "")
+    return str(choice.get("text") or "")
+
+
+def openai_meta(chunk: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``meta`` (a new dict if None) updated with what a response or chunk says in
+    ``/generate``'s ``meta_info`` terms: ``prompt_tokens``, ``completion_tokens`` (from
+    ``usage``) and ``finish_reason`` ``{"type": ...}`` (from the first choice)."""
+    meta = {} if meta is None else meta
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        for key in ("prompt_tokens", "completion_tokens"):
+            if isinstance(usage.get(key), int):
+                meta[key] = usage[key]
+    choices = chunk.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        if isinstance(reason, str):
+            meta["finish_reason"] = {"type": reason}
+    return meta
+
+
+class OpenAIEvents:
+    """The chunks of an OpenAI stream (``/v1/chat/completions`` or ``/v1/completions``)
+    as the client should get them, and what the scheduler reads from them.
+
+    SGLang puts the routed experts in a response-level ``sglext.routed_experts`` of a chunk
+    of their own (no choices); they are kept in :attr:`routed` and that chunk is not
+    relayed (elsewhere the value is cut out: ``null``). The scheduler asks for the usage
+    chunk (``stream_options.include_usage``) to learn the completion's length; unless the
+    client asked for it too (``keep_usage``), that chunk (no choices, ``usage`` set) is not
+    relayed either. Chunks are small: each is parsed in full.
+    """
+
+    def __init__(self, keep_usage: bool) -> None:
+        self.keep_usage = keep_usage
+        self.meta: dict[str, Any] = {}
+        self.routed: bytes | None = None
+
+    def feed(self, raw: bytes) -> tuple[str, bytes | None]:
+        """(new content text, the event to relay or None) of one ``data:`` payload."""
+        routed = None
+        if _ROUTED_KEY in raw:
+            raw, routed = split_routed(raw)
+            self.routed = routed if routed is not None else self.routed
+        chunk = loads(raw)
+        if not isinstance(chunk, dict):
+            raise WireError("a streamed event is not a JSON object")
+        openai_meta(chunk, self.meta)
+        if not chunk.get("choices"):  # a usage chunk, or SGLang's routed-experts chunk
+            wanted = self.keep_usage and chunk.get("usage")
+            if not wanted and (routed is not None or chunk.get("usage")):
+                return "", None
+        return openai_content(chunk), raw

@@ -44,6 +44,52 @@ class GenerateRequest(_message.Message):
     conversation_id: str
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., input_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., class_hint: _Optional[str] = ..., conversation_id: _Optional[str] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class ChatRequest(_message.Message):
+    __slots__ = ("request_id", "messages", "sampling", "class_hint", "conversation_id", "model")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    CLASS_HINT_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    sampling: SamplingParams
+    class_hint: str
+    conversation_id: str
+    model: str
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., class_hint: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ChatResponse(_message.Message):
+    __slots__ = ("request_id", "message", "info")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    message: ChatMessage
+    info: RequestInfo
+    def __init__(self, request_id: _Optional[str] = ..., message: _Optional[_Union[ChatMessage, _Mapping]] = ..., info: _Optional[_Union[RequestInfo, _Mapping]] = ...) -> None: ...
+
+class ChatChunk(_message.Message):
+    __slots__ = ("request_id", "content", "finished", "info")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    content: str
+    finished: bool
+    info: RequestInfo
+    def __init__(self, request_id: _Optional[str] = ..., content: _Optional[str] = ..., finished: _Optional[bool] = ..., info: _Optional[_Union[RequestInfo, _Mapping]] = ...) -> None: ...
+
 class RequestInfo(_message.Message):
     __slots__ = ("dp_rank", "node", "predicted_class", "prediction_source", "prompt_tokens", "completion_tokens", "finish_reason", "queue_seconds", "ttft_seconds", "total_seconds", "attempts", "local_fraction", "inter_node_bytes", "instance", "prefill_instance", "prefill_dp_rank")
     DP_RANK_FIELD_NUMBER: _ClassVar[int]

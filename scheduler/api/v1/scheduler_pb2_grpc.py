@@ -45,6 +45,16 @@ class SchedulerStub:
                 request_serializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_unary(
+                '/moe_scheduler.v1.Scheduler/Chat',
+                request_serializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatRequest.SerializeToString,
+                response_deserializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatResponse.FromString,
+                _registered_method=True)
+        self.ChatStream = channel.unary_stream(
+                '/moe_scheduler.v1.Scheduler/ChatStream',
+                request_serializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatRequest.SerializeToString,
+                response_deserializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatChunk.FromString,
+                _registered_method=True)
         self.GetPlacement = channel.unary_unary(
                 '/moe_scheduler.v1.Scheduler/GetPlacement',
                 request_serializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.GetPlacementRequest.SerializeToString,
@@ -80,6 +90,21 @@ class SchedulerServicer:
 
     def GenerateStream(self, request, context):
         """One request, answered token by token; the last chunk has finished = true.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """A chat: role/content messages, sent to SGLang's /v1/chat/completions (SGLang
+        applies the model's chat template). Prediction reads the last user turn.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatStream(self, request, context):
+        """A chat answered piece by piece; the last chunk has finished = true.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +153,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.GenerateRequest.FromString,
                     response_serializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Chat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatRequest.FromString,
+                    response_serializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatResponse.SerializeToString,
+            ),
+            'ChatStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ChatStream,
+                    request_deserializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatRequest.FromString,
+                    response_serializer=scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatChunk.SerializeToString,
             ),
             'GetPlacement': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPlacement,
@@ -205,6 +240,60 @@ class Scheduler:
             '/moe_scheduler.v1.Scheduler/GenerateStream',
             scheduler_dot_api_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
             scheduler_dot_api_dot_v1_dot_scheduler__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_scheduler.v1.Scheduler/Chat',
+            scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatRequest.SerializeToString,
+            scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moe_scheduler.v1.Scheduler/ChatStream',
+            scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatRequest.SerializeToString,
+            scheduler_dot_api_dot_v1_dot_scheduler__pb2.ChatChunk.FromString,
             options,
             channel_credentials,
             insecure,
