@@ -89,8 +89,12 @@ ROUTING_KEY_POLICY_SINCE = SglangVersion.parse("0.5.8")
 ROUTED_EXPERTS_SINCE = SglangVersion.parse("0.5.7")
 #: The OpenAI endpoints (``/v1/chat/completions``, ``/v1/completions``) accept
 #: ``return_routed_experts`` and answer a response-level ``sglext.routed_experts`` from
-#: 0.5.9 (sgl-project/sglang PR #17434); older versions drop the field.
+#: 0.5.9 (sgl-project/sglang#17434); 0.5.8 drops the field.
 OPENAI_ROUTED_EXPERTS_SINCE = SglangVersion.parse("0.5.9")
+#: The OpenAI requests' ``data_parallel_rank``: 0.5.7 has it, 0.5.6 and older do not
+#: (``python/sglang/srt/entrypoints/openai/protocol.py``): there a pinned OpenAI request
+#: is load-balanced by SGLang, whatever rank the scheduler chose.
+OPENAI_DP_RANK_SINCE = SglangVersion.parse("0.5.7")
 
 #: Prefill/decode disaggregation: ``--disaggregation-mode null|prefill|decode``,
 #: ``--disaggregation-bootstrap-port`` (default :data:`DEFAULT_BOOTSTRAP_PORT`) and

@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal
 
-from scheduler.sglang_versions import ROUTED_DP_RANK_SINCE, SglangVersion
+from scheduler.sglang_versions import (
+    OPENAI_DP_RANK_SINCE,
+    OPENAI_ROUTED_EXPERTS_SINCE,
+    ROUTED_DP_RANK_SINCE,
+    SglangVersion,
+)
 
-#: The OpenAI layer's ``data_parallel_rank`` field: 0.5.7 has it, 0.5.6 and older do not
-#: (``protocol.py``), so there a pinned OpenAI request is load-balanced.
-OPENAI_DP_RANK_SINCE = SglangVersion.parse("0.5.7")
-#: ``return_routed_experts`` on the OpenAI requests and ``sglext`` in their responses
-#: (sgl-project/sglang#17434): 0.5.9 has them, 0.5.8 does not.
-OPENAI_ROUTED_EXPERTS_SINCE = SglangVersion.parse("0.5.9")
 #: ``routed_experts_start_len`` and chat's ``return_meta_info``: 0.5.20 has them, 0.5.9
 #: does not (nothing in between was checked).
 OPENAI_START_LEN_SINCE = SglangVersion.parse("0.5.20")

@@ -59,6 +59,7 @@ from scheduler.server.wire import OpenAIEvents
 from scheduler.sglang_versions import (
     DEFAULT_BOOTSTRAP_PORT,
     DISAGG_PREFILL_DP_RANK_SINCE,
+    OPENAI_DP_RANK_SINCE,
     OPENAI_ROUTED_EXPERTS_SINCE,
     SglangVersion,
     rank_field,
@@ -318,6 +319,7 @@ class SchedulerCore:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         #: Each instance's --served-model-name, from its /server_info.
         self.served_models: dict[str, str] = {}
+        self._warned: set[str] = set()
         self.in_progress = 0
         self.loop_lag_s = 0.0
         self.probes = 0
@@ -838,6 +840,11 @@ class SchedulerCore:
                 return candidate.instance
         return None
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
         b = self.config.backend
@@ -899,6 +906,13 @@ class SchedulerCore:
         routed experts asked for where the version's OpenAI endpoints return them."""
         version = self.sglang_versions[leg.instance.name]
         if job.openai is not None:
+            if version is not None and version < OPENAI_DP_RANK_SINCE:
+                self._warn_once(
+                    leg.instance.name,
+                    f"instance {leg.instance.name} runs SGLang {version}, whose OpenAI endpoints "
+                    "drop the DP-rank field: its OpenAI requests are load-balanced by SGLang, "
+                    "not placed by the policy (Generate keeps the pin; 0.5.7 has the field)",
+                )
             payload = {**job.openai, "rid": job.request_id, rank_field(version): leg.dp_rank}
             if served := self.served_models.get(leg.instance.name):
                 payload["model"] = served
