@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from scheduler.cli import main
 from scheduler.emulator.workload import DEFAULT_PROFILE
-from scheduler.server.demo import DEMO_BALANCES, PD_NAME
+from scheduler.server.demo import DEMO_BALANCES, OPENAI_CHATS, PD_NAME
 from tests.server_harness import write_bundle, write_placement
 
 
 def test_demo_runs_both_policies_then_prefill_decode_and_cleans_up(
-    shared_data: Path, tmp_path: Path
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     placement = write_placement(tmp_path / "placement", 2, 2)
     bundle = write_bundle(tmp_path / "bundle.npz")
@@ -37,6 +39,9 @@ def test_demo_runs_both_policies_then_prefill_decode_and_cleans_up(
         "0",
     ]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "OpenAI front door" in printed  # the last mixed run also served chats
+    assert printed.count("  ok: ") == OPENAI_CHATS
     results = json.loads((out / "serving.json").read_text())
     # round_robin, ours at each setting, then ours on a prefill + decode pair
     assert len(results) == 2 + len(DEMO_BALANCES)

@@ -30,6 +30,8 @@ from scheduler.server.cli import rank_key
 STARTUP_TIMEOUT_S = 120
 #: The locality_window settings of ``[policy] balance`` the demo compares.
 DEMO_BALANCES = (0.0, 0.5)
+#: Prompts the last mixed run also sends as chats through the OpenAI listener.
+OPENAI_CHATS = 3
 #: The disaggregated run's name in the report.
 PD_NAME = "locality_window+text, prefill/decode"
 
@@ -47,8 +49,10 @@ class Process:
         assert self.proc.stdout is not None
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         pattern = re.compile(ready)
+        self.lines: list[str] = []  # what it printed up to the ready line
         while True:
             line = self.proc.stdout.readline()
+            self.lines.append(line)
             if not line:
                 self.stop()
                 raise ConfigError(f"{name} exited before it was ready; see {log}")
@@ -92,6 +96,7 @@ def _config(
 [server]
 listen = "127.0.0.1:0"
 metrics_listen = "127.0.0.1:0"
+openai_listen = "127.0.0.1:0"
 
 [backend]
 url = "{backend}"
@@ -171,6 +176,39 @@ def served_log(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"{url}/admin/requests", timeout=30) as response:
         data: dict[str, Any] = json.load(response)
     return data
+
+
+def openai_chats(url: str, prompts: list[dict[str, Any]], max_new_tokens: int) -> list[str]:
+    """Each prompt as a chat through the scheduler's OpenAI listener at ``url`` (what the
+    official ``openai`` package sends); one line per answer, or the error."""
+    import urllib.error
+    import urllib.request
+
+    def call(path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{url}{path}", data, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer: dict[str, Any] = json.load(response)
+        return answer
+
+    model = call("/v1/models")["data"][0]["id"]
+    lines = []
+    for row in prompts:
+        messages = [{"role": "user", "content": row["prompt"]}]
+        try:
+            reply = call(
+                "/v1/chat/completions",
+                {"model": model, "messages": messages, "max_tokens": max_new_tokens},
+            )
+        except urllib.error.HTTPError as e:
+            lines.append(f"ERROR {e.code}: {e.read()[:200].decode(errors='replace')}")
+            continue
+        usage = reply["usage"]
+        lines.append(
+            f"ok: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion "
+            f"tokens, {reply['choices'][0]['finish_reason']}"
+        )
+    return lines
 
 
 def leg_rows(result: dict[str, Any], logs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -321,6 +359,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     processes: list[Process] = []
     results: dict[str, Any] = {}
     pd_result: dict[str, Any] | None = None
+    openai_failed = 0
     try:
         redundant = plan["cluster"].get("redundant_experts", 0)
 
@@ -378,17 +417,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
             server = Process(
                 f"scheduler ({name})",
                 [*_command(), "serve", "--config", str(config)],
-                r"grpc listening on (\S+)",
+                r"openai listening on (\S+)",
                 out / f"{stem}.log",
             )
             processes.append(server)
-            target = server.match.group(1)
+            grpc = re.search(r"grpc listening on (\S+)", "".join(server.lines))
+            assert grpc is not None  # printed before the OpenAI line
+            target = grpc.group(1)
             print(f"scheduler {name}: {target}; replaying ...", flush=True)
             result = asyncio.run(
                 replay(
                     target, prompts, rate=args.rate, max_new_tokens=args.max_new_tokens, timeout=60
                 )
             )
+            if (policy, mode, balance) == runs[-1]:
+                url = server.match.group(1)
+                chats = openai_chats(url, prompts[:OPENAI_CHATS], args.max_new_tokens)
+                print(f"the same scheduler's OpenAI front door, {url}/v1/chat/completions:")
+                for line in chats:
+                    print(f"  {line}")
+                openai_failed = sum(not line.startswith("ok") for line in chats)
             result["max_rank_inter_node_bytes"] = max(
                 per_rank_bytes(result["records"]).values(), default=0.0
             )
@@ -454,7 +502,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     write_json_atomic(out / "serving.json", everything, indent=2)
     print(f"\nreport: {report}; raw: {out / 'serving.json'}; logs: {out}/*.log")
     failed = sum(r["requests"] - r["statuses"].get("OK", 0) for r in everything.values())
-    return 0 if failed == 0 else 1
+    return 0 if failed == 0 and openai_failed == 0 else 1
 
 
 def render_table(results: dict[str, Any]) -> str:
