@@ -18,10 +18,15 @@ Three parts, every comparison on the same emulator process in the same run:
    scheduling windows and prediction modes. Added latency = scheduler percentile minus
    the direct percentile (the mean of the direct runs measured before and after).
    Targets: added p50 <= 0.5 ms, p99 <= 2 ms at 500 requests/s. The emulator answers at
-   once (``--time-scale 0``); one pair of runs repeats it at time scale 1.
+   once (``--time-scale 0``); one pair of runs repeats it at time scale 1. One more group
+   takes the OpenAI path: unary ``POST /v1/chat/completions`` (``OpenAITarget``) to the
+   emulator's own endpoint vs the scheduler's ``[server] openai_listen`` listener.
 2. ``throughput``: closed loop, N clients each sending its next request when the previous
    answer is in, through the emulator directly, the scheduler, and SGLang's router
-   (round robin) in front of the same emulator.
+   (round robin) in front of the same emulator, each with SGLang's native API
+   (``/generate``; gRPC ``Generate`` through the scheduler) and with the OpenAI one
+   (``/v1/chat/completions`` on all three); each scheduler row gets its ratio to the
+   router's row of the same family (``vs_router``).
 3. ``prediction``: the same real prompts replayed (``scheduler.server.cli.replay``) with
    prediction none / text / probe under ``locality_window`` and ``locality_band`` at
    time scale 1: latency, throughput, and the inter-node bytes per token and local
@@ -57,6 +62,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -271,9 +277,15 @@ def write_config(
     path: Path, backend: str, setup: dict[str, Any], policy: str, window_ms: float,
     mode: str, *, routed: bool = True, probe_min_new_tokens: int = 256, capacity: int = 32,
 ) -> Path:  # fmt: skip
-    """A scheduler.toml on free loopback ports; ``capacity``: policy.capacity per rank."""
+    """A scheduler.toml on free loopback ports (gRPC, metrics and the OpenAI listener);
+    ``capacity``: policy.capacity per rank."""
     sections: dict[str, dict[str, Any]] = {
-        "server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "max_queue": 4096},
+        "server": {
+            "listen": "127.0.0.1:0",
+            "metrics_listen": "127.0.0.1:0",
+            "openai_listen": "127.0.0.1:0",
+            "max_queue": 4096,
+        },
         "backend": {"url": backend, "return_routed_experts": routed, "retries": 2},
         "cluster": {"placement": str(setup["placement"])},
         "policy": {"name": policy, "capacity": capacity, "window_ms": window_ms},
@@ -298,7 +310,10 @@ def start_scheduler(config: Path, log_dir: Path) -> Proc:
     process, out = _spawn(config.stem, command, log_dir)
     target = _wait_for_line(process, out, r"grpc listening on (\S+)\n", "scheduler")
     metrics = _wait_for_line(process, out, r"metrics on (\S+)\n", "scheduler")
-    proc = Proc("scheduler", process, log_dir, target, {"metrics_url": metrics})
+    openai = _wait_for_line(process, out, r"openai listening on (\S+)\n", "scheduler")
+    proc = Proc(
+        "scheduler", process, log_dir, target, {"metrics_url": metrics, "openai_url": openai}
+    )
     asyncio.run(_wait_scheduler_ready(target))
     return proc
 
@@ -371,13 +386,30 @@ async def _wait_http_generate(proc: Proc) -> None:
             await asyncio.sleep(0.2)
 
 
+def openai_check(url: str) -> str | None:
+    """None when ``url`` serves a unary ``POST /v1/chat/completions`` (the model from its
+    ``GET /v1/models``, one request of 1 token answered 200 in full), else why not."""
+
+    async def go() -> None:
+        async with OpenAITarget(url, ["hello"], 1, rank=False) as target:
+            await target.send(0)
+
+    try:
+        asyncio.run(go())
+    except Exception as e:
+        return f"POST /v1/chat/completions through it failed: {_error_text(e)}"
+    return None
+
+
 # --------------------------------------------------------------------------- load generators
 
 
 class Target:
-    """One way to send a request: ``send(i)`` serves prompt ``i`` and raises on failure."""
+    """One way to send a request: ``send(i)`` serves prompt ``i`` and raises on failure;
+    ``api``: the request kind, recorded on each row ("generate": HTTP /generate, "grpc":
+    gRPC Generate, "openai": HTTP /v1/chat/completions)."""
 
-    name = ""
+    api = ""
 
     async def __aenter__(self) -> Target:
         return self
@@ -389,18 +421,16 @@ class Target:
         raise NotImplementedError
 
 
-class HttpTarget(Target):
-    """POST /generate over one keep-alive aiohttp session; ``rank``: set routed_dp_rank
-    round robin (the emulator directly), else leave the rank to the server (a router)."""
+class _AiohttpTarget(Target):
+    """One keep-alive aiohttp session to ``url``; ``rank``: set ``routed_dp_rank`` round
+    robin (the emulator directly), else leave the rank to the server (scheduler, router)."""
 
-    def __init__(
-        self, url: str, prompts: list[str], max_new_tokens: int, routed: bool, rank: bool
-    ) -> None:
+    def __init__(self, url: str, prompts: list[str], max_new_tokens: int, rank: bool) -> None:
         self.url, self.prompts, self.max_new_tokens = url, prompts, max_new_tokens
-        self.routed, self.rank = routed, rank
+        self.rank = rank
         self.session: Any = None
 
-    async def __aenter__(self) -> HttpTarget:
+    async def __aenter__(self) -> _AiohttpTarget:
         import aiohttp
 
         self.session = aiohttp.ClientSession(
@@ -412,6 +442,28 @@ class HttpTarget(Target):
     async def __aexit__(self, *exc: object) -> None:
         await self.session.close()
 
+    async def _post(self, path: str, body: dict[str, Any], i: int) -> Any:
+        """The JSON answer of ``POST url+path``; raises on any status but 200."""
+        if self.rank:
+            body["routed_dp_rank"] = i % NUM_RANKS
+        async with self.session.post(f"{self.url}{path}", json=body) as response:
+            payload = await response.json(content_type=None)
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {str(payload)[:200]}")
+            return payload
+
+
+class HttpTarget(_AiohttpTarget):
+    """SGLang's native ``POST /generate``; ``routed``: ask for the routed experts."""
+
+    api = "generate"
+
+    def __init__(
+        self, url: str, prompts: list[str], max_new_tokens: int, routed: bool, rank: bool
+    ) -> None:
+        super().__init__(url, prompts, max_new_tokens, rank)
+        self.routed = routed
+
     async def send(self, i: int) -> None:
         body: dict[str, Any] = {
             "text": self.prompts[i % len(self.prompts)],
@@ -419,17 +471,41 @@ class HttpTarget(Target):
         }
         if self.routed:
             body["return_routed_experts"] = True
-        if self.rank:
-            body["routed_dp_rank"] = i % NUM_RANKS
-        async with self.session.post(f"{self.url}/generate", json=body) as response:
+        payload = await self._post("/generate", body, i)
+        if payload["meta_info"]["completion_tokens"] != self.max_new_tokens:
+            raise RuntimeError("short answer")
+
+
+class OpenAITarget(_AiohttpTarget):
+    """Unary OpenAI ``POST /v1/chat/completions``: one user message (the prompt),
+    ``max_tokens`` = the benchmark's max new tokens, ``model`` = the first one the
+    server's ``GET /v1/models`` lists (read once, at the start)."""
+
+    api = "openai"
+
+    async def __aenter__(self) -> OpenAITarget:
+        await super().__aenter__()
+        async with self.session.get(f"{self.url}/v1/models") as response:
             payload = await response.json(content_type=None)
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {str(payload)[:200]}")
-            if payload["meta_info"]["completion_tokens"] != self.max_new_tokens:
-                raise RuntimeError("short answer")
+            if response.status != 200 or not payload.get("data"):
+                raise RuntimeError(f"GET /v1/models: HTTP {response.status}: {payload}")
+        self.model = str(payload["data"][0]["id"])
+        return self
+
+    async def send(self, i: int) -> None:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}],
+            "max_tokens": self.max_new_tokens,
+        }
+        payload = await self._post("/v1/chat/completions", body, i)
+        if payload["usage"]["completion_tokens"] != self.max_new_tokens:
+            raise RuntimeError("short answer")
 
 
 class GrpcTarget(Target):
+    api = "grpc"
+
     def __init__(self, address: str, prompts: list[str], max_new_tokens: int) -> None:
         self.address, self.prompts, self.max_new_tokens = address, prompts, max_new_tokens
         self.client: Any = None
@@ -547,9 +623,10 @@ def measure(
 ) -> dict[str, Any]:  # fmt: skip
     """One run (open loop at ``rate`` or closed loop with ``concurrency`` clients) after a
     warm-up; a record with latency percentiles, achieved rate and CPU per request."""
+    target = make_target()  # connects in __aenter__, inside the run's event loop
 
     async def go() -> tuple[dict[str, Any], dict[str, float | None]]:
-        async with make_target() as target:
+        async with target:
             if kind == "open":
                 await open_loop(target, arrival_offsets(rate, warmup_s, "even", seed), 10**6)
                 before = {name: _cpu_seconds(p.pid) for name, p in servers.items()}
@@ -563,6 +640,7 @@ def measure(
     result, before = asyncio.run(go())
     n = len(result["latencies"])
     record: dict[str, Any] = {
+        "api": target.api,
         "status": "ok" if not result["errors"] and n else "error",
         "requests": n,
         "errors": len(result["errors"]),
@@ -662,30 +740,44 @@ def part_latency(ctx: Ctx, emulator: Proc, time_scale: float) -> list[dict[str, 
     # with return_routed_experts (the feedback path) at a rate these 2 cores sustain
     routed = [("fast_path_routed", "total_requests", 0.0, "none"),
               ("ours_w2_text_routed", ours, 2.0, "text")]  # fmt: skip
-    groups: list[tuple[bool, float, list[tuple[str, str, float, str]]]]
+    # the OpenAI path: /v1/chat/completions directly vs through the scheduler's listener
+    openai = [("openai_fast_path", "total_requests", 0.0, "none")]
+    openai += [] if a.quick else [("openai_ours_w2_text", ours, 2.0, "text")]
+    # (api, routed experts, rate, scheduler rows); api "generate": gRPC through ours
+    groups: list[tuple[str, bool, float, list[tuple[str, str, float, str]]]]
     if time_scale != 0:
-        groups = [(False, a.rate, request_path[:1])]
+        groups = [("generate", False, a.rate, request_path[:1])]
     elif a.quick:
-        groups = [(False, a.rate, [request_path[0], request_path[3]])]
+        groups = [("generate", False, a.rate, [request_path[0], request_path[3]])]
     else:
-        groups = [(False, a.rate, request_path), (True, a.routed_rate, routed)]
+        groups = [("generate", False, a.rate, request_path),
+                  ("generate", True, a.routed_rate, routed)]  # fmt: skip
+    if time_scale == 0:
+        groups.append(("openai", False, a.rate, openai))
     records: list[dict[str, Any]] = []
 
     def common(rate: float) -> dict[str, Any]:
         return {"rate": rate, "seconds": a.seconds, "warmup_s": a.warmup,
                 "arrivals": a.arrivals, "seed": a.seed}  # fmt: skip
 
-    def direct(with_experts: bool, rate: float, when: str) -> None:
+    def direct(api: str, with_experts: bool, rate: float, when: str) -> None:
         label = "direct_routed" if with_experts else "direct"
+        label += "_openai" if api == "openai" else ""
         _eprint(f"  latency ts={time_scale:g}: {label} ({when}, {rate:g}/s)")
         rec: dict[str, Any] = {
-            "scenario": label, "path": "direct", "run": when,
+            "scenario": label, "path": "direct", "run": when, "api": api,
             "return_routed_experts": with_experts,
         }  # fmt: skip
+
+        def target() -> Target:
+            if api == "openai":
+                return OpenAITarget(emulator.address, prompts, mnt, rank=True)
+            return HttpTarget(emulator.address, prompts, mnt, with_experts, rank=True)
+
         try:
             rec |= measure(
                 "open",
-                lambda: HttpTarget(emulator.address, prompts, mnt, with_experts, rank=True),
+                target,
                 {"emulator": emulator},
                 **common(rate),
             )
@@ -695,14 +787,20 @@ def part_latency(ctx: Ctx, emulator: Proc, time_scale: float) -> list[dict[str, 
         records.append(rec | {"time_scale": time_scale})
 
     def scheduled(
-        with_experts: bool, rate: float, name: str, policy: str, window: float, mode: str
-    ) -> None:
+        api: str, with_experts: bool, rate: float, name: str, policy: str, window: float,
+        mode: str,
+    ) -> None:  # fmt: skip
         _eprint(f"  latency ts={time_scale:g}: {name} ({policy}, window {window:g} ms, {mode})")
+
+        def target(s: Proc) -> Target:
+            if api == "openai":
+                return OpenAITarget(s.extra["openai_url"], prompts, mnt, rank=False)
+            return GrpcTarget(s.address, prompts, mnt)
 
         def run(s: Proc) -> dict[str, Any]:
             return measure(
                 "open",
-                lambda: GrpcTarget(s.address, prompts, mnt),
+                lambda: target(s),
                 {"emulator": emulator, "scheduler": s},
                 **common(rate),
             )
@@ -713,27 +811,31 @@ def part_latency(ctx: Ctx, emulator: Proc, time_scale: float) -> list[dict[str, 
         )  # fmt: skip
         records.append(
             {"scenario": name, "path": "scheduler", "return_routed_experts": with_experts}
+            | {"api": "openai" if api == "openai" else "grpc"}
             | rec
             | {"time_scale": time_scale}
         )
 
-    for with_experts, rate, configs in groups:
-        direct(with_experts, rate, "before")
+    for api, with_experts, rate, configs in groups:
+        direct(api, with_experts, rate, "before")
         for c in configs:
-            scheduled(with_experts, rate, *c)
-        direct(with_experts, rate, "after")
+            scheduled(api, with_experts, rate, *c)
+        direct(api, with_experts, rate, "after")
     _added(records)
     return records
 
 
 def _added(records: list[dict[str, Any]]) -> None:
-    """Scheduler percentile minus the mean of the direct runs with the same flags."""
+    """Scheduler percentile minus the mean of the direct runs with the same flags (and the
+    same family: gRPC against /generate, OpenAI against the emulator's OpenAI endpoint)."""
     for rec in records:
         if rec["path"] != "scheduler" or rec.get("status") != "ok":
             continue
+        openai = rec.get("api") == "openai"
         base = [
             r for r in records
             if r["path"] == "direct" and r.get("status") == "ok"
+            and (r.get("api") == "openai") == openai
             and r["return_routed_experts"] == rec["return_routed_experts"]
             and r["offered_rate"] == rec["offered_rate"]
         ]  # fmt: skip
@@ -754,68 +856,118 @@ def _added(records: list[dict[str, Any]]) -> None:
         )
 
 
-def part_throughput(ctx: Ctx, emulator: Proc) -> tuple[list[dict[str, Any]], str | None]:
+def part_throughput(ctx: Ctx, emulator: Proc) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Closed-loop rows per concurrency, two request kinds on every path: SGLang's native
+    API (HTTP /generate directly and through the router, gRPC Generate through the
+    scheduler) and the OpenAI one (HTTP /v1/chat/completions on all three). Returns the
+    rows and the router's notes (``router``: None when it ran; ``openai``: None when it
+    serves /v1/chat/completions, else why not)."""
     a, prompts, mnt = ctx.args, ctx.prompts, ctx.args.max_new_tokens
     common = {"seconds": a.tp_seconds, "warmup_s": min(1.0, a.warmup)}
     records: list[dict[str, Any]] = []
-    router_note = router_available()
+    notes: dict[str, Any] = {"router": router_available(), "openai": None}
     router = None
-    if router_note is None:
+    if notes["router"] is None:
         try:
             router = start_router(emulator.address, ctx.log_dir)
+            notes["openai"] = openai_check(router.address)
         except Exception as e:
             traceback.print_exc()
-            router_note = f"sglang-router did not start: {type(e).__name__}: {e}"
+            notes["router"] = f"sglang-router did not start: {type(e).__name__}: {e}"
+
+    def closed(rec: dict[str, Any], make: Callable[[], Target], servers: dict[str, Proc]
+               ) -> dict[str, Any]:  # fmt: skip
+        try:
+            rec |= measure("closed", make, servers, concurrency=rec["concurrency"], **common)
+        except Exception as e:
+            rec.update(status="error", message=f"{type(e).__name__}: {e}")
+        return rec
+
+    def direct(api: str) -> Target:
+        if api == "openai":
+            return OpenAITarget(emulator.address, prompts, mnt, rank=True)
+        return HttpTarget(emulator.address, prompts, mnt, False, rank=True)
+
+    def scheduled(api: str, s: Proc) -> Target:
+        if api == "openai":
+            return OpenAITarget(s.extra["openai_url"], prompts, mnt, rank=False)
+        return GrpcTarget(s.address, prompts, mnt)
+
+    def routed(api: str, r: Proc) -> Target:
+        if api == "openai":
+            return OpenAITarget(r.address, prompts, mnt, rank=False)
+        return HttpTarget(r.address, prompts, mnt, False, rank=False)
+
+    variants = [("total_requests", 0.0, "none"), (ctx.our_policy, 2.0, "text")]
     try:
         for concurrency in a.concurrency:
-            _eprint(f"  throughput: {concurrency} clients")
-            label = {"concurrency": concurrency, "time_scale": 0.0}
-            rec: dict[str, Any] = {"path": "direct"} | label
-            try:
-                rec |= measure(
-                    "closed",
-                    lambda: HttpTarget(emulator.address, prompts, mnt, False, rank=True),
-                    {"emulator": emulator},
-                    concurrency=concurrency,
-                    **common,
-                )
-            except Exception as e:
-                rec.update(status="error", message=f"{type(e).__name__}: {e}")
-            records.append(rec)
+            for api in ("generate", "openai"):  # the router's and the emulator's API
+                _eprint(f"  throughput: {concurrency} clients, {api}")
+                label = {"concurrency": concurrency, "time_scale": 0.0, "api": api}
+                rec = {"path": "direct"} | label
+                records.append(closed(rec, partial(direct, api), {"emulator": emulator}))
 
-            def run(s: Proc, c: int = concurrency) -> dict[str, Any]:
-                return measure(
-                    "closed",
-                    lambda: GrpcTarget(s.address, prompts, mnt),
-                    {"emulator": emulator, "scheduler": s},
-                    concurrency=c,
-                    **common,
-                )
-
-            variants = [("total_requests", 0.0, "none"), (ctx.our_policy, 2.0, "text")]
-            for policy, window, mode in variants[: 1 if a.quick else 2]:
-                rec = _with_scheduler(
-                    ctx, emulator, f"tp-{concurrency}-{policy}-{mode}", policy, window, mode,
-                    run, routed=False,
-                )  # fmt: skip
-                records.append({"path": "scheduler"} | label | rec)
-            if router is not None:
-                rec = {"path": "sglang_router", "policy": "round_robin"} | label
-                try:
-                    rec |= measure(
+                def run(s: Proc, c: int = concurrency, api: str = api) -> dict[str, Any]:
+                    return measure(
                         "closed",
-                        lambda: HttpTarget(router.address, prompts, mnt, False, rank=False),
-                        {"emulator": emulator, "sglang_router": router},
-                        concurrency=concurrency,
+                        lambda: scheduled(api, s),
+                        {"emulator": emulator, "scheduler": s},
+                        concurrency=c,
                         **common,
                     )
-                except Exception as e:
-                    rec.update(status="error", message=f"{type(e).__name__}: {e}")
-                records.append(rec)
+
+                for policy, window, mode in variants[: 1 if a.quick else 2]:
+                    tag = "openai-" if api == "openai" else ""
+                    rec = _with_scheduler(
+                        ctx, emulator, f"tp-{concurrency}-{tag}{policy}-{mode}", policy,
+                        window, mode, run, routed=False,
+                    )  # fmt: skip
+                    ours = {"api": "openai" if api == "openai" else "grpc"}
+                    records.append({"path": "scheduler"} | label | ours | rec)
+                if router is None:
+                    continue
+                rec = {"path": "sglang_router", "policy": "round_robin"} | label
+                if api == "openai" and notes["openai"] is not None:
+                    rec.update(status="not_served", message=notes["openai"])
+                    records.append(rec)
+                    continue
+                servers = {"emulator": emulator, "sglang_router": router}
+                records.append(closed(rec, partial(routed, api, router), servers))
     finally:
         if router is not None:
             router.stop()
-    return records, router_note
+    _vs_router(records)
+    return records, notes
+
+
+def _vs_router(records: list[dict[str, Any]]) -> None:
+    """On each scheduler row: ours / the router's row with the same clients and request
+    family (gRPC Generate against the router's /generate; OpenAI against OpenAI)."""
+    for rec in records:
+        if rec["path"] != "scheduler" or rec.get("status") != "ok":
+            continue
+        openai = rec.get("api") == "openai"
+        router = next(
+            (
+                r for r in records
+                if r["path"] == "sglang_router" and r.get("status") == "ok"
+                and r["concurrency"] == rec["concurrency"]
+                and (r.get("api") == "openai") == openai
+            ),
+            None,
+        )  # fmt: skip
+        if router is None:
+            continue
+        ours_cpu = rec.get("scheduler_cpu_us_per_request")
+        their_cpu = router.get("sglang_router_cpu_us_per_request")
+        rec["vs_router"] = {
+            "requests_per_s": round(rec["requests_per_s"] / router["requests_per_s"], 3),
+            "p50": round(rec["latency_ms"]["p50"] / router["latency_ms"]["p50"], 3),
+            "p99": round(rec["latency_ms"]["p99"] / router["latency_ms"]["p99"], 3),
+            "cpu_per_request": round(ours_cpu / their_cpu, 3)
+            if ours_cpu is not None and their_cpu
+            else None,
+        }
 
 
 def _backend_finished(emulator: Proc) -> int:
@@ -1007,7 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
             result["latency"] = part_latency(ctx, emulator(0.0), 0.0)
         if "throughput" in parts:
             _eprint("frontend benchmark: throughput (time scale 0)")
-            result["throughput"], result["router_note"] = part_throughput(ctx, emulator(0.0))
+            result["throughput"], notes = part_throughput(ctx, emulator(0.0))
+            result["router_note"], result["router_openai_note"] = notes["router"], notes["openai"]
         if "latency" in parts and not args.no_time_scale_1:
             _eprint("frontend benchmark: latency (time scale 1)")
             result["latency"] += part_latency(ctx, emulator(1.0), 1.0)
@@ -1023,6 +1176,11 @@ def main(argv: list[str] | None = None) -> int:
             "probes /model_info (the emulator answers 404) and falls back to the deprecated "
             "/get_model_info, and cannot load a tokenizer for the model name offline (only a "
             "warning: /generate with text passes through)"
+        )
+    if result.get("router_note") and result.get("router_openai_note") is None:
+        result["router_openai_note"] = (
+            "sglang-router forwards POST /v1/chat/completions to the worker (checked at its "
+            "start: GET /v1/models, then one request answered 200 with the tokens asked for)"
         )
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

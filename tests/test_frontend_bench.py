@@ -30,16 +30,25 @@ def test_frontend_benchmark_quick(shared_data, tmp_path):
         assert r["requests"] > 0 and r["latency_ms"]["p50"] > 0
     scheduled = [r for r in latency if r["path"] == "scheduler"]
     assert all("added_ms" in r and "meets_target" in r for r in scheduled)
+    # the OpenAI path: /v1/chat/completions to the emulator and to the scheduler's listener
+    ours = {("direct", "generate"), ("scheduler", "grpc"), ("direct", "openai"),
+            ("scheduler", "openai")}  # fmt: skip
+    assert {(r["path"], r["api"]) for r in latency} == ours
 
-    paths = {r["path"] for r in result["throughput"]}
+    throughput = result["throughput"]
+    rows = {(r["path"], r["api"]) for r in throughput}
     if importlib.util.find_spec("sglang_router") is None:
         # CI installs only the dev and torch extras: the router part is skipped, with why
-        assert "sglang_router" not in paths
+        assert rows == ours
         assert "not importable" in result["router_note"]
     else:
-        assert "sglang_router" in paths
-    assert {"direct", "scheduler"} <= paths
-    assert all(r["status"] == "ok" and r["requests_per_s"] > 0 for r in result["throughput"])
+        # the router in front of the same emulator, both APIs, compared with ours
+        assert rows == ours | {("sglang_router", "generate"), ("sglang_router", "openai")}
+        assert "/v1/chat/completions" in result["router_openai_note"]
+        for r in throughput:
+            if r["path"] == "scheduler":
+                assert r["vs_router"]["requests_per_s"] > 0, r
+    assert all(r["status"] == "ok" and r["requests_per_s"] > 0 for r in throughput)
 
     prediction = {r["prediction"]: r for r in result["prediction"]}
     assert {"none", "probe"} <= set(prediction)
@@ -52,3 +61,4 @@ def test_frontend_benchmark_quick(shared_data, tmp_path):
     md = tmp_path / "RESULTS.md"
     text = render_results(out.parent, md)
     assert "## Scheduler front-end (`frontend`)" in text and "Quick mode" in text
+    assert "The OpenAI path (`/v1/chat/completions`), same run:" in text

@@ -31,6 +31,31 @@ def _cpu(rec: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
+#: What each row sends (its ``api``).
+_APIS = {
+    "generate": "HTTP `/generate`",
+    "grpc": "gRPC `Generate`",
+    "openai": "HTTP `/v1/chat/completions`",
+}
+
+
+def _api(rec: dict[str, Any]) -> str:
+    """The request kind; rows from before the OpenAI rows carry no ``api``."""
+    api = rec.get("api") or ("grpc" if rec.get("path") == "scheduler" else "generate")
+    return _APIS.get(api, f"`{api}`")
+
+
+def _ratio(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _vs_router(rec: dict[str, Any]) -> str:
+    vs = rec.get("vs_router") or {}
+    if not vs:
+        return "-"
+    return " / ".join(_ratio(vs.get(k)) for k in ("requests_per_s", "p50", "cpu_per_request"))
+
+
 def _path(rec: dict[str, Any]) -> str:
     if rec.get("path") == "direct":
         return "emulator directly" + (f" ({rec['run']})" if rec.get("run") else "")
@@ -44,7 +69,34 @@ def _path(rec: dict[str, Any]) -> str:
 
 
 def _notes(records: list[dict[str, Any]]) -> list[str]:
-    return [f"- {_path(r)}: {r['message']}" for r in records if r.get("message")]
+    return [f"- {_path(r)}, {_api(r)}: {r['message']}" for r in records if r.get("message")]
+
+
+def _openai_summary(throughput: list[dict[str, Any]]) -> list[str]:
+    """One line per client count: the OpenAI rows' requests/s and p50, ours / router."""
+    lines = []
+    for clients in dict.fromkeys(r.get("concurrency") for r in throughput):
+        rows = [
+            r for r in throughput
+            if r.get("concurrency") == clients and r.get("api") == "openai"
+            and r.get("status") == "ok"
+        ]  # fmt: skip
+        if not rows:
+            continue
+        parts = []
+        for r in rows:
+            who = {"direct": "emulator directly", "sglang_router": "SGLang router"}.get(
+                r["path"], f"scheduler `{r.get('policy')}`/`{r.get('prediction')}`"
+            )
+            part = (
+                f"{who} {_fmt(r.get('requests_per_s'), 0)} requests/s (p50 "
+                f"{_fmt(r['latency_ms'].get('p50'), 1)} ms)"
+            )
+            if r.get("vs_router"):
+                part += f", {_ratio(r['vs_router'].get('requests_per_s'))} the router's"
+            parts.append(part)
+        lines.append(f"- {_fmt(clients)} clients: " + "; ".join(parts) + ".")
+    return lines
 
 
 def render_frontend(data: dict[str, Any], source: Path) -> list[str]:
@@ -83,8 +135,13 @@ def render_frontend(data: dict[str, Any], source: Path) -> list[str]:
             "these processes alone. Direct: "
             "HTTP `POST "
             "/generate` with `routed_dp_rank` over one keep-alive aiohttp session; scheduler: "
-            "gRPC unary `Generate`. Added = scheduler percentile minus the mean of the direct "
-            "runs with the same `return_routed_experts`, measured before and after the "
+            "gRPC unary `Generate`. The OpenAI rows send unary `POST /v1/chat/completions` "
+            "(one user message, the prompt; `max_tokens` as above) the same way: to the "
+            "emulator's own endpoint (with `routed_dp_rank`) and to the scheduler's "
+            "`openai_listen` listener (which forwards it to the emulator's endpoint with the "
+            "rank its policy chose). Added = scheduler percentile minus the mean of the direct "
+            "runs with the same `return_routed_experts` and the same API (gRPC against "
+            "`/generate`, OpenAI against OpenAI), measured before and after the "
             "scheduler rows on the same emulator process (their spread is shown). Target: "
             f"added p50 <= {_fmt(targets.get('added_p50_ms'), 1)} ms and p99 <= "
             f"{_fmt(targets.get('added_p99_ms'), 1)} ms at {_fmt(targets.get('rate'), 0)} "
@@ -98,6 +155,7 @@ def render_frontend(data: dict[str, Any], source: Path) -> list[str]:
                 [
                     _fmt(r.get("time_scale"), 0),
                     _path(r),
+                    _api(r),
                     _fmt(r.get("return_routed_experts")),
                     str(r.get("status")),
                     _fmt(r.get("requests")),
@@ -114,6 +172,7 @@ def render_frontend(data: dict[str, Any], source: Path) -> list[str]:
             [
                 "time scale",
                 "path",
+                "request",
                 "routed experts",
                 "status",
                 "requests",
@@ -155,27 +214,43 @@ def render_frontend(data: dict[str, Any], source: Path) -> list[str]:
             f"{_fmt(settings.get('throughput_seconds'), 0)} s per row after a warm-up, time "
             f"scale 0, {_fmt(settings.get('max_new_tokens'))} completion tokens, no routed "
             "experts requested on any path (pure forwarding cost). SGLang's router gets no "
-            "`routed_dp_rank` (the emulator spreads its requests round robin).",
+            "`routed_dp_rank` (the emulator spreads its requests round robin). Two request "
+            "kinds, the same prompts and clients: SGLang's native API (`/generate` directly "
+            "and through the router, gRPC `Generate` through the scheduler) and the OpenAI "
+            "one (unary `POST /v1/chat/completions` on all three: the emulator's endpoint, "
+            "the scheduler's `openai_listen` listener, the router's endpoint). Ours / router: "
+            "a scheduler row's requests/s, p50 and CPU per request (the scheduler's against "
+            "the router's) over the router's row with the same clients and API family (gRPC "
+            "against the router's `/generate`).",
             "",
         ]
         rows = [
             [
                 _fmt(r.get("concurrency")),
                 _path(r),
+                _api(r),
                 str(r.get("status")),
                 _fmt(r.get("requests")),
                 _fmt(r.get("requests_per_s"), 0),
                 _lat(r, "p50", "p99"),
                 _cpu(r),
+                _vs_router(r),
             ]
             for r in throughput
         ]
         lines += _table(
-            ["clients", "path", "status", "requests", "requests/s", "latency ms p50 / p99",
-             "CPU us/request"],
+            ["clients", "path", "request", "status", "requests", "requests/s",
+             "latency ms p50 / p99", "CPU us/request",
+             "ours / router: requests/s / p50 / CPU"],
             rows,
         )  # fmt: skip
-        lines += ["", f"SGLang router: {data.get('router_note') or '-'}", *_notes(throughput), ""]
+        summary = _openai_summary(throughput)
+        if summary:
+            lines += ["", "The OpenAI path (`/v1/chat/completions`), same run:", "", *summary]
+        lines += ["", f"SGLang router: {data.get('router_note') or '-'}"]
+        if data.get("router_openai_note"):
+            lines += ["", f"SGLang router, OpenAI endpoint: {data['router_openai_note']}"]
+        lines += [*_notes(throughput), ""]
 
     prediction = data.get("prediction") or []
     if prediction:
