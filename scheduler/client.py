@@ -14,7 +14,10 @@ sent with admin RPCs (ReloadConfig) only.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -22,6 +25,8 @@ import grpc
 
 from scheduler.api.v1 import scheduler_pb2 as pb
 from scheduler.api.v1 import scheduler_pb2_grpc as pb_grpc
+from scheduler.errors import ConfigError
+from scheduler.jsonio import write_json_atomic
 
 
 def _sampling(max_new_tokens: int | None, temperature: float | None) -> pb.SamplingParams:
@@ -165,3 +170,27 @@ class SchedulerClient:
             pb.ReloadConfigRequest(), metadata=metadata
         )
         return response
+
+
+def save_feedback_profile(target: str, out: Path) -> Path:
+    """The scheduler's feedback profile, saved beside ``out`` as ``<out>.profile.json``."""
+
+    async def fetch() -> str:
+        async with SchedulerClient(target) as client:
+            return (await client.feedback()).profile_json
+
+    try:
+        text = asyncio.run(asyncio.wait_for(fetch(), timeout=30))
+    except (grpc.aio.AioRpcError, TimeoutError) as e:
+        detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "no answer in 30 s"
+        raise ConfigError(f"--from-server {target}: {detail}") from None
+    if not text:
+        raise ConfigError(
+            f"--from-server {target}: no feedback yet (no finished request returned routed "
+            "experts; is backend.return_routed_experts on?)"
+        )
+    path = out.with_name(out.name + ".profile.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, json.loads(text))
+    print(f"profile from {target} written to {path}", file=sys.stderr)
+    return path

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from scheduler.accounting import CostModel, account, bytes_per_copy, static_dispatch_table
+from scheduler.class_map import ESFT_STAND_INS
 from scheduler.emulator.core import Emulator, EmulatorConfig
 from scheduler.emulator.expert_location import load_expert_location, trivial_location
 from scheduler.emulator.routing import (
@@ -28,7 +29,6 @@ from scheduler.emulator.timing import (
 )
 from scheduler.emulator.workload import (
     DEFAULT_PROFILE,
-    ESFT_STAND_INS,
     MIXTURE,
     PromptIndex,
     Workload,

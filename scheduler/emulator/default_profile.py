@@ -15,7 +15,8 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from scheduler.emulator.workload import DEFAULT_PROFILE, ESFT_STAND_INS, ESFT_TRACES
+from scheduler.class_map import ESFT_STAND_INS
+from scheduler.emulator.workload import DEFAULT_PROFILE, ESFT_TRACES
 
 DATASET = (
     "ESFT expert-routing traces: deepseek-ai/ESFT results/expert_scores at commit "

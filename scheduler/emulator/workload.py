@@ -6,9 +6,8 @@ the domain (code / math / chat / general) selects a class of the routing profile
 
 The real per-token routing we have with domain labels is ESFT's (DeepSeek-V2-Lite), whose
 four domains are Chinese NLP tasks, not ours. They stand in for ours as
-:data:`ESFT_STAND_INS` says; the pairing is a convention, not a claim that the routing of
-(say) ESFT's legal task resembles that of math prompts: it gives four distinct, real
-per-class distributions.
+``scheduler.class_map.ESFT_STAND_INS`` says (a convention: it gives four distinct, real
+per-class distributions).
 
 A prompt not in the corpus (or a request given as token ids) gets the default class:
 ``general``, or with ``mixture`` a class drawn from the profile's class weights by a hash
@@ -29,15 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from scheduler.class_map import DOMAINS, default_class_map
 from scheduler.emulator.routing import ClassRouting, class_routing
 from scheduler.errors import ConfigError, InputError
 from scheduler.model_shape import ModelShape
 from scheduler.profile import WorkloadProfile, build_profile, load_profile
 
-#: Domains of the prompt corpus, in the order that settles a prompt listed under several.
-DOMAINS = ("code", "math", "chat", "general")
-#: ESFT domain -> the corpus domain whose requests draw from its routing.
-ESFT_STAND_INS = {"translation": "code", "law": "math", "intent": "chat", "summary": "general"}
 DEFAULT_CLASS = "general"
 MIXTURE = "mixture"
 #: The profile shipped with the package, used when the real data is absent.
@@ -134,15 +130,6 @@ class Workload:
         return names[pick], "default"
 
 
-def default_class_map(classes: Iterable[str]) -> dict[str, str]:
-    """Domain -> class: :data:`ESFT_STAND_INS` when the classes are ESFT domains, else the
-    domains that are class names (the convention the emulator and the server share)."""
-    names = set(classes)
-    if names <= set(ESFT_STAND_INS):
-        return {d: esft for esft, d in ESFT_STAND_INS.items() if esft in names}
-    return {d: d for d in DOMAINS if d in names}
-
-
 def build_workload(
     profile: WorkloadProfile,
     index: PromptIndex,
@@ -152,9 +139,9 @@ def build_workload(
 ) -> Workload:
     """Tie a profile to the corpus domains.
 
-    ``class_map`` (domain -> profile class) defaults to :data:`ESFT_STAND_INS` for a profile
-    whose classes are the ESFT domains, else to the domains that are class names. ``default``
-    is a domain, a profile class, or ``mixture``.
+    ``class_map`` (domain -> profile class) defaults to ``class_map.default_class_map``:
+    the ESFT stand-ins for a profile whose classes are the ESFT domains, else the domains
+    that are class names. ``default`` is a domain, a profile class, or ``mixture``.
     """
     classes = list(profile.classes)
     if class_map is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,7 +110,9 @@ def cmd_place(args: argparse.Namespace) -> int:
     if args.from_server:
         if not args.out:
             raise ConfigError("--from-server needs --out DIR")
-        args.profile = _fetch_server_profile(args.from_server, args.out)
+        from scheduler.client import save_feedback_profile  # the client layer, not placement
+
+        args.profile = save_feedback_profile(args.from_server, args.out)
     profile = load_profile(args.profile)
     topology = load_topology(args.topology)
     if args.check:
@@ -199,34 +200,3 @@ def cmd_place(args: argparse.Namespace) -> int:
         f"{result.solve_seconds:.1f} s{gap})"
     )
     return 0
-
-
-def _fetch_server_profile(target: str, out: Path) -> Path:
-    """The scheduler's feedback profile, saved beside ``out`` as ``<out>.profile.json``."""
-    import asyncio
-
-    import grpc
-
-    from scheduler.client import SchedulerClient
-    from scheduler.errors import ConfigError
-    from scheduler.jsonio import write_json_atomic
-
-    async def fetch() -> str:
-        async with SchedulerClient(target) as client:
-            return (await client.feedback()).profile_json
-
-    try:
-        text = asyncio.run(asyncio.wait_for(fetch(), timeout=30))
-    except (grpc.aio.AioRpcError, TimeoutError) as e:
-        detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "no answer in 30 s"
-        raise ConfigError(f"--from-server {target}: {detail}") from None
-    if not text:
-        raise ConfigError(
-            f"--from-server {target}: no feedback yet (no finished request returned routed "
-            "experts; is backend.return_routed_experts on?)"
-        )
-    path = out.with_name(out.name + ".profile.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, json.loads(text))
-    print(f"profile from {target} written to {path}", file=sys.stderr)
-    return path

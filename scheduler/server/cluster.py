@@ -24,7 +24,7 @@ import numpy as np
 
 from scheduler.accounting import static_dispatch_table
 from scheduler.accounting.metrics import bytes_per_copy
-from scheduler.emulator.workload import default_class_map
+from scheduler.class_map import default_class_map
 from scheduler.errors import ConfigError, InputError
 from scheduler.model_shape import ModelShape, resolve_model
 from scheduler.placement.io import EXPERT_LOCATION, PLAN

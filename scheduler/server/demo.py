@@ -25,7 +25,7 @@ from typing import Any
 
 from scheduler.errors import ConfigError
 from scheduler.jsonio import write_json_atomic
-from scheduler.server.cli import rank_key
+from scheduler.replay import rank_key, replay
 
 STARTUP_TIMEOUT_S = 120
 #: The locality_window settings of ``[policy] balance`` the demo compares.
@@ -332,7 +332,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from scheduler.model_shape import ModelShape
     from scheduler.placement.io import PLAN
     from scheduler.placement.topology import Topology
-    from scheduler.server.cli import replay
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

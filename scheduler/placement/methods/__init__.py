@@ -17,7 +17,7 @@ Method = Callable[[PlacementProblem], PlacementResult]
 #: name -> (module, function, one-line description)
 METHODS: dict[str, tuple[str, str, str]] = {
     "ours": (
-        "ours",
+        "ours_time",
         "solve",
         "joint class shares and placement minimising modelled MoE-layer time (--objective)",
     ),

@@ -226,15 +226,6 @@ def class_costs(
 # ----------------------------------------------------------------------------- driver
 
 
-def solve(problem: PlacementProblem) -> PlacementResult:
-    """``ours`` with the problem's objective (module docstring)."""
-    if problem.objective == "time":
-        from scheduler.placement.methods import ours_time
-
-        return ours_time.solve(problem)
-    return solve_remote_hits(problem)
-
-
 def solve_remote_hits(problem: PlacementProblem) -> PlacementResult:
     start = time.perf_counter()
     m, t = problem.profile.model, problem.topology

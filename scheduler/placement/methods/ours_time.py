@@ -37,6 +37,7 @@ import numpy as np
 
 from scheduler.accounting.cost_model import CostModel
 from scheduler.placement.joint_bound import joint_bound
+from scheduler.placement.methods.ours import class_costs, solve_remote_hits, solve_shares
 from scheduler.placement.methods.ours_greedy import heuristic_layer, replica_counts
 from scheduler.placement.placement import Placement
 from scheduler.placement.problem import PlacementProblem, PlacementResult, balanced_class_shares
@@ -319,8 +320,14 @@ def remote_hits_start_fits(problem: PlacementProblem) -> bool:
 
 
 def solve(problem: PlacementProblem) -> PlacementResult:
-    from scheduler.placement.methods.ours import class_costs, solve_remote_hits, solve_shares
+    """``ours`` with the problem's objective: time (this module), or remote hits
+    (:func:`~scheduler.placement.methods.ours.solve_remote_hits`)."""
+    if problem.objective == "time":
+        return solve_time(problem)
+    return solve_remote_hits(problem)
 
+
+def solve_time(problem: PlacementProblem) -> PlacementResult:
     start = time.perf_counter()
     m, t = problem.profile.model, problem.topology
     demand, weights = problem.demand, problem.weights
