@@ -31,3 +31,61 @@ class ConfigError(MoeSchedulerError):
 
 class MissingDependencyError(MoeSchedulerError):
     """An optional dependency (an extra) is needed for what was asked."""
+
+
+# ------------------------------------------------------------------ serving
+
+
+class RequestError(MoeSchedulerError):
+    """A request the server cannot serve. ``outcome``: how the call ends, one of
+    ``scheduler.server.metrics.OUTCOMES`` other than ok, cancelled and client_deadline
+    (which the front ends see themselves). Each front end maps outcomes to its statuses in
+    one table: ``scheduler.server.service.STATUS`` (gRPC) and
+    ``scheduler.server.openai_requests.ERRORS`` (HTTP)."""
+
+    def __init__(self, outcome: str, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class Overloaded(RequestError):
+    """Admission refused: the queue is full, or the server is shutting down."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("overloaded", f"the scheduler is overloaded: {message}")
+
+
+class DeadlineRefused(RequestError):
+    """The request's deadline cannot cover its expected wait and service."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("refused_deadline", f"refused early: {message}")
+
+
+class BackendError(MoeSchedulerError):
+    """A failed call to SGLang. ``retryable``: another attempt may succeed (before the
+    first token only). ``instance``: the name of the instance that failed, set by the
+    caller that knows it."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+        self.instance = ""
+
+
+class BackendUnreachable(BackendError):
+    """No connection to SGLang at all (refused, reset, dropped): it is restarting or down,
+    worth retrying with backoff until ``backend.unreachable_retry_s``."""
+
+
+class RankFailed(BackendError):
+    """The DP rank itself is out (SGLang's 503 "DP rank R is not active.")."""
+
+
+class BackendRejected(BackendError):
+    """SGLang rejected the request (400): another attempt would be rejected too."""
+
+    retryable = False

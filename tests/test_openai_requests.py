@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
-from scheduler.errors import ConfigError
+from scheduler.errors import ConfigError, RequestError
 from scheduler.server.backend import CHAT, COMPLETIONS
 from scheduler.server.cluster import load_cluster
 from scheduler.server.config import load_config
-from scheduler.server.core import RequestError, estimate_tokens
+from scheduler.server.core import estimate_tokens
 from scheduler.server.openai_requests import ModelNotFound, error_body, parse
 from scheduler.server.wire import OpenAIEvents
 from tests.emulator_harness import MODEL

@@ -15,9 +15,9 @@ import pytest
 
 from scheduler.api.v1 import scheduler_pb2 as pb
 from scheduler.client import SchedulerClient, make_request
-from scheduler.errors import ConfigError
+from scheduler.errors import ConfigError, DeadlineRefused
 from scheduler.server.config import load_config
-from scheduler.server.dispatcher import DeadlineRefused, Dispatcher
+from scheduler.server.dispatcher import Dispatcher
 from scheduler.server.telemetry import MeasureContext, TelemetryWorker
 from tests.emulator_harness import MODEL, EmulatorServer, make_emulator
 from tests.server_harness import SchedulerServer, write_config

@@ -85,7 +85,7 @@ def _read(path: Path, key: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"server.{key} {path}: {e}") from None
+        raise ConfigError(f"server.{key} {path}: {e}") from e
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -139,7 +139,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         else:
             port = server.add_secure_port(config.server.listen, credentials)
     except RuntimeError as e:
-        raise ConfigError(f"server.listen {config.server.listen}: cannot bind ({e})") from None
+        raise ConfigError(f"server.listen {config.server.listen}: cannot bind ({e})") from e
     if port == 0:
         raise ConfigError(f"server.listen {config.server.listen}: cannot bind")
 
@@ -158,7 +158,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        raise ConfigError(f"server.metrics_listen {config.server.metrics_listen}: {e}") from None
+        raise ConfigError(f"server.metrics_listen {config.server.metrics_listen}: {e}") from e
     bound = runner.addresses[0][1]
     openai_runner, openai_url = None, ""
     if config.server.openai_listen:
@@ -167,7 +167,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
             openai_runner, openai_url = await start_openai(core, o_host, o_port)
         except OSError as e:
             await runner.cleanup()
-            raise ConfigError(f"server.openai_listen {config.server.openai_listen}: {e}") from None
+            raise ConfigError(f"server.openai_listen {config.server.openai_listen}: {e}") from e
     await server.start()
     running = RunningServer(
         core,

@@ -18,6 +18,7 @@ import aiohttp
 import numpy as np
 import orjson
 
+from scheduler.errors import BackendError, BackendRejected, BackendUnreachable, RankFailed
 from scheduler.server.wire import (
     OpenAIEvents,
     SSEEvents,
@@ -33,31 +34,6 @@ from scheduler.server.wire import (
 GENERATE = "/generate"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-
-
-class BackendError(Exception):
-    """A failed backend call. ``retryable``: another attempt may succeed (before the
-    first token only); ``unreachable``: no connection to SGLang at all (it is restarting
-    or down: worth retrying with backoff until the deadline); ``rank_failed``: the DP rank
-    itself is out (SGLang's 503 "DP rank R is not active."); ``invalid``: SGLang rejected
-    the request (400)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        retryable: bool,
-        unreachable: bool = False,
-        rank_failed: bool = False,
-        invalid: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.unreachable = unreachable
-        self.rank_failed = rank_failed
-        self.invalid = invalid
-        #: Name of the instance that failed (set by the caller that knows it).
-        self.instance = ""
 
 
 @dataclass
@@ -126,16 +102,16 @@ class SGLangBackend:
             rest, routed = split_routed(body)
             data = loads(rest)
         except WireError as e:
-            raise BackendError(f"backend answered {e}", retryable=True) from e
+            raise BackendError(f"backend answered {e}") from e
         if not isinstance(data, dict):
-            raise BackendError("backend answered a non-object", retryable=True)
+            raise BackendError("backend answered a non-object")
         if path != GENERATE:
             return Answer(openai_meta(data), openai_content(data), routed=routed, body=rest)
         meta = data.get("meta_info")
         try:
             ids = [int(i) for i in data.get("output_ids") or []]
         except (TypeError, ValueError) as e:
-            raise BackendError("backend answered bad output_ids", retryable=True) from e
+            raise BackendError("backend answered bad output_ids") from e
         return Answer(
             meta if isinstance(meta, dict) else {}, str(data.get("text") or ""), ids, routed
         )
@@ -212,14 +188,14 @@ class SGLangBackend:
                     raise _http_error(resp.status, body)
                 return loads(body)
         except (aiohttp.ClientError, TimeoutError, WireError) as e:
-            raise BackendError(f"{path} failed: {e}", retryable=True) from e
+            raise BackendError(f"{path} failed: {e}") from e
 
     async def server_info(self, timeout_s: float) -> dict[str, Any]:
         """``/server_info`` (SGLang's resolved server arguments and ``version``); raises
         BackendError."""
         data = await self._get_json("/server_info", timeout_s)
         if not isinstance(data, dict):
-            raise BackendError("/server_info answered a non-object", retryable=True)
+            raise BackendError("/server_info answered a non-object")
         return data
 
     async def loads(self, num_ranks: int, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
@@ -263,7 +239,8 @@ def _client_error(e: aiohttp.ClientError) -> BackendError:
     unreachable = isinstance(e, aiohttp.ClientConnectionError) and not isinstance(
         e, aiohttp.ServerTimeoutError
     )
-    return BackendError(f"backend unreachable: {e}", retryable=True, unreachable=unreachable)
+    kind = BackendUnreachable if unreachable else BackendError
+    return kind(f"backend unreachable: {e}")
 
 
 def _http_error(status: int, body: bytes) -> BackendError:
@@ -275,7 +252,7 @@ def _http_error(status: int, body: bytes) -> BackendError:
         message = body[:200].decode("utf-8", "replace")
     text = f"backend answered HTTP {status}: {str(message)[:300]}"
     if status == 400:
-        return BackendError(text, retryable=False, invalid=True)
+        return BackendRejected(text)
     if status == 503 and "not active" in str(message):
-        return BackendError(text, retryable=True, rank_failed=True)
+        return RankFailed(text)
     return BackendError(text, retryable=status >= 500)

@@ -92,7 +92,7 @@ def _connect(args: argparse.Namespace) -> Any:
         try:
             return path.read_bytes()
         except OSError as e:
-            raise ConfigError(f"{what} {path}: {e}") from None
+            raise ConfigError(f"{what} {path}: {e}") from e
 
     token = os.environ.get(ADMIN_TOKEN_ENV, "")
     if args.token_file is not None:

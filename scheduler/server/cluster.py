@@ -158,11 +158,11 @@ def _load_instance(
         plan_bytes = plan_path.read_bytes()
         location_bytes = location_path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{label}placement: {e}") from None
+        raise ConfigError(f"{label}placement: {e}") from e
     try:
         plan = json.loads(plan_bytes)
     except ValueError as e:
-        raise InputError(plan_path, f"not JSON ({e})") from None
+        raise InputError(plan_path, f"not JSON ({e})") from e
     if not isinstance(plan, dict):
         raise InputError(plan_path, "not a plan object")
     if inst.model:

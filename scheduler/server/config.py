@@ -215,7 +215,7 @@ def load_config(path: Path) -> ServerConfig:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}") from e
     unknown = set(data) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
@@ -414,4 +414,4 @@ def read_secret(path: Path | None, env: str, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{what} {path}: {e}") from None
+        raise ConfigError(f"{what} {path}: {e}") from e

@@ -31,9 +31,16 @@ from typing import Any, cast
 
 import numpy as np
 
-from scheduler.errors import MoeSchedulerError
+from scheduler.errors import (
+    BackendError,
+    BackendRejected,
+    BackendUnreachable,
+    MoeSchedulerError,
+    RankFailed,
+    RequestError,
+)
 from scheduler.policies import POLICIES, RequestInfo, RoutingPolicy, make_policy
-from scheduler.server.backend import GENERATE, Answer, BackendError, SGLangBackend
+from scheduler.server.backend import GENERATE, Answer, SGLangBackend
 from scheduler.server.cluster import ClusterState, InstanceState, load_cluster
 from scheduler.server.config import (
     ADMIN_TOKEN_ENV,
@@ -44,7 +51,7 @@ from scheduler.server.config import (
     load_config,
     read_secret,
 )
-from scheduler.server.dispatcher import DeadlineRefused, Dispatcher, Overloaded
+from scheduler.server.dispatcher import Dispatcher
 from scheduler.server.feedback import Feedback
 from scheduler.server.feedback import write as write_feedback
 from scheduler.server.metrics import OUTCOMES, ServerMetrics
@@ -78,15 +85,6 @@ _QUOTE_CHARS = 40
 SLOW_HEALTH_ROUNDS = 3
 #: Seconds a reply waits for its own telemetry (local_fraction, inter_node_bytes).
 REPLY_TELEMETRY_WAIT_S = 0.25
-
-
-class RequestError(Exception):
-    """A request that cannot be served. ``outcome``: one of ``metrics.OUTCOMES`` other
-    than ok, cancelled and client_deadline (which the service sees itself)."""
-
-    def __init__(self, outcome: str, message: str) -> None:
-        super().__init__(message)
-        self.outcome = outcome
 
 
 def quote(value: object) -> str:
@@ -756,9 +754,10 @@ class SchedulerCore:
                 break
             except BackendError as e:
                 failed = self._failed_instance(e, leg, prefill)
-                if e.unreachable and failed is not None:
+                unreachable = isinstance(e, BackendUnreachable)
+                if unreachable and failed is not None:
                     self._instance_down(failed, str(e))
-                if e.rank_failed and failed is not None:
+                if isinstance(e, RankFailed) and failed is not None:
                     rank = leg if failed is leg.instance else prefill
                     assert rank is not None
                     log.warning(
@@ -769,10 +768,10 @@ class SchedulerCore:
                         self.config.backend.failed_rank_cooldown_s,
                     )
                     rank.dispatcher.mark_failed(rank.pool_rank)
-                if e.invalid:
+                if isinstance(e, BackendRejected):
                     raise RequestError("invalid", str(e)) from e
                 now = time.monotonic()
-                if e.unreachable:
+                if unreachable:
                     unreachable_since = unreachable_since or now
                     allowed = now - unreachable_since < self.config.backend.unreachable_retry_s
                 else:
@@ -781,8 +780,8 @@ class SchedulerCore:
                 others = leg.dispatcher.healthy().any() and (
                     prefill is None or prefill.dispatcher.healthy().any()
                 )
-                delay = 0.0 if e.unreachable and others else self._backoff(out.attempts)
-                if sent.any and e.unreachable:
+                delay = 0.0 if unreachable and others else self._backoff(out.attempts)
+                if sent.any and unreachable:
                     raise RequestError(
                         "backend_error",
                         f"instance {e.instance or leg.instance.name} failed after the stream "
@@ -884,10 +883,6 @@ class SchedulerCore:
                 dispatcher.acquire(info, deadline, need_s),
                 timeout=max(0.0, until - time.monotonic()),
             )
-        except Overloaded as e:
-            raise RequestError("overloaded", f"the scheduler is overloaded: {e}") from e
-        except DeadlineRefused as e:
-            raise RequestError("refused_deadline", f"refused early: {e}") from e
         except TimeoutError as e:
             if deadline is None:
                 raise RequestError(

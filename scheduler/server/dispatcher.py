@@ -41,15 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from scheduler.errors import DeadlineRefused, Overloaded
 from scheduler.policies import Admission, RankState, RequestInfo, RoutingPolicy
-
-
-class Overloaded(Exception):
-    """The queue is full."""
-
-
-class DeadlineRefused(Exception):
-    """The request's deadline cannot cover its expected wait and service."""
 
 
 class ServiceTimes:

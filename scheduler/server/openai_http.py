@@ -25,8 +25,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from scheduler.errors import RequestError
 from scheduler.server.backend import CHAT, COMPLETIONS
-from scheduler.server.core import RequestError, SchedulerCore, quote
+from scheduler.server.core import SchedulerCore, quote
 from scheduler.server.openai_requests import ModelNotFound, error_body, parse
 
 log = logging.getLogger("moe_scheduler.server")

@@ -21,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from scheduler.errors import RequestError
 from scheduler.server.backend import CHAT, COMPLETIONS
 from scheduler.server.cluster import ClusterState
 from scheduler.server.config import ServerConfig
-from scheduler.server.core import Job, RequestError, estimate_tokens, quote, validate
+from scheduler.server.core import Job, estimate_tokens, quote, validate
 
 #: Chat roles SGLang's ChatCompletionRequest accepts.
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")

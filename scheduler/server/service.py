@@ -22,13 +22,13 @@ from typing import Any
 import grpc
 
 from scheduler.api.v1 import scheduler_pb2 as pb
+from scheduler.errors import RequestError
 from scheduler.server.backend import CHAT
 from scheduler.server.core import (
     Chunk,
     EventChunk,
     Job,
     Outcome,
-    RequestError,
     SchedulerCore,
     quote,
 )

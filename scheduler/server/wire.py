@@ -38,7 +38,7 @@ def loads(raw: bytes | bytearray | memoryview | str) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        raise WireError(f"not JSON ({e})") from None
+        raise WireError(f"not JSON ({e})") from e
 
 
 def _value_at(raw: bytes, key_end: int) -> int:
