@@ -1,4 +1,4 @@
-"""Benchmark: the scheduler's data plane under soak and faults (issue 12, item 7).
+"""Benchmark: the scheduler's data plane under soak and faults.
 
 Every server is its own process on 127.0.0.1, started and supervised with the helpers of
 ``benchmarks/frontend.py`` (ports read back from startup lines): one

@@ -16,7 +16,8 @@ Scenarios (short prompts, 16 completion tokens, 2 nodes x 8 GPUs of DeepSeek-V2-
 - ``modelled_time``: non-streaming at ``--time-scale 1``: requests take their modelled
   latency, so throughput is bounded by concurrency / latency, as on a real cluster.
 
-The target (issue 6) is >= 2,000 short non-streaming requests/s (scenario ``plain``).
+The emulator's throughput target is >= 2,000 short non-streaming requests/s (scenario
+``plain``).
 
 Usage::
 

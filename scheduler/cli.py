@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "profile",
         help="build a workload profile (per-class expert counts) from traces",
-        description="Build the workload profile JSON (design.md) from traces, or validate one.",
+        description="Build the workload profile JSON (docs/profile-format.md) from traces, "
+        "or validate one.",
     )
     p.add_argument("input", type=Path, help="traces: a trace store or any importable input")
     p.add_argument("--out", type=Path, help="profile JSON to write")

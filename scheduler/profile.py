@@ -1,6 +1,6 @@
 """Workload profiles: per-class expert counts, built from traces, saved and validated.
 
-The JSON contract is ``design.md``'s (see docs/profile-format.md)::
+The JSON contract is docs/profile-format.md's::
 
     {"model": {...}, "classes": {"<name>": {"weight": w, "decode": [[...]], "prefill": ...}}}
 

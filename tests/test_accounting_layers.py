@@ -1,4 +1,4 @@
-"""Per-layer accounting and exact per-layer padding (issue 4 item 4)."""
+"""Per-layer accounting and exact per-layer padding."""
 
 from __future__ import annotations
 

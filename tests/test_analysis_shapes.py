@@ -1,6 +1,6 @@
 """Every model shape the importers accept goes through profile / analyze / fit / place.
 
-Issue 16, item 1: ``analyze`` died (``ValueError: All-NaN slice encountered``) on a real
+``analyze`` once died (``ValueError: All-NaN slice encountered``) on a real
 128-expert top-1 trace with MoE every other layer. These tests build tiny stores of many
 shapes (top-1 to top-8, 8 to 256 experts, dense/MoE interleaving, one class, one
 request, a single-token class, a hot expert taking every token of a layer) and run the

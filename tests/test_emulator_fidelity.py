@@ -1,4 +1,4 @@
-"""Fidelity with SGLang 0.5.23's own handlers (sglang-integration.md §10 "side endpoints")
+"""Fidelity with SGLang 0.5.23's own handlers (docs/sources.md, SGLang "Side endpoints")
 and with the request fields of older SGLang versions, over real HTTP."""
 
 from __future__ import annotations

@@ -74,15 +74,15 @@ def test_every_node_gets_the_flags_of_sglang_0_5_23():
         assert f["--tp-size"] == f["--ep-size"] == f["--attn-dp-size"] == "16"
         assert "--enable-dp-attention" not in f and "--dp-size" not in f
         assert f["--init-expert-location"] == "/p/expert_location.json"
-        # num_physical = num_logical + redundant (§1.2).
+        # num_physical = num_logical + redundant (docs/sources.md, SGLang).
         assert f["--ep-num-redundant-experts"] == "16"
         assert f["--ep-dispatch-algorithm"] == "static"
         assert f["--moe-a2a-backend"] == "deepep"
         assert "--enable-return-routed-experts" in f and f["--enable-return-routed-experts"] is None
         assert f["--schedule-policy"] == "routing-key"
-        # Online EPLB would overwrite the placement (§1.5): never on.
+        # Online EPLB would overwrite the placement (docs/sources.md, SGLang): never on.
         assert "--enable-eplb" not in f
-        # Only node 0 runs HTTP (§4).
+        # Only node 0 runs HTTP (docs/sources.md, SGLang "DP rank to node").
         if rank == 0:
             assert f["--host"] == "0.0.0.0" and f["--port"] == "30000"
         else:
@@ -90,7 +90,7 @@ def test_every_node_gets_the_flags_of_sglang_0_5_23():
 
 
 def test_dp_rank_layout_matches_sglang():
-    # §4: --tp 16 --attn-dp-size 16 --nnodes 2 puts DP ranks 0-7 on node 0, 8-15 on node 1.
+    # SGLang: --tp 16 --attn-dp-size 16 --nnodes 2 puts DP ranks 0-7 on node 0, 8-15 on node 1.
     nodes = [node_of_dp_rank(r, tp_size=16, attn_dp_size=16, nnodes=2) for r in range(16)]
     assert nodes == [0] * 8 + [1] * 8
     # With attention TP 2 (8 DP ranks over 16 GPUs) ranks 0-3 are on node 0.

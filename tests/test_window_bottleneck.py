@@ -1,4 +1,4 @@
-"""Ours: locality_window against the busiest rank (issue 14, items 5 and 6).
+"""Ours: locality_window against the busiest rank.
 
 The policy places a window's requests on ranks so that the per-layer busiest rank's
 predicted inter-node (token, expert) pairs stay low, remembering what runs where. These

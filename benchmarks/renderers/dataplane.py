@@ -1,4 +1,4 @@
-"""RESULTS.md section for the ``dataplane`` benchmark (soak and faults, issue 12)."""
+"""RESULTS.md section for the ``dataplane`` benchmark (soak and faults)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ The simulator, the server and the benchmarks share this one accounting.
   ``dest_gpu [ranks, layers, experts]``.
 * :mod:`~scheduler.accounting.metrics`: remote hits, node copies, intra-node copies,
   bytes (total, per rank, per rank and step), GPU expert load and rank load imbalance,
-  exactly, from per-token routed expert ids (design.md "Metrics").
+  exactly, from per-token routed expert ids (docs/cost-model.md, "What is counted").
 * :mod:`~scheduler.accounting.cost_model`: padded all-to-all time plus expert compute,
   calibrated on DeepEP's published numbers (docs/cost-model.md).
 """

@@ -1,4 +1,4 @@
-"""Exact locality metrics of routed tokens under a placement (design.md "Metrics").
+"""Exact locality metrics of routed tokens under a placement (docs/cost-model.md).
 
 Inputs are per-token routed expert ids ``token_ids [tokens, layers, top_k]`` (``-1`` = not
 recorded) and the DP rank of every token ``ranks [tokens]``; every expert is reached
@@ -33,7 +33,7 @@ from scheduler.model_shape import ModelShape
 from scheduler.placement.placement import Placement
 from scheduler.placement.topology import Topology
 
-#: FP8 dispatch carries one FP32 scale per 128 channels (DeepEP; prior-work.md §5.3).
+#: FP8 dispatch carries one FP32 scale per 128 channels (DeepEP; docs/sources.md).
 FP8_SCALE_BLOCK = 128
 #: Token-layers handled per chunk: bounds the memory of the per-event temporaries.
 CHUNK_TOKEN_LAYERS = 1 << 18

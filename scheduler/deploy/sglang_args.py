@@ -171,7 +171,7 @@ def node_of_dp_rank(dp_rank: int, tp_size: int, attn_dp_size: int, nnodes: int) 
 
     SGLang lays TP ranks out ``(dp, tp)``, tp fastest, and node ``n`` hosts TP ranks
     ``[n * tp_size / nnodes, (n + 1) * tp_size / nnodes)``, so the rank's first TP rank
-    ``dp_rank * attn_tp_size`` decides its node (sglang-integration.md §4).
+    ``dp_rank * attn_tp_size`` decides its node (docs/sources.md, SGLang "DP rank to node").
     """
     if tp_size % attn_dp_size or tp_size % nnodes:
         raise ConfigError(
@@ -454,7 +454,7 @@ def launch_notes(launch: SglangLaunch) -> list[str]:
         point = f'point the url of a [[backend.instances]] entry with role = "{launch.role}" at it.'
     notes = [
         "--enable-eplb is left off on purpose: SGLang's online EPLB would periodically "
-        "overwrite this placement with its own (sglang-integration.md §1.5).",
+        "overwrite this placement with its own (docs/sources.md, SGLang's online EPLB).",
         f"Node n runs DP ranks [n*{launch.gpus_per_node}, (n+1)*{launch.gpus_per_node}); "
         f"only node 0 serves HTTP, on {launch.host}:{launch.port}: {point}",
     ]

@@ -70,7 +70,7 @@ __all__ = [
     "parse_generate",
 ]
 
-#: The SGLang release whose HTTP API the emulator follows (sglang-integration.md), and
+#: The SGLang release whose HTTP API the emulator follows (docs/sources.md), and
 #: the default of ``--sglang-version``.
 SGLANG_API_VERSION = str(NEWEST_CHECKED)
 #: SGLang's ``--disaggregation-mode`` values; "mixed" is its "null" (no PD).

@@ -6,7 +6,7 @@ word. So what a request field does depends on the version: ``routed_dp_rank`` ex
 ``routed_dp_rank`` wins); older versions know only ``data_parallel_rank`` and drop
 ``routed_dp_rank``, so such a request is load-balanced as if unpinned
 (``scheduler.sglang_versions.rank_field``). ``return_routed_experts`` is dropped before
-0.5.7 and ``routed_experts_start_len`` before 0.5.9 (sglang-integration.md §3), and
+0.5.7 and ``routed_experts_start_len`` before 0.5.9 (docs/sglang-versions.md), and
 ``disagg_prefill_dp_rank`` before 0.5.20: such a decode takes its own
 ``data_parallel_rank`` as the prefill rank that holds its KV
 (``disaggregation/decode.py`` of 0.5.9; see :func:`expected_prefill_rank`).

@@ -2,7 +2,8 @@
 
 SGLang fails per instance, not per rank: a request pinned to an inactive DP rank makes
 its DP controller raise, which sends SIGQUIT to the server (no 503 is ever sent); in a
-multi-node instance a lost GPU ends the whole instance (sglang-integration.md §10). So a
+multi-node instance a lost GPU ends the whole instance (docs/sources.md, SGLang
+"Failure"). So a
 death here resets every open connection (``transport.abort()``: the peers see a TCP
 reset) and closes the listening sockets (new connections are refused). :mod:`.server`
 then stops the aiohttp apps and, when asked to, listens again on the same ports after

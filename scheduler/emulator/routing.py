@@ -17,7 +17,8 @@ uses an expert at most once). A request draws
 
 So, over many requests, each expert's per-layer frequency converges to the profile's
 share. The same per-request perturbation is applied to the prefill and the decode shares,
-so a request's prompt routing predicts its decode routing, as design.md assumes.
+so a request's prompt routing predicts its decode routing, as paper B and ELDR measure
+on real models (docs/sources.md).
 Co-activation between experts within a token is not modelled beyond that.
 """
 

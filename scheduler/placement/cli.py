@@ -29,7 +29,7 @@ def add_commands(sub: Any) -> None:
         help="use the profile a running scheduler measured from routed experts (its "
         "GetFeedback RPC) instead of --profile; it is also written to DIR.profile.json",
     )
-    p.add_argument("--topology", type=Path, required=True, help="topology TOML (design.md)")
+    p.add_argument("--topology", type=Path, required=True, help="topology TOML (docs/placement.md)")
     p.add_argument("--out", type=Path, help="placement directory to write")
     p.add_argument("--check", type=Path, metavar="DIR", help="validate an existing placement")
     p.add_argument(

@@ -1,4 +1,4 @@
-"""Predicted metrics of a placement on a profile (expected values; design.md "Metrics").
+"""Predicted metrics of a placement on a profile (expected values; docs/placement.md).
 
 The token source is the node a class's requests are served on (``class_to_node_share``),
 with each node's demand spread evenly over its ranks. Replica choice follows SGLang's

@@ -117,7 +117,7 @@ class Topology:
 
 
 def load_topology(path: Path) -> Topology:
-    """Read the topology TOML of design.md (``[cluster]``, ``[bandwidth]``, optional
+    """Read the topology TOML of docs/placement.md (``[cluster]``, ``[bandwidth]``, optional
     ``[links] cost`` and ``[gpu]``). Errors name the file and the key."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -1,5 +1,5 @@
-"""The routing policies of issue 4: SGLang's two balancers, paper B's class affinity and
-ELDR's locality band (prior-work.md §4.11). Pure: arrays in, a rank out."""
+"""The built-in routing policies: SGLang's two balancers, paper B's class affinity and
+ELDR's locality band (docs/policies.md, docs/sources.md). Pure: arrays in, a rank out."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class ClassAffinity(RoutingPolicy):
 
 
 class LocalityBand(RoutingPolicy):
-    """ELDR's locality-band routing (prior-work.md §4.11), at node granularity.
+    """ELDR's locality-band routing (docs/sources.md, ELDR), at node granularity.
 
     Each node scores the request by the share of its predicted (token, expert) pairs
     whose expert has a replica on that node under ``placement``; nodes scoring at least

@@ -32,7 +32,7 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--traces", type=Path, required=True, help="trace store or importable input")
     p.add_argument("--placement", type=Path, required=True, help="placement directory (place)")
-    p.add_argument("--topology", type=Path, required=True, help="topology TOML (design.md)")
+    p.add_argument("--topology", type=Path, required=True, help="topology TOML (docs/placement.md)")
     p.add_argument(
         "--policy",
         required=True,
@@ -161,15 +161,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         model = traces.model
         workload = load_workload(traces, split_one_phase=not steady or args.split_phase)
     placement, plan = check_placement_dir(args.placement, model, topology)
-    params: dict[str, Any] = {}
-    if args.policy == "class_affinity":
-        if plan is None:
-            raise InputError(args.placement, "class_affinity needs plan.json")
-        params["class_to_node_share"] = plan["class_to_node_share"]
-    elif args.policy == "locality_band":
-        params = {"placement": placement, "band": args.band}
-    elif args.policy == "locality_window":
-        params = {"placement": placement, "balance": args.balance}
+    if args.policy == "class_affinity" and plan is None:
+        raise InputError(args.placement, "class_affinity needs plan.json")
+    params: dict[str, Any] = {
+        "placement": placement,
+        "class_to_node_share": None if plan is None else plan["class_to_node_share"],
+        "band": args.band,
+        "balance": args.balance,
+    }
     if args.max_requests is not None:
         workload = workload.select(np.arange(min(args.max_requests, len(workload))))
     if steady:

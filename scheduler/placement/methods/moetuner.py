@@ -1,4 +1,4 @@
-"""MoETuner (Go & Mahajan, arXiv 2502.06643): two ILPs, written from prior-work.md §3.
+"""MoETuner (Go & Mahajan, arXiv 2502.06643): two ILPs, written from docs/sources.md.
 
 - **ILP1, load-balanced clustering (per layer):** the layer's expert replicas go into as
   many clusters as GPUs; minimise ``sum_k |cluster load - mean load|`` (linearised).

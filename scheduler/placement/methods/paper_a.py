@@ -1,7 +1,8 @@
 """Paper A (Sivtsov et al., arXiv 2508.09229): traffic-weighted topology ILP, per layer.
 
-Written from the formulation in prior-work.md §1.6 (the paper's own variable list is not
-public; docs/placement-peers.md lists every choice made here). Per MoE layer:
+Written from our formulation consistent with the paper (docs/sources.md, paper A: the
+paper's own variable list is not public; docs/placement-peers.md lists every choice made
+here). Per MoE layer:
 
 - Token sources: A does not route requests, so tokens come from every rank alike
   (round-robin shares): node n sends ``src[n, e] = demand[e] / nodes``.
@@ -10,11 +11,11 @@ public; docs/placement-peers.md lists every choice made here). Per MoE layer:
   extra slot to the expert with the largest load per replica); the ILP decides where
   they go. An expert with one replica costs ``sum_s src[s, e] * w(s, node)``, linear in
   its node; a replicated expert serves each source from its cheapest node holding a
-  replica (A's "routing split" variable, §1.6), which rewards spreading replicas.
+  replica (a "routing split" variable), which rewards spreading replicas.
 - Because w is 0 inside a node, the GPU-level ILP ``x[e, g]`` is solved exactly at node
   level (``X[e, n]`` replicas of e on node n, at most one per GPU when counts allow, each
   node exactly slots_per_gpu * gpus_per_node slots), plus the optional load-balance row
-  of §1.6 per node (tolerance = ``problem.balance_tolerance``; dropped, and recorded,
+  per node (tolerance = ``problem.balance_tolerance``; dropped, and recorded,
   when it makes a layer infeasible). Inside a node, replicas go heaviest first to the
   lightest GPU with room (equal slots per GPU).
 - Degenerate case, kept on purpose: with no redundancy and a uniform fabric every

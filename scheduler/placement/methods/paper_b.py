@@ -1,6 +1,7 @@
 """Paper B (Bambhaniya et al., arXiv 2604.23150): request groups + greedy ``U[d, e]``.
 
-Written from prior-work.md §2.4-2.5; docs/placement-peers.md lists the choices.
+Written from the paper's §4.1-4.2 as docs/sources.md states them; docs/placement-peers.md
+lists the choices.
 
 - **Request groups:** the profile's classes are B's K request clusters (a profile built
   with ``--by cluster`` holds B's k-means clusters of L2-normalised decode activation
