@@ -6,13 +6,17 @@ share these. Policies are chosen by name from :data:`POLICIES` with :func:`make_
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from scheduler.errors import ConfigError
 from scheduler.policies.admission import Admission, PolicyContractError
 from scheduler.policies.base import RankState, RequestInfo, RoutingPolicy
 from scheduler.policies.builtin import ClassAffinity, LocalityBand, RoundRobin, TotalRequests
 from scheduler.policies.window import LocalityWindow
+
+if TYPE_CHECKING:
+    from scheduler.placement.placement import Placement
 
 #: name -> (policy class, one-line description).
 POLICIES: dict[str, tuple[type[RoutingPolicy], str]] = {
@@ -37,16 +41,39 @@ POLICIES: dict[str, tuple[type[RoutingPolicy], str]] = {
 }
 
 
-def make_policy(name: str, **params: Any) -> RoutingPolicy:
-    """A new policy ``name`` built with ``params``; ConfigError names the choices or the
-    bad parameter."""
+def make_policy(
+    name: str,
+    *,
+    placement: Placement | None = None,
+    class_to_node_share: Mapping[str, Sequence[float]] | None = None,
+    band: float | None = None,
+    balance: float | None = None,
+    weight: str = "decode",
+) -> RoutingPolicy:
+    """A new policy ``name``, given whichever of these facts it takes (the facts a caller
+    has; the others are ignored): ``class_affinity`` needs ``class_to_node_share``,
+    ``locality_band`` the ``placement`` (and ``band``), ``locality_window`` the
+    ``placement`` (and ``balance``, ``weight``). ConfigError names the choices, a missing
+    fact or a bad value."""
     if name not in POLICIES:
         raise ConfigError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
-    cls = POLICIES[name][0]
+
+    def need(value: Any, what: str) -> Any:
+        if value is None:
+            raise ConfigError(f"routing policy {name!r} needs {what}")
+        return value
+
     try:
-        return cls(**params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"routing policy {name!r}: {e}") from None
+        if name == "class_affinity":
+            return ClassAffinity(need(class_to_node_share, "the plan's class_to_node_share"))
+        if name == "locality_band":
+            return LocalityBand(need(placement, "the placement"), *([] if band is None else [band]))
+        if name == "locality_window":
+            extra = {} if balance is None else {"balance": balance}
+            return LocalityWindow(need(placement, "the placement"), weight=weight, **extra)
+        return POLICIES[name][0]()
+    except ValueError as e:
+        raise ConfigError(f"routing policy {name!r}: {e}") from e
 
 
 __all__ = [

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import logging
 import math
 import random
@@ -39,7 +38,7 @@ from scheduler.errors import (
     RankFailed,
     RequestError,
 )
-from scheduler.policies import POLICIES, RequestInfo, RoutingPolicy, make_policy
+from scheduler.policies import RequestInfo, RoutingPolicy, make_policy
 from scheduler.server.backend import GENERATE, Answer, SGLangBackend
 from scheduler.server.cluster import ClusterState, InstanceState, load_cluster
 from scheduler.server.config import (
@@ -156,21 +155,15 @@ def build_policy(
     """The configured policy of the pool of ``role`` (default: the pool that answers the
     client), given whichever of the pool's facts its constructor takes. A prefill pool's
     policy weighs requests by their prompt tokens (what a prefill pass computes)."""
-    name = config.policy.name
     pool = cluster.pools[role] if role is not None else cluster.serving_pool
-    available: dict[str, Any] = {
-        "placement": pool.placement,
-        "class_to_node_share": pool.class_to_node_share,
-        "band": config.policy.band,
-        "balance": config.policy.balance,
-        "weight": "prefill" if pool.role == "prefill" else "decode",
-    }
-    cls = POLICIES[name][0] if name in POLICIES else None
-    params = {}
-    if cls is not None:
-        accepted = inspect.signature(cls.__init__).parameters
-        params = {k: v for k, v in available.items() if k in accepted}
-    return make_policy(name, **params)
+    return make_policy(
+        config.policy.name,
+        placement=pool.placement,
+        class_to_node_share=pool.class_to_node_share,
+        band=config.policy.band,
+        balance=config.policy.balance,
+        weight="prefill" if pool.role == "prefill" else "decode",
+    )
 
 
 def estimate_tokens(text: str) -> int:

@@ -143,7 +143,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             max_window=args.max_window,
         )
     except ValueError as e:
-        raise ConfigError(f"--{e}") from None
+        raise ConfigError(f"--{e}") from e
     steady = args.running_per_rank is not None or args.prefill_tokens_per_rank is not None
     if steady and not args.resample:
         raise ConfigError(
@@ -263,9 +263,8 @@ def _steady(
                 seed=args.seed,
             )
         except ValueError as e:
-            raise ConfigError(f"--{e}") from None
-        weighed = {"weight": name} if args.policy == "locality_window" else {}
-        policy = make_policy(args.policy, **params, **weighed)
+            raise ConfigError(f"--{e}") from e
+        policy = make_policy(args.policy, **params, weight=name)
         s = replay_steady(workload, policy, placement, topology, model, config, bound=args.bound)
         results[name] = {**s.to_dict(), "predictions": source}
         point = (
