@@ -183,7 +183,7 @@ def save_feedback_profile(target: str, out: Path) -> Path:
         text = asyncio.run(asyncio.wait_for(fetch(), timeout=30))
     except (grpc.aio.AioRpcError, TimeoutError) as e:
         detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else "no answer in 30 s"
-        raise ConfigError(f"--from-server {target}: {detail}") from None
+        raise ConfigError(f"--from-server {target}: {detail}") from e
     if not text:
         raise ConfigError(
             f"--from-server {target}: no feedback yet (no finished request returned routed "

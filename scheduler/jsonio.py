@@ -18,11 +18,11 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise InputError(path, "does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(path, f"cannot read ({e})") from None
+        raise InputError(path, f"cannot read ({e})") from e
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from e
 
 
 def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> None:

@@ -101,9 +101,9 @@ class ModelShape:
                 **ints,
             )
         except KeyError as e:
-            raise InputError(source, f"model is missing the key {e.args[0]!r}") from None
+            raise InputError(source, f"model is missing the key {e.args[0]!r}") from e
         except ValueError as e:
-            raise InputError(source, f"invalid model shape: {e}") from None
+            raise InputError(source, f"invalid model shape: {e}") from e
 
 
 def _dense_prefix(

@@ -27,7 +27,7 @@ def read_prompts(path: Path, limit: int | None) -> list[dict[str, Any]]:
                 try:
                     row = json.loads(line)
                 except ValueError as e:
-                    raise InputError(path, f"line {n}: not JSON ({e})") from None
+                    raise InputError(path, f"line {n}: not JSON ({e})") from e
                 text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
                 if not isinstance(text, str):
                     raise InputError(path, f"line {n}: no string field 'prompt'")
@@ -37,7 +37,7 @@ def read_prompts(path: Path, limit: int | None) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise InputError(path, f"cannot read ({e})") from None
+        raise InputError(path, f"cannot read ({e})") from e
     return rows
 
 

@@ -203,7 +203,7 @@ def load_launch(args: argparse.Namespace) -> SglangLaunch:
     try:
         extra = tuple(shlex.split(args.extra_args))
     except ValueError as e:
-        raise ConfigError(f"--extra-args: {e}") from None
+        raise ConfigError(f"--extra-args: {e}") from e
     return SglangLaunch(
         model_path=args.model_path,
         nodes=topology.nodes,

@@ -32,7 +32,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"the request body is not JSON ({e})") from None
+        raise ValueError(f"the request body is not JSON ({e})") from e
     if not isinstance(body, dict):
         raise ValueError("the request body must be a JSON object")
     return body

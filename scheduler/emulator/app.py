@@ -169,7 +169,7 @@ def _read_generate(request: web.Request, raw: bytes, emulator: Emulator) -> _Par
         return _Parsed(json.loads(raw), _NATIVE)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         message = f"the request body is not JSON ({e})"
-        raise _Refused(message, _NATIVE.refused(message, 400), 400) from None
+        raise _Refused(message, _NATIVE.refused(message, 400), 400) from e
 
 
 def _openai_reader(
@@ -186,7 +186,7 @@ def _openai_reader(
                 emulator.model.name,
             )
         except OpenAIRefusal as e:
-            raise _Refused(str(e), e.body, e.status) from None
+            raise _Refused(str(e), e.body, e.status) from e
         incremental = emulator.config.incremental_streaming_output
         fmt = OpenAIFormat(r, int(time.time()), incremental)
         return _Parsed(r.generate_body, fmt, r.class_text, r.pinned_field)
@@ -348,7 +348,7 @@ async def _prefill(
     try:
         rooms.open(room)
     except KvTransferFailed as e:
-        raise _Abort(_prefill_failure(plan, str(e))) from None
+        raise _Abort(_prefill_failure(plan, str(e))) from e
     conflict = emulator.follow_room_conflict(plan)
     if conflict is not None:  # SGLang fails the KV sender before any prefill
         rooms.fail(room, conflict)
@@ -376,7 +376,7 @@ async def _prefill(
             if plan.request.stream:
                 served.error = failure
                 return await _stream(request, emulator, pool, plan, [], modelled, started, served)
-            raise _Abort(failure) from None
+            raise _Abort(failure) from e
         finally:
             pool.kv_in_flight(plan.rank, -1)
     finally:
@@ -435,7 +435,7 @@ async def _decode(
         if r.stream:
             served.error = failure
             return await _stream(request, emulator, pool, plan, [], (0.0, 0.0), started, served)
-        raise _Abort(failure) from None
+        raise _Abort(failure) from e
     finally:
         pool.expect_kv(plan.rank, plan.prompt_tokens, arrived=True)
     if r.disagg_prefill_dp_rank is not None:

@@ -90,7 +90,7 @@ async def fetch_kv(
         raise KvTransferFailed(
             f"Lost connection with prefill instance (bootstrap_addr: {host}:{port}): "
             f"{type(e).__name__} {e}"
-        ) from None
+        ) from e
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

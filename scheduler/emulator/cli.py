@@ -112,7 +112,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
             tokenizer_path=args.tokenizer_path,
         )
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(e)) from e
     cost = cost_model(args)
     spec, gpus = args.init_expert_location, config.gpus_per_node
     if spec == "trivial":
@@ -204,7 +204,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     try:
         asyncio.run(run())
     except OSError as e:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from e
     print("emulator stopped", file=sys.stderr, flush=True)
     return 0
 

@@ -294,7 +294,7 @@ class Emulator:
         try:
             rank = self.pool.pick(request.routed_dp_rank, request.bootstrap_room if pd else None)
         except ValueError as e:
-            raise BadRequest(str(e)) from None
+            raise BadRequest(str(e)) from e
         request_id = request.rid or f"{self._ids.getrandbits(128):032x}"
         if pd:
             self._check_bootstrap_fields(request, request_id)

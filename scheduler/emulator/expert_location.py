@@ -47,7 +47,7 @@ def load_expert_location(
         try:
             data = json.loads(spec)
         except json.JSONDecodeError as e:
-            raise InputError(INLINE, f"not valid JSON ({e.msg})") from None
+            raise InputError(INLINE, f"not valid JSON ({e.msg})") from e
         return from_sglang(data, model, num_gpus, gpus_per_node, Path(INLINE))
     path = Path(spec)
     if path.suffix == ".pt":

@@ -132,7 +132,7 @@ def _load(raw: bytes, content_type: str) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _invalid((0,), f"JSON decode error ({e})", "json_invalid") from None
+        raise _invalid((0,), f"JSON decode error ({e})", "json_invalid") from e
     if not isinstance(body, dict):
         raise _invalid((), "Input should be a valid dictionary or object", "model_attributes_type")
     return body

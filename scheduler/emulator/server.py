@@ -128,7 +128,7 @@ async def serve(
                     raise ConfigError(
                         f"cannot listen on {host}:{boot_port} for the bootstrap server "
                         f"(--disaggregation-bootstrap-port): {e.strerror or e}"
-                    ) from None
+                    ) from e
                 runners.append(boot)
                 sockets.append(boot_sock)
                 boot_port = emulator.bootstrap_port = int(boot_sock.getsockname()[1])

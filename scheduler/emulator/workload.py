@@ -90,7 +90,7 @@ def read_prompt_corpus(prompts_dir: Path) -> PromptIndex:
                         try:
                             row = json.loads(line)
                         except json.JSONDecodeError as e:
-                            raise InputError(path, f"line {n}: not JSON ({e.msg})") from None
+                            raise InputError(path, f"line {n}: not JSON ({e.msg})") from e
                         if not isinstance(row, dict):
                             raise InputError(path, f"line {n}: expected a JSON object")
                         text, domain = row.get("prompt"), row.get("domain")
@@ -98,7 +98,7 @@ def read_prompt_corpus(prompts_dir: Path) -> PromptIndex:
                             raise InputError(path, f"line {n}: needs string 'prompt' and 'domain'")
                         yield text, domain
             except (OSError, EOFError, UnicodeDecodeError) as e:
-                raise InputError(path, f"cannot read ({e})") from None
+                raise InputError(path, f"cannot read ({e})") from e
 
     return prompt_index(rows(), tuple(str(p) for p in files))
 

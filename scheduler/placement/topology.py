@@ -124,9 +124,9 @@ def load_topology(path: Path) -> Topology:
     except FileNotFoundError:
         raise InputError(path, "does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(path, f"cannot read ({e})") from None
+        raise InputError(path, f"cannot read ({e})") from e
     except tomllib.TOMLDecodeError as e:
-        raise InputError(path, f"not valid TOML ({e})") from None
+        raise InputError(path, f"not valid TOML ({e})") from e
     cluster = data.get("cluster")
     if not isinstance(cluster, dict):
         raise InputError(path, "missing [cluster] table with nodes and gpus_per_node")
@@ -146,9 +146,9 @@ def load_topology(path: Path) -> Topology:
             expert_weights=str(data.get("gpu", {}).get("expert_weights", "fp8")),
         )
     except (TypeError, ValueError) as e:
-        raise InputError(path, f"invalid value ({e})") from None
+        raise InputError(path, f"invalid value ({e})") from e
     except ConfigError as e:
-        raise InputError(path, str(e)) from None
+        raise InputError(path, str(e)) from e
 
 
 def gpu_spec(table: Any) -> GpuSpec:

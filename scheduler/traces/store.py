@@ -401,7 +401,7 @@ class TraceSet:
         except FileNotFoundError:
             raise InputError(self.path, f"not a trace store (no {MANIFEST})") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(manifest_path, f"unreadable manifest ({e})") from None
+            raise InputError(manifest_path, f"unreadable manifest ({e})") from e
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise InputError(manifest_path, f"not a {FORMAT} manifest")
         if manifest.get("version") != VERSION:
@@ -455,7 +455,7 @@ class TraceSet:
         except FileNotFoundError:
             raise InputError(path, "shard listed in the manifest is missing") from None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise InputError(path, f"corrupt shard ({e})") from None
+            raise InputError(path, f"corrupt shard ({e})") from e
 
         def need(key: str) -> np.ndarray:
             if key not in a:

@@ -85,7 +85,7 @@ def _sniff_json(path: Path) -> str:
         with open(path, encoding="utf-8", errors="replace") as f:
             head = f.read(4096)
     except OSError as e:
-        raise InputError(path, f"cannot read ({e.strerror or e})") from None
+        raise InputError(path, f"cannot read ({e.strerror or e})") from e
     if '"meta_info"' in head and '"logical_count"' not in head:
         return "sglang-generate"
     return "sglang-stats"

@@ -41,7 +41,7 @@ def open_text(path: Path) -> IO[str]:
             return io.TextIOWrapper(lzma.open(path, "rb"), encoding="utf-8")
         return open(path, encoding="utf-8")
     except OSError as e:
-        raise InputError(path, f"cannot open ({e.strerror or e})") from None
+        raise InputError(path, f"cannot open ({e.strerror or e})") from e
 
 
 #: Exceptions that mean "this compressed or text file is damaged".
@@ -64,9 +64,9 @@ def read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as e:
                     raise InputError(
                         path, f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
-                    ) from None
+                    ) from e
         except READ_ERRORS as e:
-            raise InputError(path, f"line {n + 1}: cannot read ({e})") from None
+            raise InputError(path, f"line {n + 1}: cannot read ({e})") from e
 
 
 def check_expert_ids(path: Path | str, ids: np.ndarray, num_experts: int, where: str) -> None:

@@ -45,7 +45,7 @@ def _load(path: Path, model: ModelShape) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise InputError(path, "does not exist") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(path, f"not a readable .npz file ({e})") from None
+        raise InputError(path, f"not a readable .npz file ({e})") from e
     for key in ("expert_ids", "seq_offsets"):
         if key not in data:
             raise InputError(path, f"missing array {key!r} (is this an ESFT trace?)")

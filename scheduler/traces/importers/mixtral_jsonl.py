@@ -98,7 +98,7 @@ def _collect(path: Path, model: ModelShape) -> dict[tuple[str, int], _Request]:
             layer, experts = int(row["layer"]), [int(e) for e in row["experts"]]
             weights = [float(w) for w in row.get("gating_probs", [np.nan] * len(experts))]
         except (KeyError, TypeError, ValueError) as e:
-            raise InputError(path, f"line {n}: missing or malformed field ({e})") from None
+            raise InputError(path, f"line {n}: missing or malformed field ({e})") from e
         if not 0 <= layer < model.num_moe_layers:
             raise InputError(
                 path, f"line {n}: layer {layer} out of range [0, {model.num_moe_layers})"

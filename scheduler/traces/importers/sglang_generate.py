@@ -80,7 +80,7 @@ def decode_routed_experts(encoded: str | bytes, model: ModelShape) -> np.ndarray
     try:
         raw = base64.b64decode(encoded, validate=True)
     except ValueError as e:  # binascii.Error, or non-ASCII characters
-        raise ValueError(f"meta_info.routed_experts is not valid base64 ({e})") from None
+        raise ValueError(f"meta_info.routed_experts is not valid base64 ({e})") from e
     row_bytes = 4 * model.num_hidden_layers * model.top_k
     if len(raw) % row_bytes:
         raise ValueError(
@@ -113,9 +113,9 @@ def _responses(path: Path) -> Iterator[tuple[str, str, Any]]:
                     path,
                     f"not JSON ({e.msg} at line {e.lineno} column {e.colno}); "
                     "put one response per line in a .jsonl file",
-                ) from None
+                ) from e
             except READ_ERRORS as e:
-                raise InputError(path, f"cannot read ({e})") from None
+                raise InputError(path, f"cannot read ({e})") from e
         if isinstance(document, list):
             for i, item in enumerate(document, 1):
                 yield f"response {i}", f"response{i}", item
@@ -163,7 +163,7 @@ def _parse_response(
     try:
         all_layers = decode_routed_experts(encoded, model)
     except ValueError as e:
-        raise fail(str(e)) from None
+        raise fail(str(e)) from e
     if len(all_layers) != num_rows:
         raise fail(
             f"meta_info.routed_experts has {len(all_layers)} rows, expected {num_rows} "

@@ -62,7 +62,7 @@ def load_pt(path: Path) -> dict[str, Any]:
         data = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises many types for damaged or foreign files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(path, f"not a readable torch file ({first_line})") from None
+        raise InputError(path, f"not a readable torch file ({first_line})") from e
     if not isinstance(data, dict):
         raise InputError(path, f"expected a dict saved with torch.save, got {type(data).__name__}")
 
