@@ -6,6 +6,7 @@ and the scheduler's dispatch counts agree) and its routed experts reach the acco
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import openai
 import pytest
 
+from scheduler.cli import main
 from scheduler.client import SchedulerClient
 from tests.emulator_harness import MODEL, EmulatorServer, make_emulator
 from tests.server_harness import SchedulerServer, write_config
@@ -156,7 +158,9 @@ def test_a_bad_model_a_bad_key_and_a_cancelled_stream(tmp_path: Path) -> None:
             assert all(r.in_flight == 0 for r in stats.ranks)  # its slot was given back
 
 
-def test_grpc_chat_and_chat_stream(tmp_path: Path) -> None:
+def test_grpc_chat_and_chat_stream_and_the_client_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     emu = EmulatorServer(make_emulator(time_scale=0.0))
     with emu, SchedulerServer(_config(tmp_path, emu.url)) as s:
 
@@ -174,3 +178,13 @@ def test_grpc_chat_and_chat_stream(tmp_path: Path) -> None:
         assert "".join(c.content for c in chunks[:-1])
         assert chunks[-1].finished and chunks[-1].info.completion_tokens == 6
         _assert_on_chosen_ranks(s, emu, 2)
+
+        base = ["client", "--server", s.target]
+        assert main([*base, "chat", "solve 2x = 4", "--system", "Be brief."]) == 0
+        reply = json.loads(capsys.readouterr().out)
+        assert reply["message"]["role"] == "assistant" and reply["message"]["content"]
+        assert main([*base, "chat", "hi", "--max-new-tokens", "4", "--stream"]) == 0
+        printed = capsys.readouterr().out
+        assert json.loads(printed[printed.index("{") :])["completion_tokens"] == 4
+        assert main([*base, "generate", "hi", "--max-new-tokens", "4"]) == 0
+        assert json.loads(capsys.readouterr().out)["info"]["completion_tokens"] == 4

@@ -149,45 +149,28 @@ async def _client(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2))
             return 0 if result["statuses"].get("OK", 0) == len(records) else 1
         async with _connect(args) as client:
-            if args.action == "generate":
-                if args.stream:
-                    async for chunk in client.generate_stream(
-                        args.prompt,
-                        max_new_tokens=args.max_new_tokens,
-                        class_hint=args.class_hint,
-                        timeout=args.timeout,
-                    ):
-                        if chunk.finished:
-                            print(file=sys.stderr)
-                            show(chunk.info)
-                        else:
-                            print(chunk.text, end="", flush=True)
-                else:
-                    show(
-                        await client.generate(
-                            args.prompt,
-                            max_new_tokens=args.max_new_tokens,
-                            class_hint=args.class_hint,
-                            timeout=args.timeout,
-                        )
-                    )
-            elif args.action == "chat":
-                messages = [("system", args.system)] if args.system else []
-                messages.append(("user", args.message))
+            if args.action in ("generate", "chat"):
                 kwargs = {
                     "max_new_tokens": args.max_new_tokens,
                     "class_hint": args.class_hint,
                     "timeout": args.timeout,
                 }
-                if args.stream:
-                    async for piece in client.chat_stream(messages, **kwargs):
-                        if piece.finished:
-                            print(file=sys.stderr)
-                            show(piece.info)
-                        else:
-                            print(piece.content, end="", flush=True)
+                if args.action == "generate":
+                    prompt: Any = args.prompt
+                    one, many, text = client.generate, client.generate_stream, "text"
                 else:
-                    show(await client.chat(messages, **kwargs))
+                    prompt = [("system", args.system)] if args.system else []
+                    prompt.append(("user", args.message))
+                    one, many, text = client.chat, client.chat_stream, "content"
+                if args.stream:
+                    async for chunk in many(prompt, **kwargs):
+                        if chunk.finished:
+                            print(file=sys.stderr)
+                            show(chunk.info)
+                        else:
+                            print(getattr(chunk, text), end="", flush=True)
+                else:
+                    show(await one(prompt, **kwargs))
             elif args.action == "stats":
                 stats = await client.stats()
                 show(stats)
