@@ -119,6 +119,8 @@ async def _answer(
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as e:
         return "invalid", _error("invalid", f"the request body is not JSON ({e})")
+    except web.HTTPRequestEntityTooLarge:
+        return "invalid", _error("invalid", f"the request body is over {MAX_BODY_BYTES} bytes")
     try:
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         job = parse(endpoint, body, core.config, core.cluster, core.model_names(), request_id)
