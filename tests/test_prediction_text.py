@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from scheduler.prediction.evaluation import interleaved_latency, single_request_latency
 from scheduler.prediction.text_classifier import TextClassifier, softmax
 from scheduler.prediction.text_features import HashedTfidf
 from tests.prediction_data import labelled_prompts, prompts
@@ -25,8 +26,9 @@ def test_features_are_deterministic_normalised_and_match_batch():
     assert np.isclose(np.linalg.norm(val[word]), 1) and np.isclose(np.linalg.norm(val[~word]), 1)
 
 
-def test_features_ignore_case_whitespace_and_truncate():
-    f = small_features(min_df=1).fit(["hello world", "other words here"])
+def test_features_collapse_whitespace_and_truncate():
+    f = small_features(min_df=1, keep_char_case=False, shape_tokens=False)
+    f.fit(["hello world", "other words here"])
     a = f.transform_one("Hello \n  World")
     b = f.transform_one("hello world")
     assert np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1])
@@ -36,11 +38,40 @@ def test_features_ignore_case_whitespace_and_truncate():
     assert np.array_equal(long_a[0], long_b[0])  # only the first 12 characters count
 
 
+def test_character_case_and_shape_tokens_are_features():
+    texts = ["Hello World 123", "hello world", "x = [1, 2]\ny = 3", "plain words only"]
+    texts += ["one two three four", "one\ntwo\nthree\nfour"]
+    word_space = 1 << 12
+    cased = small_features(min_df=1, shape_tokens=False).fit(texts)
+    upper, lower = cased.transform_one("Hello World"), cased.transform_one("hello world")
+    # the word block ignores case, the character block does not
+    assert np.array_equal(upper[0][upper[0] < word_space], lower[0][lower[0] < word_space])
+    assert not np.array_equal(upper[0], lower[0])
+    plain = small_features(min_df=1, shape_tokens=False).fit(texts)
+    shaped = small_features(min_df=1).fit(texts)
+    for text in texts:
+        idx, _ = shaped.transform_one(text)
+        base, _ = plain.transform_one(text)
+        extra = np.setdiff1d(idx, base)
+        # up to five shape tokens, all in the word block (fewer when buckets coincide)
+        assert 1 <= len(extra) <= 5 and np.all(extra < word_space)
+    # the same text with more lines or digits gets other shape buckets
+    a, _ = shaped.transform_one("one two three four")
+    b, _ = shaped.transform_one("one\ntwo\nthree\nfour")
+    assert not np.array_equal(a[a < word_space], b[b < word_space])
+
+
 def test_min_df_drops_rare_buckets_and_empty_text_is_safe():
-    f = small_features(min_df=2).fit(["alpha beta", "alpha gamma", "zzzzqqqq"])
+    texts = ["alpha beta", "alpha gamma", "zzzzqqqq"]
+    f = small_features(min_df=2, shape_tokens=False).fit(texts)
     idx, _ = f.transform_one("zzzzqqqq")
     assert len(idx) == 0  # seen in one document only
     assert len(f.transform_one("")[0]) == 0
+    # with shape tokens, only those (shared with the other texts) are left
+    f = small_features(min_df=2).fit(texts)
+    idx, _ = f.transform_one("zzzzqqqq")
+    assert 0 < len(idx) <= 5 and np.all(idx < (1 << f.word_bits))
+    assert len(f.transform_one("")[0]) <= 5
     with pytest.raises(ValueError, match="char_ngrams"):
         HashedTfidf(char_ngrams=(3, 2)).fit(["x"])
 
@@ -104,3 +135,39 @@ def test_state_round_trip_then_identical_updates():
 def test_softmax_rows():
     p = softmax(np.array([[1000.0, 1000.0], [0.0, np.log(3.0)]]))
     assert np.allclose(p, [[0.5, 0.5], [0.25, 0.75]])
+
+
+def test_state_from_before_the_case_and_shape_options_reads_as_without_them():
+    texts, _ = labelled_prompts(5)
+    f = small_features(min_df=1).fit(texts)
+    params, arrays = f.get_state()
+    assert params["keep_char_case"] and params["shape_tokens"]
+    back = HashedTfidf.from_state(params, arrays)
+    assert np.array_equal(back.transform_one("Some Text 1")[0], f.transform_one("Some Text 1")[0])
+    old = small_features(min_df=1, keep_char_case=False, shape_tokens=False).fit(texts)
+    params, arrays = old.get_state()
+    del params["keep_char_case"], params["shape_tokens"]  # as written before they existed
+    back = HashedTfidf.from_state(params, arrays)
+    assert not back.keep_char_case and not back.shape_tokens
+    a, b = back.transform_one("Some Text 1"), old.transform_one("Some Text 1")
+    assert np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1])
+
+
+def test_latency_reports_every_predictor_without_judging_speed():
+    texts = ["one", "two words", "three more words"]
+    calls: list[str] = []
+    out = interleaved_latency(
+        {"a": lambda t: calls.append("a"), "b": lambda t: calls.append("b")},
+        texts,
+        warmup=2,
+        repeats=2,
+    )
+    assert set(out) == {"a", "b"} and calls.count("a") == calls.count("b") == 2 + 2 * 3
+    for report in out.values():
+        assert report["requests"] == 3 and report["repeats"] == 2
+        assert 0 <= report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
+        assert set(report["median_of_repeats"]) == {"p50_ms", "p90_ms", "p99_ms", "max_ms"}
+    single = single_request_latency(len, texts, warmup=1)
+    assert single["requests"] == 3 and "median_of_repeats" not in single
+    with pytest.raises(ValueError, match="no texts"):
+        single_request_latency(len, [])

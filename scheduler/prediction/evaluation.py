@@ -63,20 +63,37 @@ def single_request_latency(
     ``repeats > 1``, percentiles of each text's median call (``median_of_repeats``),
     which is less sensitive to interference from other processes.
     """
+    return interleaved_latency({"": predict_one}, texts, warmup=warmup, repeats=repeats)[""]
+
+
+def interleaved_latency(
+    predictors: dict[str, Callable[[str], Any]],
+    texts: Sequence[str] | np.ndarray,
+    *,
+    warmup: int = 200,
+    repeats: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """:func:`single_request_latency` of several predictors at once (name -> its
+    report): each text is classified by every predictor in turn, the order rotating
+    from text to text, so that all of them run under the same load of the machine."""
     items = list(texts)
     if not items:
         raise ValueError("no texts to time")
-    for i in range(min(warmup, len(items) * 4)):
-        predict_one(items[i % len(items)])
-    times = np.zeros((repeats, len(items)))
+    fns = list(predictors.values())
+    for fn in fns:
+        for i in range(min(warmup, len(items) * 4)):
+            fn(items[i % len(items)])
+    times = np.zeros((len(fns), repeats, len(items)))
     enabled = gc.isenabled()
     gc.disable()
     try:
         for r in range(repeats):
             for i, text in enumerate(items):
-                start = time.perf_counter_ns()
-                predict_one(text)
-                times[r, i] = time.perf_counter_ns() - start
+                for k in range(len(fns)):
+                    j = (i + k) % len(fns)
+                    start = time.perf_counter_ns()
+                    fns[j](text)
+                    times[j, r, i] = time.perf_counter_ns() - start
     finally:
         if enabled:
             gc.enable()
@@ -91,7 +108,9 @@ def single_request_latency(
             "max_ms": float(values.max()),
         }
 
-    out: dict[str, Any] = {"requests": len(items), "repeats": repeats, **pct(ms.ravel())}
-    if repeats > 1:
-        out["median_of_repeats"] = pct(np.median(ms, axis=0))
+    out: dict[str, dict[str, Any]] = {}
+    for j, name in enumerate(predictors):
+        out[name] = {"requests": len(items), "repeats": repeats, **pct(ms[j].ravel())}
+        if repeats > 1:
+            out[name]["median_of_repeats"] = pct(np.median(ms[j], axis=0))
     return out

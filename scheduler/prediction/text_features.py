@@ -1,11 +1,16 @@
-"""Hashed TF-IDF features of prompt text: word 1-2-grams and character n-grams.
+"""Hashed TF-IDF features of prompt text: word 1-2-grams, character n-grams and shape tokens.
 
-The text is cut to ``max_chars``, lower-cased and its whitespace collapsed. Word tokens
-are runs of two or more word characters (sklearn's default token pattern); word
-unigrams and bigrams hash into ``[0, 2**word_bits)``. Character n-grams
-(``char_ngrams = (lo, hi)``, spaces included) hash into
-``[2**word_bits, 2**word_bits + 2**char_bits)``. Each block is weighted by sublinear
-term frequency (``1 + ln tf``) times smooth inverse document frequency
+The text is cut to ``max_chars`` and its whitespace collapsed. Word tokens are runs of
+two or more word characters (sklearn's default token pattern) of the lower-cased text;
+word unigrams and bigrams hash into ``[0, 2**word_bits)``. Character n-grams
+(``char_ngrams = (lo, hi)``, spaces included) are taken from the text as written when
+``keep_char_case`` (else lower-cased) and hash into
+``[2**word_bits, 2**word_bits + 2**char_bits)``. With ``shape_tokens``, five more tokens
+join the word block, each a bucket of one measure of the prompt's shape: its length in
+characters and in lines (log2 buckets, over the whole prompt), and the shares of ASCII
+digits, punctuation and capitals in the first ``max_chars`` characters (buckets
+0, up to 2%, 5%, 10%, 20%, 40%, more). Each block is weighted by sublinear term
+frequency (``1 + ln tf``) times smooth inverse document frequency
 (``ln((1 + n) / (1 + df)) + 1``) and L2-normalised on its own, like a FeatureUnion of two
 TfidfVectorizers. Buckets seen in fewer than ``min_df`` training documents get idf 0,
 i.e. they are dropped, as terms outside a vocabulary would be.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,21 +40,39 @@ _MIX1 = np.uint64(0x9E3779B97F4A7C15)
 _MIX2 = np.uint64(0xBF58476D1CE4E5B9)
 _SHIFT = np.uint64(31)
 _BIGRAM_SALT = np.uint64(0x2545F4914F6CDD1D)
+_SHAPE_SALT = 7
+#: Upper bounds of the share buckets of the shape tokens (digits, punctuation, capitals).
+_SHARE_EDGES = (1e-9, 0.02, 0.05, 0.1, 0.2, 0.4)
+_DIGITS = bytes(range(48, 58))
+_PUNCTUATION = bytes([*range(33, 48), *range(58, 65), *range(91, 97), *range(123, 127)])
+_CAPITALS = bytes(range(65, 91))
 
 
 def _bucket(h: np.ndarray, salt: int, bits: int) -> np.ndarray:
     """Mix 64-bit hashes (wrapping arithmetic) and keep the top ``bits`` bits."""
-    x = (h ^ np.uint64(salt)) * _MIX1
+    x = h ^ np.uint64(salt)
+    _mix(x)
+    return (x >> np.uint64(64 - bits)).astype(np.int32)
+
+
+def _mix(x: np.ndarray) -> None:
+    """Mix salted 64-bit hashes [n] uint64 in place (wrapping arithmetic)."""
+    x *= _MIX1
     x ^= x >> _SHIFT
     x *= _MIX2
-    return (x >> np.uint64(64 - bits)).astype(np.int32)
+
+
+def _code_points(text: str) -> np.ndarray:
+    """[chars] uint64 code points of ``text``."""
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
 
 
 class HashedTfidf:
     """TF-IDF over hashed word and character n-grams (see the module docstring).
 
     Parameters are stored as given; ``fit`` learns ``idf_`` [n_features] float32 (0 for
-    dropped buckets) and ``n_documents_``.
+    dropped buckets) and ``n_documents_``. The defaults were chosen on a validation split
+    of the training prompts (docs/predictors.md).
     """
 
     def __init__(
@@ -56,15 +80,19 @@ class HashedTfidf:
         *,
         word_bits: int = 18,
         char_bits: int = 20,
-        char_ngrams: tuple[int, int] = (2, 5),
+        char_ngrams: tuple[int, int] = (1, 5),
         max_chars: int = 1000,
         min_df: int = 2,
+        keep_char_case: bool = True,
+        shape_tokens: bool = True,
     ) -> None:
         self.word_bits = word_bits
         self.char_bits = char_bits
         self.char_ngrams = char_ngrams
         self.max_chars = max_chars
         self.min_df = min_df
+        self.keep_char_case = keep_char_case
+        self.shape_tokens = shape_tokens
 
     # ------------------------------------------------------------------ parameters
 
@@ -75,6 +103,8 @@ class HashedTfidf:
             "char_ngrams": list(self.char_ngrams),
             "max_chars": self.max_chars,
             "min_df": self.min_df,
+            "keep_char_case": self.keep_char_case,
+            "shape_tokens": self.shape_tokens,
         }
 
     def _check_params(self) -> None:
@@ -94,46 +124,87 @@ class HashedTfidf:
     # ------------------------------------------------------------------ hashing
 
     def normalise(self, text: str) -> str:
-        return _WHITESPACE.sub(" ", text[: self.max_chars].lower()).strip()
+        """The first ``max_chars`` characters, whitespace collapsed (case kept)."""
+        return _WHITESPACE.sub(" ", text[: self.max_chars]).strip()
 
-    def _word_buckets(self, text: str) -> np.ndarray:
-        words = _WORD.findall(text)
+    def _shape_values(self, text: str, cased: str) -> list[int]:
+        """The shape tokens (module docstring) of ``text`` (the whole prompt) and
+        ``cased``, its normalised first ``max_chars`` characters: token ``i`` is
+        ``64 * i + its bucket``."""
+        ascii_bytes = cased.encode("ascii", "ignore")
+        n = max(len(cased), 1)
+        values = [
+            (len(text) + 1).bit_length() - 1,  # floor(log2(chars + 1))
+            min((text.count("\n") + 1).bit_length() - 1, 8),
+            *(
+                bisect_left(
+                    _SHARE_EDGES, (len(ascii_bytes) - len(ascii_bytes.translate(None, kind))) / n
+                )
+                for kind in (_DIGITS, _PUNCTUATION, _CAPITALS)
+            ),
+        ]
+        return [64 * i + v for i, v in enumerate(values)]
+
+    def _buckets(self, text: str) -> tuple[np.ndarray, int]:
+        """(buckets [m] int32 unsorted, m_word): word 1- and 2-grams, shape tokens, then
+        character n-grams; the first m_word are in the word block.
+
+        Every hash is salted by its kind (word 1 / 2, shape 7, character n: 16 + n) and
+        all of them are mixed in one pass (:func:`_bucket` does the same one kind at a
+        time)."""
+        cased = self.normalise(text)
+        lower = cased.lower()
+        codes = _code_points(cased if self.keep_char_case else lower)
+        words = _WORD.findall(lower)
         h = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
-        bigrams = h[:-1] * _PRIME + (h[1:] ^ _BIGRAM_SALT)
-        return np.concatenate([_bucket(h, 1, self.word_bits), _bucket(bigrams, 2, self.word_bits)])
-
-    def _char_buckets(self, text: str) -> np.ndarray:
+        n_words, n_bigrams = len(h), max(len(h) - 1, 0)
+        shape = self._shape_values(text, cased) if self.shape_tokens else []
+        n_word = n_words + n_bigrams + len(shape)
         lo, hi = self.char_ngrams
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-        h, parts = codes, []
+        n_chars = sum(max(len(codes) - n + 1, 0) for n in range(lo, hi + 1))
+        x = np.empty(n_word + n_chars, dtype=np.uint64)
+        np.bitwise_xor(h, np.uint64(1), out=x[:n_words])
+        if n_bigrams:  # a bigram's hash from its two words' hashes
+            bigrams = x[n_words : n_words + n_bigrams]
+            np.multiply(h[:-1], _PRIME, out=bigrams)
+            bigrams += h[1:] ^ _BIGRAM_SALT
+            bigrams ^= np.uint64(2)
+        if shape:
+            x[n_words + n_bigrams : n_word] = np.array(shape, dtype=np.uint64) ^ np.uint64(
+                _SHAPE_SALT
+            )
+        start, g = n_word, codes
         for n in range(1, hi + 1):
             if n > 1:  # hash of the n-gram starting at i, from the (n-1)-gram's
-                h = h[:-1] * _PRIME + codes[n - 1 :]
+                g = g[:-1] * _PRIME + codes[n - 1 :]
             if n >= lo:
-                parts.append(_bucket(h, 16 + n, self.char_bits))
-        return np.concatenate(parts) + (1 << self.word_bits)
+                np.bitwise_xor(g, np.uint64(16 + n), out=x[start : start + len(g)])
+                start += len(g)
+        _mix(x)
+        x[:n_word] >>= np.uint64(64 - self.word_bits)
+        x[n_word:] >>= np.uint64(64 - self.char_bits)
+        x[n_word:] += np.uint64(1 << self.word_bits)
+        return x.astype(np.int32), n_word
 
     def term_frequencies(self, text: str) -> tuple[np.ndarray, np.ndarray, int]:
         """(buckets [m] int32 sorted, sublinear tf [m] float32, m_word): the first m_word
-        buckets are word n-grams, the rest character n-grams."""
-        norm = self.normalise(text)
-        buckets, counts = np.unique(
-            np.concatenate([self._word_buckets(norm), self._char_buckets(norm)]),
-            return_counts=True,
-        )
+        buckets are word n-grams and shape tokens, the rest character n-grams."""
+        buckets, counts = np.unique(self._buckets(text)[0], return_counts=True)
         n_word = int(np.searchsorted(buckets, 1 << self.word_bits))
         return buckets, (1.0 + np.log(counts)).astype(np.float32), n_word
 
     # ------------------------------------------------------------------ fit / transform
 
     def _weigh(
-        self, buckets: np.ndarray, tf: np.ndarray, n_word: int
+        self, buckets: np.ndarray, tf: np.ndarray, n_word: int, drop_zeros: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         values = tf * np.take(self.idf_, buckets)
-        for block in (slice(0, n_word), slice(n_word, len(values))):
-            norm = float(np.sqrt(values[block] @ values[block]))
+        for block in (values[:n_word], values[n_word:]):
+            norm = float(np.sqrt(block @ block))
             if norm > 0:
-                values[block] /= norm
+                block /= norm
+        if not drop_zeros:
+            return buckets, values
         keep = values != 0
         return buckets[keep], values[keep]
 
@@ -161,9 +232,11 @@ class HashedTfidf:
         """Features [n, n_features] float32 CSR of ``texts`` (needs a fitted ``idf_``)."""
         return self._matrix([self.transform_one(t) for t in texts])
 
-    def transform_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """One text's non-zero features: (bucket indices [m] int32, values [m] float32)."""
-        return self._weigh(*self.term_frequencies(text))
+    def transform_one(self, text: str, drop_zeros: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """One text's features: (bucket indices [m] int32, values [m] float32), only the
+        non-zero ones unless ``drop_zeros`` is False (then buckets outside the
+        vocabulary are kept with value 0: the same dot products, one filter less)."""
+        return self._weigh(*self.term_frequencies(text), drop_zeros=drop_zeros)
 
     def _matrix(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> sp.csr_matrix:
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -189,6 +262,9 @@ class HashedTfidf:
             char_ngrams=(int(lo), int(hi)),
             max_chars=int(params["max_chars"]),
             min_df=int(params["min_df"]),
+            # bundles written before these options existed used neither
+            keep_char_case=bool(params.get("keep_char_case", False)),
+            shape_tokens=bool(params.get("shape_tokens", False)),
         )
         self._check_params()
         index, value = arrays["idf_index"], arrays["idf_value"]
