@@ -47,6 +47,16 @@ def _print_fit_report(report: dict[str, Any]) -> None:
         f"domain classifier: macro-F1 {d['macro_f1']:.3f}, accuracy {d['accuracy']:.3f} on "
         f"{d['test']} held-out prompts (fitted on {d['train']} in {d['fit_seconds']:.0f} s)"
     )
+    if d.get("relabelled_sources"):
+        print(
+            f"  labels: {d['labels']} ({', '.join(d['relabelled_sources'])}); macro-F1 against "
+            f"the published labels {d['published_labels']['macro_f1']:.3f}"
+        )
+    if d.get("without_disagreeing_sources"):
+        print(
+            "  macro-F1 without the sources whose labels disagree with their text "
+            f"(docs/predictors.md): {d['without_disagreeing_sources']['macro_f1']:.3f}"
+        )
     labels = d["confusion"]["labels"]
     print("  confusion (rows: true, columns: predicted): " + " ".join(labels))
     for name, row in zip(labels, d["confusion"]["matrix"], strict=True):
@@ -118,6 +128,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         clusters=args.clusters,
         prefill_fraction=args.prefill_fraction,
         max_prompts=args.max_prompts,
+        relabel_sources=args.relabel_sources,
         random_state=args.seed,
     )
     print(f"fitting predictors from {args.data}", file=sys.stderr)
@@ -257,6 +268,13 @@ def add_commands(sub: Any) -> None:
         type=int,
         default=None,
         help="train the domain classifier on a random subsample of this many prompts",
+    )
+    p.add_argument(
+        "--relabel-sources",
+        action="store_true",
+        help="train and score the domain classifier with the sources whose published label "
+        "disagrees with their text relabelled (docs/predictors.md; default: the prompt "
+        "files' own domain labels)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed for splits and k-means")
     p.add_argument("--report", type=Path, default=None, help="also write the scores as JSON")

@@ -1,7 +1,8 @@
 """Reading the predictors' training data: labelled prompts and per-request routing.
 
 Prompts: ``<dir>/<domain>/*.jsonl[.gz|.xz]`` rows with ``prompt`` and ``domain`` (the
-shared prompts' schema, ``../shared/data/prompts``). Routing: any
+shared prompts' schema, ``../shared/data/prompts``); :data:`SOURCE_RELABELS` lists the
+source datasets whose published domain disagrees with their text. Routing: any
 :class:`~scheduler.traces.store.TraceSet`, read into per-request arrays.
 File I/O only; no network code.
 """
@@ -9,7 +10,7 @@ File I/O only; no network code.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +23,35 @@ from scheduler.traces.store import PHASES, TraceSet, expert_counts
 Progress = Callable[[str], None]
 
 
+#: Source dataset -> the domain its prompts are labelled with instead of their folder's.
+#: AlpacaEval's ``helpful_base`` (Anthropic HH), ``koala``, ``oasst`` (OpenAssistant) and
+#: ``vicuna`` (Vicuna-Bench) parts are first user turns of chat-assistant conversations,
+#: published in the ``general`` folder. In ../shared/data, 73 of them appear verbatim in
+#: the chat folder, labelled chat there (56 Vicuna-Bench and 1 MT-Bench question in the
+#: ``vicuna`` part, 15 ShareGPT prompts in ``koala``, 1 in ``oasst``). AlpacaEval's
+#: ``selfinstruct`` part (self-instruct's expert-written task instructions) stays
+#: ``general``, like the self-instruct seed tasks. Evidence: docs/predictors.md.
+SOURCE_RELABELS: dict[str, str] = {
+    "alpaca_eval:helpful_base": "chat",
+    "alpaca_eval:koala": "chat",
+    "alpaca_eval:oasst": "chat",
+    "alpaca_eval:vicuna": "chat",
+}
+
+
 @dataclass(frozen=True)
 class PromptSet:
-    """Labelled prompts. All arrays are [n]; ``texts`` / ``domains`` / ``sources`` str."""
+    """Labelled prompts. All arrays are [n] str (``ids`` any).
+
+    ``domains`` are the labels to train and score on; ``published_domains`` the rows'
+    ``domain`` field as read (the two differ only after :func:`relabel_sources`).
+    """
 
     ids: np.ndarray
     texts: np.ndarray
     domains: np.ndarray
     sources: np.ndarray
+    published_domains: np.ndarray
     files: tuple[Path, ...]
 
     def __len__(self) -> int:
@@ -37,8 +59,34 @@ class PromptSet:
 
     def subset(self, rows: np.ndarray) -> PromptSet:
         return PromptSet(
-            self.ids[rows], self.texts[rows], self.domains[rows], self.sources[rows], self.files
+            self.ids[rows],
+            self.texts[rows],
+            self.domains[rows],
+            self.sources[rows],
+            self.published_domains[rows],
+            self.files,
         )
+
+    @property
+    def relabelled(self) -> np.ndarray:
+        """[n] bool: rows whose label differs from the published one."""
+        return self.domains != self.published_domains
+
+
+def relabel_sources(prompts: PromptSet, rules: Mapping[str, str]) -> PromptSet:
+    """``prompts`` with every row of a source in ``rules`` labelled ``rules[source]``;
+    ``published_domains`` keep the files' labels. Rows are neither added nor removed."""
+    domains = prompts.domains.copy()
+    for source, domain in rules.items():
+        domains[prompts.sources == source] = domain
+    return PromptSet(
+        prompts.ids,
+        prompts.texts,
+        domains,
+        prompts.sources,
+        prompts.published_domains,
+        prompts.files,
+    )
 
 
 def prompt_files(directory: Path) -> list[Path]:
@@ -80,6 +128,7 @@ def load_prompts(directory: Path, progress: Progress | None = None) -> PromptSet
         np.array(texts, dtype=object),
         np.array(domains, dtype=object),
         np.array(sources, dtype=object),
+        np.array(domains, dtype=object),
         tuple(files),
     )
 

@@ -4,7 +4,11 @@
 models whose held-out scores it reports (fitted on the training split only).
 
 * Domain classifier: prompts split by text (identical prompts on one side), stratified
-  by domain; fitted on the training part, scored on the rest.
+  by published domain. Trained on the published labels; with ``relabel_sources`` the
+  sources of :data:`~scheduler.prediction.datasets.SOURCE_RELABELS` (labels that disagree
+  with their text) are relabelled instead, which changes labels, never rows. Fitted on
+  the training part, scored on the rest against the labels used (and the published ones
+  when they differ), without the disagreeing sources, and per source.
 * Routing-based predictors, from a trace set. Requests are split (stratified by label
   when labelled). The prefill / decode pair of a request is, in order of preference:
   its measured prefill and decode routing (``"measured"``), or -- for traces of one
@@ -31,10 +35,12 @@ from scheduler.prediction.bundle import PredictorBundle
 from scheduler.prediction.cluster_selection import make_clusters, score_clusters, select_clusters
 from scheduler.prediction.clusters import ActivationClusters
 from scheduler.prediction.datasets import (
+    SOURCE_RELABELS,
     PromptSet,
     RoutingSet,
     grouped_split,
     load_prompts,
+    relabel_sources,
     split_tokens,
     text_groups,
 )
@@ -70,6 +76,7 @@ class FitConfig:
     prompt_test_fraction: float = 0.2
     trace_test_fraction: float = 0.3
     max_prompts: int | None = None
+    relabel_sources: bool = False
     random_state: int = 0
 
     def __post_init__(self) -> None:
@@ -96,18 +103,36 @@ class FitConfig:
 def domain_split(
     config: FitConfig, progress: Progress | None = None
 ) -> tuple[PromptSet, np.ndarray, np.ndarray]:
-    """The prompts (subsampled to ``max_prompts`` if set) and their (train, test) rows."""
+    """The prompts (subsampled to ``max_prompts`` if set, relabelled if
+    ``relabel_sources``) and their (train, test) rows. The rows do not depend on the
+    relabelling: the split is stratified by the published domains."""
     prompts = load_prompts(config.data_dir / "prompts", progress)
     if config.max_prompts is not None and config.max_prompts < len(prompts):
         rng = np.random.default_rng(config.random_state)
         prompts = prompts.subset(np.sort(rng.choice(len(prompts), config.max_prompts, False)))
     train, test = grouped_split(
-        prompts.domains,
+        prompts.published_domains,
         text_groups(prompts.texts),
         config.prompt_test_fraction,
         config.random_state,
     )
+    if config.relabel_sources:
+        prompts = relabel_sources(prompts, SOURCE_RELABELS)
     return prompts, train, test
+
+
+def validation_split(
+    prompts: PromptSet, train: np.ndarray, config: FitConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, validation rows): the training rows of :func:`domain_split` split again
+    the same way (seed ``random_state + 1``), for choosing settings without the test rows."""
+    fit, val = grouped_split(
+        prompts.published_domains[train],
+        text_groups(prompts.texts[train]),
+        config.prompt_test_fraction,
+        config.random_state + 1,
+    )
+    return train[fit], train[val]
 
 
 def fit_domain(
@@ -122,27 +147,66 @@ def fit_domain(
     model.fit(prompts.texts[train], prompts.domains[train])
     fit_s = time.perf_counter() - start
     predicted = model.predict(prompts.texts[test])
-    report = classification_scores(prompts.domains[test], predicted, model.classes_)
+    report = domain_scores(prompts.subset(test), predicted, model.classes_)
     report.update(
         train=len(train),
         test=len(test),
         fit_seconds=fit_s,
         converged=model.converged_,
-        split="grouped by prompt text, stratified by domain",
-        sources_test=_per_source(prompts.sources[test], prompts.domains[test], predicted),
+        split="grouped by prompt text, stratified by published domain",
+        features=model.features_.get_params(),
+        C=model.C,
     )
     drift = ClassMixDrift().fit(predicted, classes=model.classes_)
     return model, drift, report, list(prompts.files)
 
 
-def _per_source(sources: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
-    out = {}
-    for s in sorted(set(sources.tolist())):
-        rows = sources == s
-        out[str(s)] = {
+def domain_scores(prompts: PromptSet, predicted: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
+    """Scores of ``predicted`` [n] for ``prompts`` (n rows): against the labels used (the
+    top-level keys), against the published labels (``published_labels``), on the rows
+    of the sources whose labels agree with their text (``without_disagreeing_sources``:
+    those not in :data:`SOURCE_RELABELS`; absent when there are none of those), and per
+    source (``sources``)."""
+    report = classification_scores(prompts.domains, predicted, classes)
+    relabelled = sorted(set(prompts.sources[prompts.relabelled].tolist()))
+    report["labels"] = (
+        "published" if not relabelled else f"published, {len(relabelled)} sources relabelled"
+    )
+    report["relabelled_sources"] = {s: SOURCE_RELABELS.get(s) for s in relabelled}
+    report["published_labels"] = _summary(prompts.published_domains, predicted, classes)
+    keep = ~np.isin(prompts.sources, list(SOURCE_RELABELS))
+    if not keep.all():
+        report["without_disagreeing_sources"] = _summary(
+            prompts.domains[keep], predicted[keep], classes
+        )
+    report["sources"] = source_confusion(prompts, predicted, classes)
+    return report
+
+
+def _summary(truth: np.ndarray, predicted: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
+    s = classification_scores(truth, predicted, classes)
+    return {k: s[k] for k in ("n", "macro_f1", "accuracy", "per_class")}
+
+
+def source_confusion(
+    prompts: PromptSet, predicted: np.ndarray, classes: np.ndarray
+) -> dict[str, Any]:
+    """Per source dataset: its rows ``n``, its ``label`` (and ``published_label`` when
+    relabelled), ``accuracy`` against the label, and ``predicted``: class -> count."""
+    out: dict[str, Any] = {}
+    for source in sorted(set(prompts.sources.tolist())):
+        rows = prompts.sources == source
+        labels = sorted(set(prompts.domains[rows].tolist()))
+        published = sorted(set(prompts.published_domains[rows].tolist()))
+        entry: dict[str, Any] = {
             "n": int(rows.sum()),
-            "accuracy": float(np.mean(truth[rows] == predicted[rows])),
+            "label": "/".join(labels),
+            "accuracy": float(np.mean(prompts.domains[rows] == predicted[rows])),
+            "predicted": {str(c): int(np.sum(predicted[rows] == c)) for c in classes},
         }
+        if published != labels:
+            entry["published_label"] = "/".join(published)
+        out[str(source)] = entry
     return out
 
 
@@ -381,6 +445,7 @@ def fit_predictors(
             "clusters": config.clusters,
             "prefill_fraction": config.prefill_fraction,
             "max_prompts": config.max_prompts,
+            "relabel_sources": config.relabel_sources,
             "random_state": config.random_state,
         },
         "training_data": fingerprint,
