@@ -2,8 +2,12 @@
 
 1. ``fit``: runs ``moe-scheduler fit`` (all real prompts, the ESFT traces) as a user
    would, timed; its held-out scores are the domain classifier's and the defaults'.
-2. ``domain``: held-out macro-F1 / confusion (from the fit) and warm single-request
-   latency of the bundled classifier over every held-out prompt.
+2. ``domain``: held-out macro-F1 / confusion / per-source predictions (from the fit) and
+   warm single-request latency of the bundled classifier over every held-out prompt.
+   ``settings``: the previous and the current classifier settings, each trained on the
+   published and on the relabelled labels, fitted on the training rows less a
+   validation split and scored on that validation split (never on the held-out rows);
+   ``--selection`` adds the one-change-at-a-time candidates the defaults were chosen from.
 3. ``reference``: scikit-learn's own TfidfVectorizer (word 1-2 + char_wb 2-5) and
    LogisticRegression on the same split, for comparison.
 4. ``incremental``: ``partial_fit`` learning curves (cold start on the bundle's text
@@ -21,6 +25,7 @@
 Usage::
 
     python benchmarks/predictors.py [--data ../shared/data] [--seeds 5] [--no-reference]
+        [--selection]
 
 Failures are recorded per step in the JSON (status "error" and a message), not raised.
 """
@@ -52,7 +57,36 @@ from scheduler.prediction.training import FitConfig, domain_split, request_split
 
 NODES = (2, 4, 8)
 FRACTIONS = (0.25, 0.5, 0.75)
-TARGETS = {"macro_f1": 0.95, "p99_ms": 0.5}
+TARGETS = {"macro_f1": 0.96, "p99_ms": 0.5}
+#: The domain classifier's settings before issue 16 (logistic-regression C and the
+#: HashedTfidf parameters that changed); "current" = the defaults of this build.
+PREVIOUS: dict[str, Any] = {
+    "C": 10.0,
+    "char_ngrams": (2, 5),
+    "keep_char_case": False,
+    "shape_tokens": False,
+}
+#: (name, settings, training labels) compared on the validation split in every run.
+SETTINGS = [
+    ("previous", PREVIOUS, "published"),
+    ("previous", PREVIOUS, "relabelled"),
+    ("current", {}, "published"),
+    ("current", {}, "relabelled"),
+]
+#: With --selection: one change at a time from the previous settings, and from the current.
+SELECTION = [
+    ("previous, C=30", {**PREVIOUS, "C": 30.0}, "published"),
+    ("previous + case-kept char n-grams", {**PREVIOUS, "keep_char_case": True}, "published"),
+    ("previous + shape tokens", {**PREVIOUS, "shape_tokens": True}, "published"),
+    ("previous + char 1-5-grams", {**PREVIOUS, "char_ngrams": (1, 5)}, "published"),
+    ("current, C=10", {"C": 10.0}, "published"),
+    ("current, C=100", {"C": 100.0}, "published"),
+    ("current, lower-cased char n-grams", {"keep_char_case": False}, "published"),
+    ("current, no shape tokens", {"shape_tokens": False}, "published"),
+    ("current, char 2-5-grams", {"char_ngrams": (2, 5)}, "published"),
+    ("current, 2**19 word + 2**21 char buckets", {"word_bits": 19, "char_bits": 21}, "published"),
+    ("current, first 2,000 characters", {"max_chars": 2000}, "published"),
+]
 
 
 def _machine() -> dict[str, Any]:
@@ -104,21 +138,31 @@ def step_fit(data: Path, work: Path) -> dict[str, Any]:
 
 
 def step_domain(bundle_path: Path, data: Path) -> dict[str, Any]:
-    from scheduler.prediction.evaluation import single_request_latency
+    from scheduler.prediction.evaluation import interleaved_latency, single_request_latency
 
     start = time.perf_counter()
     bundle = load_bundle(bundle_path)
     load_s = time.perf_counter() - start
-    prompts, _, test = domain_split(FitConfig(data_dir=data))
+    prompts, train, test = domain_split(FitConfig(data_dir=data))
     texts = prompts.texts[test]
     lengths = np.array([len(t) for t in texts])
     load_before = os.getloadavg()
     latency = single_request_latency(bundle.domain.predict_one, texts, repeats=3)
+    load_after = os.getloadavg()
+    # The previous settings' cost on the same prompts, timed in turn with the bundle's
+    # model so that both see the same machine load (this build's code for both).
+    previous = _classifier(PREVIOUS).fit(prompts.texts[train], prompts.domains[train])
+    compared = interleaved_latency(
+        {"current": bundle.domain.predict_one, "previous": previous.predict_one},
+        texts,
+        repeats=3,
+    )
     return {
         "bundle_load_seconds": load_s,
         "latency": latency,
         "loadavg_before": list(load_before),
-        "loadavg_after": list(os.getloadavg()),
+        "loadavg_after": list(load_after),
+        "latency_vs_previous": compared,
         "prompt_chars": {
             "p50": float(np.percentile(lengths, 50)),
             "p90": float(np.percentile(lengths, 90)),
@@ -126,6 +170,50 @@ def step_domain(bundle_path: Path, data: Path) -> dict[str, Any]:
         },
         "max_chars_used": bundle.domain.features_.max_chars,
     }
+
+
+def _classifier(settings: dict[str, Any]) -> Any:
+    from scheduler.prediction.text_classifier import TextClassifier
+    from scheduler.prediction.text_features import HashedTfidf
+
+    features = {k: v for k, v in settings.items() if k != "C"}
+    extra = {"C": settings["C"]} if "C" in settings else {}
+    return TextClassifier(features=HashedTfidf(**features), **extra)
+
+
+def step_settings(data: Path, selection: bool) -> dict[str, Any]:
+    from scheduler.prediction.training import domain_scores, validation_split
+
+    config = FitConfig(data_dir=data, relabel_sources=True)
+    prompts, train, _ = domain_split(config)
+    fit_rows, val_rows = validation_split(prompts, train, config)
+    labels = {"published": prompts.published_domains, "relabelled": prompts.domains}
+    val = prompts.subset(val_rows)
+    runs = []
+    for name, settings, trained_on in SETTINGS + (SELECTION if selection else []):
+        model = _classifier(settings)
+        start = time.perf_counter()
+        model.fit(prompts.texts[fit_rows], labels[trained_on][fit_rows])
+        fit_s = time.perf_counter() - start
+        scores = domain_scores(val, model.predict(val.texts), model.classes_)
+        runs.append(
+            {
+                "name": name,
+                "settings": {"C": model.C, **model.features_.get_params()},
+                "trained_on": trained_on,
+                "fit_seconds": fit_s,
+                "converged": model.converged_,
+                "relabelled": {k: scores[k] for k in ("macro_f1", "accuracy", "per_class")},
+                "published": scores["published_labels"],
+                "without_disagreeing_sources": scores["without_disagreeing_sources"],
+            }
+        )
+        _eprint(
+            f"  settings {name} (trained on {trained_on} labels): validation macro-F1 "
+            f"{scores['published_labels']['macro_f1']:.4f} published, {scores['macro_f1']:.4f} "
+            "relabelled"
+        )
+    return {"fit_rows": len(fit_rows), "validation_rows": len(val_rows), "runs": runs}
 
 
 def step_reference(data: Path) -> dict[str, Any]:
@@ -346,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=BENCH_DIR / "work")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument(
+        "--selection",
+        action="store_true",
+        help="also score the candidate settings the domain classifier's defaults were "
+        f"chosen from on the validation split ({len(SELECTION)} more fits)",
+    )
     args = parser.parse_args(argv)
     data = args.data.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -356,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(args.data),
         "targets": TARGETS,
         "machine": _machine(),
-        "command": "python benchmarks/predictors.py && python benchmarks/render.py",
+        "command": "python benchmarks/predictors.py"
+        + (" --selection" if args.selection else "")
+        + " && python benchmarks/render.py",
     }
     steps = result["steps"] = {}
     steps["fit"] = _step("fit", lambda: step_fit(data, args.workdir))
@@ -364,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         steps["domain"] = _step("domain", lambda: step_domain(bundle, data))
         steps["incremental"] = _step("incremental", lambda: step_incremental(bundle, data, 0))
         steps["drift"] = _step("drift", lambda: step_drift(bundle, data, 0))
+    steps["settings"] = _step("settings", lambda: step_settings(data, args.selection))
     if not args.no_reference:
         steps["reference"] = _step("reference", lambda: step_reference(data))
     steps["clusters"] = _step("clusters", lambda: step_clusters(data, args.seeds))
