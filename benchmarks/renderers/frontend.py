@@ -72,6 +72,17 @@ def _notes(records: list[dict[str, Any]]) -> list[str]:
     return [f"- {_path(r)}, {_api(r)}: {r['message']}" for r in records if r.get("message")]
 
 
+def _load_line(records: list[dict[str, Any]], cpus: Any) -> list[str]:
+    """The 1-minute load average each row started under (other work shares the cores)."""
+    loads = [r["load_average_before"][0] for r in records if r.get("load_average_before")]
+    if not loads:
+        return []
+    return [
+        f"1-minute load average at the start of each row: {min(loads):.2f} to "
+        f"{max(loads):.2f} on {_fmt(cpus)} CPUs (each row's is in the JSON)."
+    ]
+
+
 def _openai_summary(throughput: list[dict[str, Any]]) -> list[str]:
     """One line per client count: the OpenAI rows' requests/s and p50, ours / router."""
     lines = []
@@ -247,6 +258,7 @@ def render_frontend(data: dict[str, Any], source: Path) -> list[str]:
         summary = _openai_summary(throughput)
         if summary:
             lines += ["", "The OpenAI path (`/v1/chat/completions`), same run:", "", *summary]
+        lines += ["", *_load_line(throughput, data.get("machine", {}).get("cpu_count"))]
         lines += ["", f"SGLang router: {data.get('router_note') or '-'}"]
         if data.get("router_openai_note"):
             lines += ["", f"SGLang router, OpenAI endpoint: {data['router_openai_note']}"]
