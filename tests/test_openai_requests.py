@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from scheduler.errors import ConfigError, RequestError
-from scheduler.server.backend import CHAT, COMPLETIONS
+from scheduler.server.backend import CHAT, COMPLETIONS, GENERATE, ROUTING_KEY_HEADER, _encode
 from scheduler.server.cluster import load_cluster
 from scheduler.server.config import load_config
 from scheduler.server.core import estimate_tokens
@@ -148,3 +148,12 @@ def test_an_openai_stream_relays_chunks_and_keeps_usage_and_routed_experts() -> 
 def test_openai_listen_must_be_host_port(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="server.openai_listen must be HOST:PORT"):
         load_config(write_config(tmp_path, "http://127.0.0.1:9", server={"openai_listen": "8000"}))
+
+
+def test_the_routing_key_goes_in_the_body_or_the_openai_header() -> None:
+    payload = {"rid": "r", "routing_key": "law", "messages": []}
+    body, headers = _encode(GENERATE, payload)
+    assert orjson.loads(body) == payload and headers is None
+    body, headers = _encode(CHAT, payload)
+    assert orjson.loads(body) == {"rid": "r", "messages": []}
+    assert headers == {ROUTING_KEY_HEADER: "law"}

@@ -135,6 +135,12 @@ def test_a_bad_model_a_bad_key_and_a_cancelled_stream(tmp_path: Path) -> None:
             with pytest.raises(openai.BadRequestError) as bad:
                 client.completions.create(model=MODEL.name, prompt="x", max_tokens=5, n=2)
             assert "n must be 1" in str(bad.value)
+            late = {"X-Request-Timeout": "0.3"}  # the deadline, as a gRPC call's
+            with pytest.raises(openai.InternalServerError) as timed_out:
+                client.completions.create(
+                    model=MODEL.name, prompt="x", max_tokens=2000, extra_headers=late
+                )
+            assert timed_out.value.status_code == 504
 
             stream = client.chat.completions.create(
                 model=MODEL.name,
@@ -155,6 +161,7 @@ def test_a_bad_model_a_bad_key_and_a_cancelled_stream(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "SGLang's request was not cancelled"
                 time.sleep(0.05)
             assert stats.outcomes["invalid"] == 2  # the bad model and n=2 (not the key)
+            assert stats.outcomes["client_deadline"] == 1
             assert all(r.in_flight == 0 for r in stats.ranks)  # its slot was given back
 
 

@@ -34,6 +34,18 @@ from scheduler.server.wire import (
 GENERATE = "/generate"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+#: The OpenAI endpoints read the routing key from this header, not from the body
+#: (``serving_base.extract_routing_key``, from 0.5.8; older versions ignore it).
+ROUTING_KEY_HEADER = "x-smg-routing-key"
+
+
+def _encode(path: str, payload: dict[str, Any]) -> tuple[bytes, dict[str, str] | None]:
+    """The request body and extra headers for ``path``: ``/generate`` takes the
+    ``routing_key`` in the body, an OpenAI endpoint as :data:`ROUTING_KEY_HEADER`."""
+    if path == GENERATE or "routing_key" not in payload:
+        return orjson.dumps(payload), None
+    body = {k: v for k, v in payload.items() if k != "routing_key"}
+    return orjson.dumps(body), {ROUTING_KEY_HEADER: str(payload["routing_key"])}
 
 
 @dataclass
@@ -81,9 +93,10 @@ class SGLangBackend:
 
     async def _post(self, path: str, payload: dict[str, Any], timeout_s: float | None) -> bytes:
         """The body of a 200 answer to POST ``path``; raises :class:`BackendError`."""
+        data, headers = _encode(path, payload)
         try:
             async with self.session.post(
-                f"{self.url}{path}", data=orjson.dumps(payload), timeout=self._timeout(timeout_s)
+                f"{self.url}{path}", data=data, headers=headers, timeout=self._timeout(timeout_s)
             ) as resp:
                 body = await resp.read()
                 if resp.status != 200:
@@ -131,11 +144,10 @@ class SGLangBackend:
         events = SSEEvents(max_event_bytes)
         feed = StreamDelta().feed if openai is None else openai.feed
         last = b""
+        data, headers = _encode(path, {**payload, "stream": True})
         try:
             async with self.session.post(
-                f"{self.url}{path}",
-                data=orjson.dumps({**payload, "stream": True}),
-                timeout=self._timeout(timeout_s),
+                f"{self.url}{path}", data=data, headers=headers, timeout=self._timeout(timeout_s)
             ) as resp:
                 if resp.status != 200:
                     raise _http_error(resp.status, await resp.read())

@@ -893,6 +893,9 @@ class SchedulerCore:
         is the client's, with the instance's served model name, the rid, the pin, and
         routed experts asked for where the version's OpenAI endpoints return them."""
         version = self.sglang_versions[leg.instance.name]
+        payload: dict[str, Any] = {"rid": job.request_id, rank_field(version): leg.dp_rank}
+        if cls:  # (for an OpenAI endpoint the backend sends it as a header)
+            payload["routing_key"] = cls
         if job.openai is not None:
             if version is not None and version < OPENAI_DP_RANK_SINCE:
                 self._warn_once(
@@ -901,23 +904,16 @@ class SchedulerCore:
                     "drop the DP-rank field: its OpenAI requests are load-balanced by SGLang, "
                     "not placed by the policy (Generate keeps the pin; 0.5.7 has the field)",
                 )
-            payload = {**job.openai, "rid": job.request_id, rank_field(version): leg.dp_rank}
+            payload = {**job.openai, **payload}
             if served := self.served_models.get(leg.instance.name):
                 payload["model"] = served
-            if routed and (version is None or version >= OPENAI_ROUTED_EXPERTS_SINCE):
-                payload["return_routed_experts"] = True
-            return payload
-        payload = {
-            "rid": job.request_id,
-            rank_field(version): leg.dp_rank,
-            "sampling_params": _sglang_sampling(job.sampling),
-        }
-        if job.text is not None:
-            payload["text"] = job.text
+            routed = routed and (version is None or version >= OPENAI_ROUTED_EXPERTS_SINCE)
         else:
-            payload["input_ids"] = job.input_ids
-        if cls:
-            payload["routing_key"] = cls
+            payload["sampling_params"] = _sglang_sampling(job.sampling)
+            if job.text is not None:
+                payload["text"] = job.text
+            else:
+                payload["input_ids"] = job.input_ids
         if routed:
             payload["return_routed_experts"] = True
         return payload

@@ -38,6 +38,23 @@ MAX_BODY_BYTES = 64 << 20
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 #: The server.max_id_chars bound applies to the X-Request-Id header too (via validate).
 REQUEST_ID_HEADER = "X-Request-Id"
+#: Seconds the client will wait: the request's deadline, as a gRPC call's (without it,
+#: backend.request_timeout_s bounds it and the queue cannot refuse it early).
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def _deadline(request: web.Request) -> float | None:
+    """The absolute deadline of :data:`TIMEOUT_HEADER`, or None; RequestError if bad."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise RequestError("invalid", f"{TIMEOUT_HEADER} must be seconds > 0, got {quote(value)}")
+    return time.monotonic() + seconds
 
 
 def _error(error: RequestError | str, message: str = "") -> web.Response:
@@ -122,6 +139,7 @@ async def _answer(
     except web.HTTPRequestEntityTooLarge:
         return "invalid", _error("invalid", f"the request body is over {MAX_BODY_BYTES} bytes")
     try:
+        deadline = _deadline(request)
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         job = parse(endpoint, body, core.config, core.cluster, core.model_names(), request_id)
     except RequestError as e:
@@ -129,7 +147,7 @@ async def _answer(
         return e.outcome, _error(e)
     if not job.stream:
         try:
-            out = await core.run(job.job, None, None)
+            out = await core.run(job.job, deadline, None)
         except RequestError as e:
             log.info("request %s: %s: %s", job.job.request_id, e.outcome, e)
             return e.outcome, _error(e)
@@ -147,7 +165,7 @@ async def _answer(
         await stream.write(b"data: " + event + b"\n\n")
 
     try:
-        await core.run(job.job, None, relay)
+        await core.run(job.job, deadline, relay)
         outcome = "ok"
     except RequestError as e:
         log.info("request %s: %s: %s", job.job.request_id, e.outcome, e)
