@@ -19,6 +19,12 @@ DOMAINS = ("code", "math", "chat", "general")
 ESFT_STAND_INS = {"translation": "code", "law": "math", "intent": "chat", "summary": "general"}
 
 
+def domain_rank(domain: str) -> int:
+    """Which of several domains a prompt listed under all of them belongs to: the lowest
+    rank (:data:`DOMAINS` order; unknown domains last)."""
+    return DOMAINS.index(domain) if domain in DOMAINS else len(DOMAINS)
+
+
 def default_class_map(classes: Iterable[str]) -> dict[str, str]:
     """Domain -> class: :data:`ESFT_STAND_INS` when the classes are ESFT domains, else the
     domains that are class names."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.class_map import DOMAINS, default_class_map
+from scheduler.class_map import default_class_map, domain_rank
 from scheduler.emulator.routing import ClassRouting, class_routing
 from scheduler.errors import ConfigError, InputError
 from scheduler.model_shape import ModelShape
@@ -63,12 +63,11 @@ class PromptIndex:
 def prompt_index(pairs: Iterable[tuple[str, str]], sources: tuple[str, ...] = ()) -> PromptIndex:
     """Index (prompt, domain) pairs; a prompt under several domains keeps the first in
     :data:`DOMAINS` order (unknown domains rank last)."""
-    rank = {d: i for i, d in enumerate(DOMAINS)}
     domains: dict[bytes, str] = {}
     for text, domain in pairs:
         key = prompt_key(text)
         old = domains.get(key)
-        if old is None or rank.get(domain, len(rank)) < rank.get(old, len(rank)):
+        if old is None or domain_rank(domain) < domain_rank(old):
             domains[key] = domain
     return PromptIndex(domains, sources)
 

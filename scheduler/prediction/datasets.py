@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scheduler.class_map import domain_rank
 from scheduler.errors import InputError
 from scheduler.traces.importers.common import read_json_lines
 from scheduler.traces.store import PHASES, TraceSet, expert_counts
@@ -101,7 +102,9 @@ def prompt_files(directory: Path) -> list[Path]:
 
 def load_prompts(directory: Path, progress: Progress | None = None) -> PromptSet:
     """Every row with a non-empty ``prompt`` and a ``domain``; exact duplicates of
-    (prompt, domain) are kept once. Rows missing either field are an InputError."""
+    (prompt, domain) are kept once, and a prompt listed under several domains keeps only
+    its row of the first (``class_map.domain_rank``, the emulator's rule): the same text
+    cannot be both. Rows missing either field are an InputError."""
     ids, texts, domains, sources = [], [], [], []
     seen: set[tuple[str, str]] = set()
     files = prompt_files(directory)
@@ -123,12 +126,18 @@ def load_prompts(directory: Path, progress: Progress | None = None) -> PromptSet
             progress(f"prompts: read {len(texts)} rows ({path.name})")
     if len(set(domains)) < 2:
         raise InputError(directory, f"need prompts of at least two domains, found {set(domains)}")
+    first: dict[str, str] = {}
+    for text, domain in zip(texts, domains, strict=True):
+        if text not in first or domain_rank(domain) < domain_rank(first[text]):
+            first[text] = domain
+    keep = np.array([first[t] == d for t, d in zip(texts, domains, strict=True)])
+    labels = np.array(domains, dtype=object)[keep]
     return PromptSet(
-        np.array(ids, dtype=object),
-        np.array(texts, dtype=object),
-        np.array(domains, dtype=object),
-        np.array(sources, dtype=object),
-        np.array(domains, dtype=object),
+        np.array(ids, dtype=object)[keep],
+        np.array(texts, dtype=object)[keep],
+        labels,
+        np.array(sources, dtype=object)[keep],
+        labels.copy(),
         tuple(files),
     )
 
