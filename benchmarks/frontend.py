@@ -1,5 +1,5 @@
-"""Benchmark: the gRPC scheduler front-end (issue 7) against the emulator, directly and
-behind SGLang's own router.
+"""Benchmark: the scheduler front-end (gRPC and its OpenAI listener) against the
+emulator, directly and behind SGLang's own router.
 
 Every server is its own process on 127.0.0.1 (ports read back from their startup lines):
 ``moe-scheduler emulate`` (4 nodes x 2 GPUs of DeepSeek-V2-Lite with a placement solved by
@@ -980,7 +980,7 @@ def _backend_finished(emulator: Proc) -> int:
 
 
 def part_prediction(ctx: Ctx, emulator: Proc) -> list[dict[str, Any]]:
-    from scheduler.server.cli import replay
+    from scheduler.replay import replay
 
     a = ctx.args
     rows = [{"id": str(i), "prompt": p} for i, p in enumerate(ctx.prompts[: a.replay_prompts])]

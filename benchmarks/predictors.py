@@ -1,4 +1,4 @@
-"""Benchmark: the request predictors (issue 5) on the real data.
+"""Benchmark: the request predictors on the real data.
 
 1. ``fit``: runs ``moe-scheduler fit`` (all real prompts, the ESFT traces) as a user
    would, timed; its held-out scores are the domain classifier's and the defaults'.
@@ -58,7 +58,7 @@ from scheduler.prediction.training import FitConfig, domain_split, request_split
 NODES = (2, 4, 8)
 FRACTIONS = (0.25, 0.5, 0.75)
 TARGETS = {"macro_f1": 0.96, "p99_ms": 0.5}
-#: The domain classifier's settings before issue 16 (logistic-regression C and the
+#: The domain classifier's earlier settings (logistic-regression C and the
 #: HashedTfidf parameters that changed); "current" = the defaults of this build.
 PREVIOUS: dict[str, Any] = {
     "C": 10.0,

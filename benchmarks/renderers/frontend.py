@@ -1,4 +1,5 @@
-"""RESULTS.md section for the ``frontend`` benchmark (the gRPC scheduler, issue 7)."""
+"""RESULTS.md section for the ``frontend`` benchmark (the scheduler front-end: gRPC and
+the OpenAI listener)."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def _settings_table(settings: dict[str, Any]) -> list[str]:
         f"Settings on the **validation split** ({_fmt(settings['validation_rows'])} prompts "
         f"carved from the training rows, grouped and stratified as the held-out split; fitted "
         f"on the other {_fmt(settings['fit_rows'])}; the held-out rows were not used to choose "
-        "anything). *previous* = the settings before issue 16 (C = 10, lower-cased char "
+        "anything). *previous* = the earlier settings (C = 10, lower-cased char "
         "2-5-grams, no shape tokens); *current* = this build's defaults.",
         "",
     ]
@@ -401,7 +401,7 @@ def _predictor_prefill_decode(steps: dict[str, Any]) -> list[str]:
         "",
         "One request, 8 experts: an anecdote, not a benchmark. For scale, paper B reports "
         "per-layer prefill-decode Pearson of 0.55 (DeepSeek-V3) to 0.82 (Llama 4 Maverick) "
-        "averaged over its datasets (third-party reading of §3.3.3, docs/prior-work.md). The "
+        "averaged over its datasets (third-party reading of §3.3.3, docs/sources.md). The "
         "ESFT ridge figure is high partly because each ESFT domain is one homogeneous task "
         "dataset: the model largely learns the domain's mean decode routing.",
         "",
