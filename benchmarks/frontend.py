@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 from machine import machine_facts  # benchmarks/machine.py (this directory)
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -296,12 +297,8 @@ def write_config(
             "probe_min_new_tokens": probe_min_new_tokens,
         },
     }
-    lines = []
-    for name, keys in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(tomli_w.dumps(sections), encoding="utf-8")
     return path
 
 

@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from scheduler.emulator.expert_location import trivial_location
 from scheduler.emulator.workload import DEFAULT_PROFILE
 from scheduler.placement.io import EXPERT_LOCATION, PLAN, to_sglang
@@ -115,18 +117,12 @@ def write_config(
     instances = values["backend"].pop("instances", None)
     if instances is not None:  # [[backend.instances]] instead of backend.url + cluster.placement
         del values["backend"]["url"], values["cluster"]["placement"]
-    lines = []
-    for name, keys in values.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
-        for table in instances or [] if name == "backend" else []:
-            lines.append("[[backend.instances]]")
-            lines += [
-                f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}"
-                for k, v in table.items()
-            ]
+        values["backend"]["instances"] = [
+            {k: str(v) if isinstance(v, Path) else v for k, v in table.items()}
+            for table in instances
+        ]
     path = tmp / "scheduler.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomli_w.dumps(values))
     return path
 
 

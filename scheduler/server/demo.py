@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from scheduler.errors import ConfigError
 from scheduler.jsonio import write_json_atomic
 from scheduler.replay import rank_key, replay
@@ -81,6 +83,23 @@ def _command() -> list[str]:
     return [sys.executable, "-m", "scheduler"]
 
 
+def _write_config(path: Path, sections: dict[str, Any]) -> Path:
+    path.write_text("# written by moe-scheduler demo\n" + tomli_w.dumps(sections))
+    return path
+
+
+def _server_sections() -> dict[str, Any]:
+    return {
+        "server": {
+            "listen": "127.0.0.1:0",
+            "metrics_listen": "127.0.0.1:0",
+            "openai_listen": "127.0.0.1:0",
+        },
+        # the demo measures every request, not a sample
+        "backend": {"return_routed_experts": True, "routed_experts_budget_cores": 0},
+    }
+
+
 def _config(
     path: Path,
     backend: str,
@@ -92,33 +111,21 @@ def _config(
     capacity: int,
     balance: float | None = None,
 ) -> Path:
-    text = f"""# written by moe-scheduler demo
-[server]
-listen = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-openai_listen = "127.0.0.1:0"
-
-[backend]
-url = "{backend}"
-return_routed_experts = true
-routed_experts_budget_cores = 0  # the demo measures every request, not a sample
-
-[cluster]
-placement = "{placement.resolve()}"
-
-[policy]
-name = "{policy}"
-capacity = {capacity}
-window_ms = {2.0 if mode != "none" else 0.0}
-{"" if balance is None else f"balance = {balance:g}"}
-
-[prediction]
-mode = "{mode}"
-bundle = "{bundle.resolve()}"
-profile = "{profile.resolve()}"
-"""
-    path.write_text(text)
-    return path
+    sections = _server_sections()
+    sections["backend"]["url"] = backend
+    sections["cluster"] = {"placement": str(placement.resolve())}
+    sections["policy"] = {
+        "name": policy,
+        "capacity": capacity,
+        "window_ms": 2.0 if mode != "none" else 0.0,
+        **({} if balance is None else {"balance": balance}),
+    }
+    sections["prediction"] = {
+        "mode": mode,
+        "bundle": str(bundle.resolve()),
+        "profile": str(profile.resolve()),
+    }
+    return _write_config(path, sections)
 
 
 def _pd_config(
@@ -130,43 +137,21 @@ def _pd_config(
     profile: Path,
     capacity: int,
 ) -> Path:
-    """A scheduler.toml with two [[backend.instances]]: a prefill and a decode emulator
-    (TOML strings quoted by json.dumps, which TOML's basic strings accept)."""
-    q = json.dumps
-    where = q(str(placement.resolve()))
-    text = f"""# written by moe-scheduler demo (prefill/decode disaggregation)
-[server]
-listen = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-
-[backend]
-return_routed_experts = true
-routed_experts_budget_cores = 0
-
-[[backend.instances]]
-name = "prefill"
-role = "prefill"
-url = {q(prefill)}
-placement = {where}
-
-[[backend.instances]]
-name = "decode"
-role = "decode"
-url = {q(decode)}
-placement = {where}
-
-[policy]
-name = "locality_window"
-capacity = {capacity}
-window_ms = 2.0
-
-[prediction]
-mode = "text"
-bundle = {q(str(bundle.resolve()))}
-profile = {q(str(profile.resolve()))}
-"""
-    path.write_text(text)
-    return path
+    """A scheduler.toml with two [[backend.instances]]: a prefill and a decode emulator."""
+    sections = _server_sections()
+    del sections["server"]["openai_listen"]
+    where = str(placement.resolve())
+    sections["backend"]["instances"] = [
+        {"name": role, "role": role, "url": url, "placement": where}
+        for role, url in (("prefill", prefill), ("decode", decode))
+    ]
+    sections["policy"] = {"name": "locality_window", "capacity": capacity, "window_ms": 2.0}
+    sections["prediction"] = {
+        "mode": "text",
+        "bundle": str(bundle.resolve()),
+        "profile": str(profile.resolve()),
+    }
+    return _write_config(path, sections)
 
 
 def served_log(url: str) -> dict[str, Any]:
