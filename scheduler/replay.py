@@ -5,39 +5,26 @@ benchmarks (client side: it needs the gRPC client, not the server)."""
 from __future__ import annotations
 
 import asyncio
-import gzip
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from scheduler.errors import InputError
+from scheduler.jsonio import read_json_lines
 
 
 def read_prompts(path: Path, limit: int | None) -> list[dict[str, Any]]:
-    """Rows of a JSONL(.gz) file with a ``prompt`` (or ``text``) field."""
-    opener: Any = gzip.open if path.suffix == ".gz" else open
+    """Rows of a JSON-lines file (plain, ``.gz`` or ``.xz``) with a ``prompt`` (or
+    ``text``) field."""
     rows: list[dict[str, Any]] = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise InputError(path, f"line {n}: not JSON ({e})") from e
-                text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    raise InputError(path, f"line {n}: no string field 'prompt'")
-                rows.append({"id": str(row.get("id", n)), "prompt": text})
-                if limit is not None and len(rows) >= limit:
-                    break
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise InputError(path, f"cannot read ({e})") from e
+    for n, row in read_json_lines(path):
+        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise InputError(path, f"line {n}: no string field 'prompt'")
+        rows.append({"id": str(row.get("id", n)), "prompt": text})
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 

@@ -18,9 +18,7 @@ Pure except the readers :func:`read_prompt_corpus` and :func:`load_routing_profi
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ import numpy as np
 from scheduler.class_map import default_class_map, domain_rank
 from scheduler.emulator.routing import ClassRouting, class_routing
 from scheduler.errors import ConfigError, InputError
+from scheduler.jsonio import read_json_lines
 from scheduler.model_shape import ModelShape
 from scheduler.profile import WorkloadProfile, build_profile, load_profile
 
@@ -80,24 +79,13 @@ def read_prompt_corpus(prompts_dir: Path) -> PromptIndex:
 
     def rows() -> Iterable[tuple[str, str]]:
         for path in files:
-            opener = gzip.open if path.suffix == ".gz" else open
-            try:
-                with opener(path, "rt", encoding="utf-8") as f:
-                    for n, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise InputError(path, f"line {n}: not JSON ({e.msg})") from e
-                        if not isinstance(row, dict):
-                            raise InputError(path, f"line {n}: expected a JSON object")
-                        text, domain = row.get("prompt"), row.get("domain")
-                        if not isinstance(text, str) or not isinstance(domain, str):
-                            raise InputError(path, f"line {n}: needs string 'prompt' and 'domain'")
-                        yield text, domain
-            except (OSError, EOFError, UnicodeDecodeError) as e:
-                raise InputError(path, f"cannot read ({e})") from e
+            for n, row in read_json_lines(path):
+                if not isinstance(row, dict):
+                    raise InputError(path, f"line {n}: expected a JSON object")
+                text, domain = row.get("prompt"), row.get("domain")
+                if not isinstance(text, str) or not isinstance(domain, str):
+                    raise InputError(path, f"line {n}: needs string 'prompt' and 'domain'")
+                yield text, domain
 
     return prompt_index(rows(), tuple(str(p) for p in files))
 

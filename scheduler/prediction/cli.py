@@ -167,7 +167,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _read_requests(path: Path) -> tuple[list[Any], list[str]]:
-    from scheduler.traces.importers.common import read_json_lines
+    from scheduler.jsonio import read_json_lines
 
     if not path.is_file():
         raise InputError(path, "does not exist")

@@ -18,7 +18,7 @@ import numpy as np
 
 from scheduler.class_map import domain_rank
 from scheduler.errors import InputError
-from scheduler.traces.importers.common import read_json_lines
+from scheduler.jsonio import read_json_lines
 from scheduler.traces.store import PHASES, TraceSet, expert_counts
 
 Progress = Callable[[str], None]

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
-import lzma
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -30,43 +26,6 @@ class TraceSource:
     granularity: str
     records: Iterable[RequestTrace]
     provenance: dict[str, Any] = field(default_factory=dict)
-
-
-def open_text(path: Path) -> IO[str]:
-    """Open a text file, transparently decompressing ``.gz`` and ``.xz``."""
-    try:
-        if path.name.endswith(".gz"):
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-        if path.name.endswith(".xz"):
-            return io.TextIOWrapper(lzma.open(path, "rb"), encoding="utf-8")
-        return open(path, encoding="utf-8")
-    except OSError as e:
-        raise InputError(path, f"cannot open ({e.strerror or e})") from e
-
-
-#: Exceptions that mean "this compressed or text file is damaged".
-READ_ERRORS = (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError)
-
-
-def read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, decoded JSON value) for every non-blank line of a JSON-lines file.
-
-    Bad JSON or a damaged file raises InputError naming the file and the line.
-    """
-    n = 0
-    with open_text(path) as f:
-        try:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(
-                        path, f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
-                    ) from e
-        except READ_ERRORS as e:
-            raise InputError(path, f"line {n + 1}: cannot read ({e})") from e
 
 
 def check_expert_ids(path: Path | str, ids: np.ndarray, num_experts: int, where: str) -> None:

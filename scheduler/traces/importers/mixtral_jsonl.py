@@ -28,15 +28,9 @@ from typing import Any
 import numpy as np
 
 from scheduler.errors import InputError
+from scheduler.jsonio import READ_ERRORS, open_text, read_json_lines
 from scheduler.model_shape import ModelShape
-from scheduler.traces.importers.common import (
-    READ_ERRORS,
-    TraceSource,
-    check_expert_ids,
-    open_text,
-    read_json_lines,
-    require_model,
-)
+from scheduler.traces.importers.common import TraceSource, check_expert_ids, require_model
 from scheduler.traces.store import RequestTrace
 
 DATASET_LABELS = {"humaneval": "code", "gsm8k": "math"}
