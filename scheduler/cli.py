@@ -11,29 +11,15 @@ import os
 import shlex
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from scheduler import __version__
 from scheduler.errors import MoeSchedulerError
 from scheduler.model_shape import PRESETS, ModelShape, resolve_model
+from scheduler.progress import ProgressLines
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class _Progress:
-    """Progress lines on stderr, at most one every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 2.0) -> None:
-        self.interval = interval
-        self.last = -interval
-
-    def __call__(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.interval:
-            self.last = now
-            print(f"  {message}", file=sys.stderr, flush=True)
 
 
 def _model(args: argparse.Namespace) -> ModelShape | None:
@@ -73,7 +59,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         keep_token_ids=not args.no_token_ids,
         overwrite=args.force,
         compress=not args.no_compress,
-        progress=_Progress(),
+        progress=ProgressLines(),
     )
     print(
         f"wrote {traces.num_requests} {traces.granularity} records "
@@ -100,11 +86,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise MoeSchedulerError("profile needs --out FILE.json (or --check to validate a profile)")
     with tempfile.TemporaryDirectory(prefix="moe-scheduler-") as tmp:
         traces = open_traces(
-            args.input, Path(tmp), fmt=args.format, model=_model(args), progress=_Progress()
+            args.input, Path(tmp), fmt=args.format, model=_model(args), progress=ProgressLines()
         )
         print(f"profiling {traces.num_requests} records from {args.input}", file=sys.stderr)
         profile = build_profile(
-            traces, by=args.by, k=args.k, random_state=args.seed, progress=_Progress()
+            traces, by=args.by, k=args.k, random_state=args.seed, progress=ProgressLines()
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_profile(profile, args.out)
@@ -135,7 +121,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             if args.format is None and looks_like_profile(path):
                 datasets.append(from_profile(name, load_profile(path)))
                 continue
-            progress = _Progress()
+            progress = ProgressLines()
             traces = open_traces(
                 path, Path(tmp) / str(i), fmt=args.format, model=_model(args), progress=progress
             )

@@ -12,7 +12,6 @@ Pure except for :func:`save_profile` / :func:`load_profile`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,12 @@ import numpy as np
 from scheduler.errors import ConfigError, InputError
 from scheduler.jsonio import read_json, write_json_atomic
 from scheduler.model_shape import ModelShape
+from scheduler.progress import Progress
 from scheduler.traces.store import PHASES, TraceBatch, TraceSet
 
 #: Order in which a consumer (the placement solve) picks the phase to use.
 PLACEMENT_PHASE_ORDER = ("decode", "prefill", "mixed")
 FORMAT = "moe-scheduler-profile"
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from scheduler.errors import InputError
 from scheduler.jsonio import read_json_lines
+from scheduler.progress import ProgressBar
 
 
 def read_prompts(path: Path, limit: int | None) -> list[dict[str, Any]]:
@@ -93,7 +94,7 @@ async def replay(
             records.append(rec)
             done += 1
 
-        show_progress = _Progress(len(prompts))
+        show_progress = ProgressBar(len(prompts))
         start = time.perf_counter()
         tasks = []
         last_print = 0.0
@@ -114,30 +115,6 @@ async def replay(
                 print(file=sys.stderr)
         stats = await client.stats()
     return summarize(records, wall) | {"server_stats": _stats_dict(stats), "records": records}
-
-
-class _Progress:
-    """A bar redrawn in place on a terminal; elsewhere (logs, make) a line per quarter."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.quarter = -1
-
-    def __call__(self, done: int) -> None:
-        total = self.total
-        if sys.stderr.isatty():
-            width = 30
-            filled = int(width * done / total) if total else width
-            print(
-                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
-                end="",
-                file=sys.stderr,
-            )
-            return
-        quarter = 4 * done // total if total else 4
-        if quarter > self.quarter:
-            self.quarter = quarter
-            print(f"  {done}/{total} done", file=sys.stderr)
 
 
 def rank_key(record: dict[str, Any]) -> tuple[str, int]:

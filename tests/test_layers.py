@@ -25,6 +25,7 @@ PURE = (
     "jsonio",
     "model_shape",
     "profile",
+    "progress",
     "sglang_versions",
 )
 NETWORK = ("grpc", "grpc_health", "grpc_reflection", "aiohttp", "scheduler.api")

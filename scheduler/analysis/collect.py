@@ -14,7 +14,8 @@ import numpy as np
 
 from scheduler.analysis import stats
 from scheduler.model_shape import ModelShape
-from scheduler.profile import PLACEMENT_PHASE_ORDER, Progress, WorkloadProfile, build_profile
+from scheduler.profile import PLACEMENT_PHASE_ORDER, WorkloadProfile, build_profile
+from scheduler.progress import Progress
 from scheduler.traces.store import PHASES, TraceSet
 
 #: Requests sampled for the request-level statistics, and tokens for co-activation.

@@ -11,27 +11,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from scheduler.errors import InputError
+from scheduler.progress import ProgressLines
 
 DEFAULT_DATA = Path("../shared/data")
-
-
-class _Progress:
-    """Progress lines on stderr, at most one every ``interval`` seconds (none before)."""
-
-    def __init__(self, interval: float = 2.0) -> None:
-        self.interval = interval
-        self.last = time.monotonic()
-
-    def __call__(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.interval:
-            self.last = now
-            print(f"  {message}", file=sys.stderr, flush=True)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -132,7 +118,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         random_state=args.seed,
     )
     print(f"fitting predictors from {args.data}", file=sys.stderr)
-    bundle, report, routing = fit_predictors(config, progress=_Progress())
+    bundle, report, routing = fit_predictors(config, progress=ProgressLines(at_once=False))
     _print_fit_report(report)
     digest = save_bundle(bundle, args.out)
     size = args.out.stat().st_size / 2**20
@@ -189,7 +175,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model = resolve_model(args.model) if args.model else None
     bundle = load_bundle(args.bundle, model=model)
     ids, prompts = _read_requests(args.input)
-    progress = _Progress()
+    progress = ProgressLines(at_once=False)
     rows = []
     domains = []
     for i, (rid, text) in enumerate(zip(ids, prompts, strict=True)):

@@ -10,7 +10,7 @@ File I/O only; no network code.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +19,8 @@ import numpy as np
 from scheduler.class_map import domain_rank
 from scheduler.errors import InputError
 from scheduler.jsonio import read_json_lines
+from scheduler.progress import Progress
 from scheduler.traces.store import PHASES, TraceSet, expert_counts
-
-Progress = Callable[[str], None]
-
 
 #: Source dataset -> the domain its prompts are labelled with instead of their folder's.
 #: AlpacaEval's ``helpful_base`` (Anthropic HH), ``koala``, ``oasst`` (OpenAssistant) and

@@ -22,7 +22,6 @@ models whose held-out scores it reports (fitted on the training split only).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +54,8 @@ from scheduler.prediction.prefill_decode import (
 )
 from scheduler.prediction.text_classifier import TextClassifier
 from scheduler.prediction.text_cluster import TextClusterClassifier
+from scheduler.progress import Progress
 
-Progress = Callable[[str], None]
 DEFAULT_TRACES = Path("traces") / "esft-deepseek-v2-lite"
 #: Fewer requests than this: no held-out split (everything is training data).
 MIN_SPLIT_REQUESTS = 10
