@@ -1189,8 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = fe.prepare(data, args.work, args.quick)
     log_dir = args.work / "logs"
     fe.shutil.rmtree(log_dir, ignore_errors=True)
-    policies = fe._policies()
-    policy = next((p for p in fe.OUR_POLICY_PREFERENCE if p in policies), "total_requests")
+    policy = fe.OUR_POLICY
     prompts = fe.load_prompts(data, 2000, args.seed)
     result: dict[str, Any] = {
         "benchmark": "dataplane",

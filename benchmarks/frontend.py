@@ -52,7 +52,6 @@ import gzip
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -60,7 +59,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -74,6 +73,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT))
 
+from scheduler.processes import Child, spawn  # noqa: E402 (after the path)
+
 NODES, GPUS_PER_NODE = 4, 2
 NUM_RANKS = NODES * GPUS_PER_NODE
 MODEL = "deepseek-v2-lite"
@@ -82,8 +83,7 @@ TARGET_ADDED_P99_MS = 2.0
 TARGET_RATE = 500.0
 MAX_PROMPT_CHARS = 1000
 STARTUP_TIMEOUT_S = 60.0
-#: Our policy: the windowed one where the registry has it.
-OUR_POLICY_PREFERENCE = ("locality_window", "locality_band")
+OUR_POLICY = "locality_window"
 
 Send = Callable[[int], Awaitable[None]]
 
@@ -210,51 +210,8 @@ def _quick_bundle(data: Path, path: Path) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-@dataclass
-class Proc:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_dir: Path
-    address: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> Any:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                return "killed"
-        return self.process.returncode
-
-
-def _spawn(name: str, command: list[str], log_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    out, err = log_dir / f"{name}.out", log_dir / f"{name}.err"
-    with out.open("wb") as o, err.open("wb") as e:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=o, stderr=e)
-    return process, out
-
-
-def _wait_for_line(process: subprocess.Popen[bytes], out: Path, pattern: str, name: str) -> str:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        match = re.search(pattern, out.read_text(errors="replace"))
-        if match:
-            return match.group(1)
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    process.kill()
-    process.wait()
-    err = out.with_suffix(".err").read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"{name} did not start: {err}")
+#: A started child process (its address and other endpoints once ready).
+Proc = Child
 
 
 def start_emulator(
@@ -269,9 +226,10 @@ def start_emulator(
         "--port", str(port), "--time-scale", str(time_scale), "--capacity", str(capacity),
         "--data", str(data), "--shutdown-grace", "1",
     ]  # fmt: skip
-    process, out = _spawn(log_name or f"emulator-ts{time_scale:g}", command, log_dir)
-    port = _wait_for_line(process, out, r"listening on http://127\.0\.0\.1:(\d+)", "emulator")
-    return Proc("emulator", process, log_dir, f"http://127.0.0.1:{port}")
+    proc = spawn(log_name or f"emulator-ts{time_scale:g}", command, log_dir, ROOT)
+    port = proc.wait_for(r"listening on http://127\.0\.0\.1:(\d+)", STARTUP_TIMEOUT_S)
+    proc.address = f"http://127.0.0.1:{port}"
+    return proc
 
 
 def write_config(
@@ -304,13 +262,11 @@ def write_config(
 
 def start_scheduler(config: Path, log_dir: Path) -> Proc:
     command = [sys.executable, "-m", "scheduler", "serve", "--config", str(config)]
-    process, out = _spawn(config.stem, command, log_dir)
-    target = _wait_for_line(process, out, r"grpc listening on (\S+)\n", "scheduler")
-    metrics = _wait_for_line(process, out, r"metrics on (\S+)\n", "scheduler")
-    openai = _wait_for_line(process, out, r"openai listening on (\S+)\n", "scheduler")
-    proc = Proc(
-        "scheduler", process, log_dir, target, {"metrics_url": metrics, "openai_url": openai}
-    )
+    proc = spawn(config.stem, command, log_dir, ROOT)
+    target = proc.wait_for(r"grpc listening on (\S+)\n", STARTUP_TIMEOUT_S)
+    proc.address = target
+    for key, line in (("metrics_url", "metrics on"), ("openai_url", "openai listening on")):
+        proc.extra[key] = proc.wait_for(rf"{line} (\S+)\n", STARTUP_TIMEOUT_S)
     asyncio.run(_wait_scheduler_ready(target))
     return proc
 
@@ -356,8 +312,8 @@ def start_router(backend: str, log_dir: Path) -> Proc:
         "--policy", "round_robin", "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "warn",
     ]  # fmt: skip
-    process, _ = _spawn("sglang-router", command, log_dir)
-    proc = Proc("sglang_router", process, log_dir, f"http://127.0.0.1:{port}")
+    proc = spawn("sglang-router", command, log_dir, ROOT)
+    proc.address = f"http://127.0.0.1:{port}"
     asyncio.run(_wait_http_generate(proc))
     return proc
 
@@ -370,7 +326,7 @@ async def _wait_http_generate(proc: Proc) -> None:
     async with aiohttp.ClientSession() as session:
         while True:
             if proc.process.poll() is not None:
-                err = (proc.log_dir / "sglang-router.err").read_text(errors="replace")
+                err = proc.err.read_text(errors="replace")
                 raise RuntimeError(f"sglang-router exited: {err[-2000:]}")
             try:
                 async with session.post(f"{proc.address}/generate", json=body) as r:
@@ -982,9 +938,8 @@ def part_prediction(ctx: Ctx, emulator: Proc) -> list[dict[str, Any]]:
     a = ctx.args
     rows = [{"id": str(i), "prompt": p} for i, p in enumerate(ctx.prompts[: a.replay_prompts])]
     runs: list[tuple[str, str]] = [("total_requests", "none")]
-    policies = [p for p in ("locality_window", "locality_band") if p in _policies()]
-    modes = ("none", "text", "probe")
-    runs += [(p, m) for p in policies for m in modes]
+    for policy in (OUR_POLICY, "locality_band"):
+        runs += [(policy, mode) for mode in ("none", "text", "probe")]
     if a.quick:
         runs = [(ctx.our_policy, "none"), (ctx.our_policy, "probe")]
     records: list[dict[str, Any]] = []
@@ -1045,12 +1000,6 @@ def part_prediction(ctx: Ctx, emulator: Proc) -> list[dict[str, Any]]:
     return records
 
 
-def _policies() -> list[str]:
-    from scheduler.policies import POLICIES
-
-    return list(POLICIES)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -1101,10 +1050,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = prepare(data, args.work, args.quick)
     log_dir = args.work / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)
-    policies = _policies()
-    our = next((p for p in OUR_POLICY_PREFERENCE if p in policies), "total_requests")
     prompts = load_prompts(data, 2000, args.seed)
-    ctx = Ctx(data, setup, prompts, args, log_dir, our)
+    ctx = Ctx(data, setup, prompts, args, log_dir, OUR_POLICY)
     result: dict[str, Any] = {
         "benchmark": "frontend",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -1117,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": f"{len(prompts)} real corpus prompts (<= {MAX_PROMPT_CHARS} characters, "
         f"seeded sample over the four domains, seed {args.seed})",
         "bundle": setup["bundle_from"],
-        "our_policy": our,
+        "our_policy": OUR_POLICY,
         "targets": {
             "added_p50_ms": TARGET_ADDED_P50_MS,
             "added_p99_ms": TARGET_ADDED_P99_MS,

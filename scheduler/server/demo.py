@@ -15,11 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,56 +23,16 @@ import tomli_w
 
 from scheduler.errors import ConfigError
 from scheduler.jsonio import write_json_atomic
+from scheduler.processes import Child, spawn
 from scheduler.replay import rank_key, replay
 
-STARTUP_TIMEOUT_S = 120
 #: The locality_window settings of ``[policy] balance`` the demo compares.
 DEMO_BALANCES = (0.0, 0.5)
+GRPC_READY = r"grpc listening on (\S+)"
 #: Prompts the last mixed run also sends as chats through the OpenAI listener.
 OPENAI_CHATS = 3
 #: The disaggregated run's name in the report.
 PD_NAME = "locality_window+text, prefill/decode"
-
-
-class Process:
-    """A child process whose stdout is read until a line matches ``ready``."""
-
-    def __init__(self, name: str, argv: list[str], ready: str, log: Path) -> None:
-        self.name = name
-        self.log = log
-        self._log = log.open("w")
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        pattern = re.compile(ready)
-        self.lines: list[str] = []  # what it printed up to the ready line
-        while True:
-            line = self.proc.stdout.readline()
-            self.lines.append(line)
-            if not line:
-                self.stop()
-                raise ConfigError(f"{name} exited before it was ready; see {log}")
-            match = pattern.search(line)
-            if match:
-                self.match = match
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ConfigError(f"{name} not ready after {STARTUP_TIMEOUT_S} s; see {log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
 
 
 def _command() -> list[str]:
@@ -340,23 +296,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     prompts = heldout_prompts(args.data, args.requests, args.seed)
-    processes: list[Process] = []
+    processes: list[Child] = []
     results: dict[str, Any] = {}
     pd_result: dict[str, Any] | None = None
     openai_failed = 0
     try:
         redundant = plan["cluster"].get("redundant_experts", 0)
 
+        def start(name: str, argv: list[str], ready: str) -> tuple[Child, str]:
+            child = spawn(name, [*_command(), *argv], out)
+            processes.append(child)
+            return child, child.wait_for(ready)
+
         def start_emulator(name: str, *role: str) -> str:
-            process = Process(
-                name,
-                [*_command(), "emulate", *role, *emulator_args],
-                r"listening on (http://\S+)",
-                out / f"{name}.log",
-            )
-            processes.append(process)
-            url = process.match.group(1)
-            print(f"{name}: {url} (log {out / f'{name}.log'})", flush=True)
+            _, url = start(name, ["emulate", *role, *emulator_args], r"listening on (http://\S+)")
+            print(f"{name}: {url} (log {out / f'{name}.err'})", flush=True)
             return url
 
         emulator_args = [
@@ -398,16 +352,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 args.capacity,
                 balance,
             )
-            server = Process(
-                f"scheduler ({name})",
-                [*_command(), "serve", "--config", str(config)],
-                r"openai listening on (\S+)",
-                out / f"{stem}.log",
-            )
-            processes.append(server)
-            grpc = re.search(r"grpc listening on (\S+)", "".join(server.lines))
-            assert grpc is not None  # printed before the OpenAI line
-            target = grpc.group(1)
+            server, target = start(stem, ["serve", "--config", str(config)], GRPC_READY)
             print(f"scheduler {name}: {target}; replaying ...", flush=True)
             result = asyncio.run(
                 replay(
@@ -415,7 +360,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 )
             )
             if (policy, mode, balance) == runs[-1]:
-                url = server.match.group(1)
+                url = server.wait_for(r"openai listening on (\S+)")
                 chats = openai_chats(url, prompts[:OPENAI_CHATS], args.max_new_tokens)
                 print(f"the same scheduler's OpenAI front door, {url}/v1/chat/completions:")
                 for line in chats:
@@ -445,14 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 args.profile,
                 args.capacity,
             )
-            server = Process(
-                "scheduler (PD)",
-                [*_command(), "serve", "--config", str(config)],
-                r"grpc listening on (\S+)",
-                out / "pd.log",
-            )
-            processes.append(server)
-            target = server.match.group(1)
+            server, target = start("pd", ["serve", "--config", str(config)], GRPC_READY)
             print(f"scheduler locality_window+text, prefill/decode: {target}; replaying ...")
             pd_result = asyncio.run(
                 replay(
@@ -484,7 +422,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for result in everything.values():
         result.pop("records")
     write_json_atomic(out / "serving.json", everything, indent=2)
-    print(f"\nreport: {report}; raw: {out / 'serving.json'}; logs: {out}/*.log")
+    print(f"\nreport: {report}; raw: {out / 'serving.json'}; logs: {out}/*.err")
     failed = sum(r["requests"] - r["statuses"].get("OK", 0) for r in everything.values())
     return 0 if failed == 0 and openai_failed == 0 else 1
 
