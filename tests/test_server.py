@@ -271,8 +271,11 @@ def test_feedback_updates_statistics_and_profile(tmp_path: Path) -> None:
                     await client.generate(text, max_new_tokens=8)
                 stats = await client.stats()
                 assert stats.token_layers > 0 and stats.prediction_checks == 2
-                assert stats.inter_node_bytes_per_token >= 0
                 fb = await client.feedback()
+                # each node holds half the experts (trivial, 2 nodes): some hits are remote
+                assert stats.remote_hits > 0 and stats.inter_node_bytes > 0
+                per_token = stats.inter_node_bytes / fb.tokens
+                assert stats.inter_node_bytes_per_token == pytest.approx(per_token)
                 profile = parse_profile(json.loads(fb.profile_json), tmp_path / "fb.json")
                 assert set(profile.classes) == {"law", "translation"}
                 assert fb.placement_version == (await client.placement()).version
@@ -325,14 +328,17 @@ def test_health_reflection_and_metrics(tmp_path: Path) -> None:
                 time.sleep(0.05)
             services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
             assert "moe_scheduler.v1.Scheduler" in services
+
+        async def one() -> int:
+            async with SchedulerClient(s.target) as client:
+                return (await client.generate("hi", max_new_tokens=2)).info.dp_rank
+
+        rank = run(one())
         text = urllib.request.urlopen(s.running.metrics_url).read().decode()  # type: ignore[union-attr]
-        for name in (
-            "moe_scheduler_requests_total",
-            "moe_scheduler_ttft_seconds",
-            "moe_scheduler_rank_in_flight",
-            "moe_scheduler_prediction_hit_ratio",
-        ):
-            assert name in text
+        # the metrics count what happened (prometheus_client prints a name on registration)
+        assert 'moe_scheduler_requests_total{outcome="ok"} 1.0' in text
+        assert "moe_scheduler_ttft_seconds_count 1.0" in text
+        assert rank in range(4)
 
 
 def test_two_replicas_never_oversubscribe_a_rank(tmp_path: Path) -> None:
