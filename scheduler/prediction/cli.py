@@ -90,14 +90,45 @@ def _print_fit_report(report: dict[str, Any]) -> None:
             )
     elif "skipped" in pd:
         print(f"prefill->decode predictor: skipped ({pd['skipped']})")
-    tc = r["text_cluster"]
+    _print_text_routing(r["text_cluster"])
+
+
+def _print_text_routing(tc: dict[str, Any]) -> None:
     if "skipped" in tc:
-        print(f"text-to-cluster classifier: skipped ({tc['skipped']})")
+        print(f"text -> routing predictors: skipped ({tc['skipped']})")
+        return
+    held = tc["held_out"]
+    if "skipped" in held:
+        print(
+            f"text -> routing predictors: fitted on {tc['train_pairs']} pairs; held-out "
+            f"figures skipped ({held['skipped']})"
+        )
     else:
         print(
-            f"text-to-cluster classifier: {tc['train_pairs']} training pairs, held-out "
-            f"accuracy {_fmt(tc.get('held_out_accuracy'))}"
+            f"text -> routing predictors, {held['test_pairs']} held-out pairs (fitted on "
+            f"{held['train_pairs']}): accuracy / histogram Pearson / locality proxy"
         )
+        for name in ("text_cluster", "class_map", "one_cluster", "true_cluster"):
+            m = held[name]
+            print(
+                f"  {name:>13}: {_fmt(m['accuracy'])} / {_fmt(m['pearson'])} / "
+                f"{_fmt(m['locality'])}"
+            )
+        curve = tc.get("learning_curve", [])
+        if curve:
+            parts = []
+            for row in curve:
+                if "skipped" in row:
+                    parts.append(f"{row['pairs']}: skipped")
+                    continue
+                t, c = row["text_cluster"], row["class_map"]
+                parts.append(
+                    f"{row['pairs']}: {_fmt(t['accuracy'], 2)}/{_fmt(t['locality'], 2)} "
+                    f"(class map {_fmt(c['accuracy'], 2)}/{_fmt(c['locality'], 2)})"
+                )
+            print("  learning curve, pairs: learned accuracy/locality: " + ", ".join(parts))
+    choice = tc["text_predictor"]
+    print(f"  text mode will use: {choice['use']} ({choice['why']})")
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

@@ -215,6 +215,13 @@ class TextClassifier:
         top = scores[best]  # softmax over a handful of classes, in plain floats
         return str(self.classes_[best]), 1.0 / sum(math.exp(s - top) for s in scores)
 
+    def predict_one_proba(self, text: str) -> np.ndarray:
+        """Fast path for a single request: [C] probabilities in ``classes_`` order."""
+        idx, values = self.features_.transform_one(text, drop_zeros=False)
+        scores = values @ np.take(self.weights_, idx, axis=0) + self.intercept_
+        e = np.exp(scores - scores.max())
+        return np.asarray(e / e.sum(), dtype=np.float64)
+
     # ------------------------------------------------------------------ state
 
     def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -89,3 +89,10 @@ class TextClusterClassifier:
         """Fast path for one request: (cluster id, its probability)."""
         label, p = self.text_.predict_one(text)
         return int(label), p
+
+    def predict_one_proba(self, text: str) -> np.ndarray:
+        """Fast path for one request: [K] probabilities over clusters 0..K-1."""
+        proba = self.text_.predict_one_proba(text)
+        out = np.zeros(self.clusters.n_clusters)
+        out[self.text_.classes_.astype(np.int64)] = proba
+        return out

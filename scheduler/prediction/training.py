@@ -373,25 +373,70 @@ def fit_text_cluster(
     features_from: TextClassifier,
     train: np.ndarray,
     test: np.ndarray,
+    *,
+    nodes: int = 4,
+    top_k: int = 1,
+    curve_seeds: int = 3,
 ) -> tuple[TextClusterClassifier | None, dict[str, Any]]:
+    """Text -> cluster and text -> histogram on the pairs that carry prompt text, scored
+    on the held-out ones against the one-cluster and class-map baselines, with a learning
+    curve and the choice of the text predictor (:mod:`scheduler.prediction.text_routing`).
+    Too few pairs or one cluster: ``{"skipped": why}`` and the class map serves."""
+    from scheduler.prediction import text_routing as tr_
+
     rows = pairs["rows"]
     prompts = [routing.prompts[r] for r in rows]
-    have = np.array([p is not None and bool(p.strip()) for p in prompts])
-    tr = train[have[train]]
-    if len(tr) < 2 or len(np.unique(clusters.predict(pairs["decode"][tr]))) < 2:
-        return None, {
-            "skipped": f"{int(have.sum())} of {len(rows)} requests carry prompt text; "
-            "need training pairs of at least two clusters"
-        }
-    texts = np.array(prompts, dtype=object)
-    text = TextClassifier(features=features_from.features_)
-    model = TextClusterClassifier(clusters, text=text).fit(texts[tr], pairs["decode"][tr])
-    report: dict[str, Any] = {"train_pairs": len(tr)}
-    te = test[have[test]]
-    if len(te):
-        truth = clusters.predict(pairs["decode"][te])
-        report["held_out_accuracy"] = float(np.mean(model.predict(texts[te]) == truth))
-        report["test_pairs"] = len(te)
+    have = np.array([p is not None and bool(p.strip()) for p in prompts], dtype=bool)
+    tr, te = train[have[train]], test[have[test]]
+    texts = np.array([p or "" for p in prompts], dtype=object)
+    counts = pairs["decode"]
+    n_clusters = len(np.unique(clusters.predict(counts[tr]))) if len(tr) else 0
+    if len(tr) < tr_.MIN_TRAIN_PAIRS or n_clusters < 2:
+        why = (
+            f"{int(have.sum())} of {len(rows)} requests carry prompt text ({len(tr)} training "
+            f"pairs in {n_clusters} cluster(s)); need at least {tr_.MIN_TRAIN_PAIRS} training "
+            "pairs of at least two clusters"
+        )
+        return None, {"skipped": why, "text_predictor": {"use": "class_map", "why": why}}
+    report: dict[str, Any] = {"train_pairs": len(tr), "test_pairs": len(te)}
+    if not len(te):
+        text = TextClassifier(features=features_from.features_)
+        model = TextClusterClassifier(clusters, text=text).fit(texts[tr], counts[tr])
+        held: dict[str, Any] = {"skipped": "no held-out pairs"}
+    else:
+        learned, held = tr_.score_pairs(
+            clusters,
+            features_from,
+            texts[tr],
+            counts[tr],
+            texts[te],
+            counts[te],
+            nodes=nodes,
+            top_k=top_k,
+        )
+        assert learned is not None
+        model = learned
+        report["held_out_accuracy"] = held["text_cluster"]["accuracy"]
+        runs = tr_.learning_curve(
+            clusters,
+            features_from,
+            texts[tr],
+            counts[tr],
+            texts[te],
+            counts[te],
+            nodes=nodes,
+            top_k=top_k,
+            seeds=curve_seeds,
+        )
+        report["learning_curve"] = tr_.summarise_curve(runs)
+        report["learning_curve_seeds"] = curve_seeds
+    report["held_out"] = held
+    report["baselines"] = {
+        "one_cluster": "every request gets the training mean shares; placement = one hot set",
+        "class_map": "domain classifier -> the cluster most training pairs of that predicted "
+        "domain belong to; histogram = their mean shares",
+    }
+    report["text_predictor"] = tr_.choose_text_predictor(held)
     return model, report
 
 
@@ -449,6 +494,9 @@ def fit_predictors(
         },
         "training_data": fingerprint,
         "scores": report,
+        "text_predictor": report.get("routing", {})
+        .get("text_cluster", {})
+        .get("text_predictor", {"use": "class_map", "why": "no routing pairs with prompts"}),
     }
     return bundle, report, routing
 
@@ -480,7 +528,7 @@ def _fit_routing(
     clusters, out["clusters"] = fit_clusters(pairs, labels, train, test, config, progress)
     predictor, out["prefill_decode"] = fit_prefill_decode(pairs, train, test, model, config.nodes)
     text_cluster, out["text_cluster"] = fit_text_cluster(
-        routing, pairs, clusters, bundle.domain, train, test
+        routing, pairs, clusters, bundle.domain, train, test, nodes=config.nodes, top_k=model.top_k
     )
     bundle.model = model
     bundle.clusters = clusters
