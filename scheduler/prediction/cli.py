@@ -140,6 +140,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         data_dir=args.data,
         traces=args.traces,
         trace_format=args.format,
+        pairs=args.pairs,
         model=resolve_model(args.model) if args.model else None,
         nodes=args.nodes,
         clusters=args.clusters,
@@ -265,6 +266,13 @@ def add_commands(sub: Any) -> None:
         "(default DATA/traces/esft-deepseek-v2-lite)",
     )
     p.add_argument("--format", choices=list(FORMATS), default=None, help="--traces format")
+    p.add_argument(
+        "--pairs",
+        type=Path,
+        default=None,
+        help="the server's feedback buffer (FEEDBACK_DIR/buffer.jsonl) as the routing "
+        "source instead of --traces: (prompt, measured routing) pairs; needs --model",
+    )
     p.add_argument("--model", default=None, metavar="NAME|FILE", help=model_help)
     p.add_argument("--nodes", type=int, default=4, help="nodes for the locality proxy (default 4)")
     p.add_argument(

@@ -13,6 +13,7 @@ import numpy as np
 from scheduler.model_shape import ModelShape
 from scheduler.prediction.clusters import ActivationClusters
 from scheduler.prediction.datasets import RoutingSet
+from scheduler.prediction.text_routing import clusters_fingerprint
 from scheduler.prediction.training import FitConfig, phase_pairs
 from scheduler.profile import ClassProfile, WorkloadProfile
 from scheduler.traces.store import PHASES
@@ -71,6 +72,7 @@ def cluster_profile(
         source={
             "classes_by": f"activation clusters (moe-scheduler fit: K={params['n_clusters']}, "
             f"features {params['features']}, seed {params['random_state']})",
+            "clusters_sha256": clusters_fingerprint(clusters),
             "num_requests": len(routing),
             "nodes": config.nodes,
         },

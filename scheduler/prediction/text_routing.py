@@ -91,6 +91,16 @@ class TextHistogramPredictor:
         return int(proba.argmax()), mix
 
 
+def clusters_fingerprint(clusters: ActivationClusters) -> str:
+    """A short sha256 of the clusters' centres and layers (which clusters a profile's
+    ``cluster-<c>`` classes were made from)."""
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(clusters.centers_, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(clusters.layers_, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- scoring
 
 

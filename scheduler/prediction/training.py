@@ -68,6 +68,9 @@ class FitConfig:
     data_dir: Path
     traces: Path | None = None
     trace_format: str | None = None
+    #: A feedback buffer (``buffer.jsonl``) of (prompt, measured routing) pairs: the
+    #: routing source instead of ``traces``; needs ``model``.
+    pairs: Path | None = None
     model: ModelShape | None = None
     nodes: int = 4
     clusters: int | None = None
@@ -455,8 +458,17 @@ def fit_predictors(
     bundle = PredictorBundle(domain=domain, domain_drift=domain_drift)
     trace_files: list[Path] = []
     routing = None
-    path = config.traces_path
-    if not path.exists():
+    path = config.traces_path if config.pairs is None else config.pairs
+    if config.pairs is not None:
+        if config.traces is not None:
+            raise ConfigError("give --traces or --pairs, not both")
+        if config.model is None:
+            raise ConfigError("--pairs needs --model (the shape the buffer's routing is for)")
+        routing = pairs_routing(config.pairs, config.model)
+        trace_files = [config.pairs]
+        report["routing"] = _fit_routing(bundle, routing, config.model, config, progress)
+        report["routing"]["source"] = f"{config.pairs} (feedback buffer pairs)"
+    elif not path.exists():
         if config.traces is not None:
             raise InputError(path, "does not exist")
         report["routing"] = {"skipped": f"no traces at {path}"}
@@ -499,6 +511,26 @@ def fit_predictors(
         .get("text_predictor", {"use": "class_map", "why": "no routing pairs with prompts"}),
     }
     return bundle, report, routing
+
+
+def pairs_routing(path: Path, model: ModelShape) -> RoutingSet:
+    """A feedback buffer's (prompt, measured routing) rows as a :class:`RoutingSet` of
+    one phase (decode; rows measured on the prompt only count as their decode too)."""
+    from scheduler.prediction.pair_buffer import read_pairs
+
+    prompts, _, counts = read_pairs(path, model)
+    n = len(prompts)
+    tokens = np.rint(counts.sum(axis=2).mean(axis=1) / model.top_k).astype(np.int64)
+    return RoutingSet(
+        ids=[f"buffer-{i}" for i in range(n)],
+        labels=[None] * n,
+        prompts=list(prompts),
+        counts=counts,
+        phase_counts={"decode": counts},
+        present={"decode": np.ones(n, dtype=bool)},
+        tokens={"decode": tokens},
+        token_ids=[{} for _ in range(n)],
+    )
 
 
 def _fit_routing(

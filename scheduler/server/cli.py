@@ -175,6 +175,11 @@ async def _client(args: argparse.Namespace) -> int:
                 stats = await client.stats()
                 show(stats)
                 print(telemetry_line(stats), file=sys.stderr)
+                if stats.text_predictor:
+                    print(
+                        f"text predictor: {stats.text_predictor} ({stats.text_predictor_reason})",
+                        file=sys.stderr,
+                    )
             elif args.action == "placement":
                 show(await client.placement())
             elif args.action == "reload":

@@ -32,6 +32,7 @@ from scheduler.placement.placement import Placement
 from scheduler.placement.plan import check_placement_dir
 from scheduler.placement.topology import Topology, load_topology
 from scheduler.prediction.bundle import PredictorBundle, load_bundle
+from scheduler.prediction.text_routing import TextHistogramPredictor, clusters_fingerprint
 from scheduler.profile import load_profile
 from scheduler.server.config import InstanceSection, ServerConfig
 from scheduler.sglang_versions import SglangVersion
@@ -122,6 +123,12 @@ class ClusterState:
     dest_gpu: np.ndarray
     #: Inter-node bytes of one token copy (FP8 dispatch + BF16 combine).
     bytes_per_copy: int
+    #: Which predictor text mode uses ("class_map" or "text_cluster") and why.
+    text_predictor: str = "class_map"
+    text_predictor_why: str = "no predictor bundle"
+    #: The learned text -> (cluster, histogram) predictor, when it is in force; its
+    #: shares are the plan classes' (rows sum to top_k).
+    text_histogram: TextHistogramPredictor | None = None
 
     @property
     def num_ranks(self) -> int:
@@ -277,8 +284,10 @@ def load_cluster(config: ServerConfig) -> ClusterState:
     )
 
     class_shares: dict[str, np.ndarray] = {}
+    profile_source: dict[str, Any] | None = None
     if config.prediction.profile is not None:
         profile = load_profile(config.prediction.profile)
+        profile_source = profile.source
         if profile.model != model:
             raise ConfigError(
                 f"prediction.profile {config.prediction.profile} is for model "
@@ -304,6 +313,9 @@ def load_cluster(config: ServerConfig) -> ClusterState:
         if bundle.model is not None and bundle.model != model:
             bundle.prefill_decode = None  # fitted for another model: its routing parts are unusable
             bundle.clusters = None
+    text_predictor, why, histogram = _text_predictor(
+        bundle, set(shares), class_shares, profile_source, model
+    )
     if len(fleet) == 1:
         version = fleet[0].version
     else:
@@ -330,4 +342,63 @@ def load_cluster(config: ServerConfig) -> ClusterState:
         node_present=placement.node_presence(),
         bytes_per_copy=bytes_per_copy(model.hidden_size).total,
         dest_gpu=np.ascontiguousarray(dest_gpu, dtype=np.int32),
+        text_predictor=text_predictor,
+        text_predictor_why=why,
+        text_histogram=histogram,
     )
+
+
+def _text_predictor(
+    bundle: PredictorBundle | None,
+    plan_classes: set[str],
+    class_shares: dict[str, np.ndarray],
+    profile_source: dict[str, Any] | None,
+    model: ModelShape,
+) -> tuple[str, str, TextHistogramPredictor | None]:
+    """Which predictor text mode uses (docs/server.md, "Text predictor"): the bundle's
+    learned text -> cluster predictor when the bundle records that it beat the class map
+    on held-out pairs and the plan's classes are the bundle's clusters (``cluster-<c>``,
+    as ``fit --profile-out`` names them, and the prediction profile, when it names the
+    clusters it was made from, made from these); else the class map. Returns
+    (name, why, predictor or None)."""
+    if bundle is None:
+        return "class_map", "no predictor bundle", None
+    if bundle.text_cluster is None:
+        return "class_map", "the bundle has no text-to-cluster classifier", None
+    if bundle.clusters is None:
+        return "class_map", "the bundle's clusters were fitted for another model", None
+    choice = bundle.metadata.get("text_predictor")
+    if not isinstance(choice, dict) or choice.get("use") != "text_cluster":
+        why = choice.get("why") if isinstance(choice, dict) else None
+        return (
+            "class_map",
+            f"the learned predictor did not win in fit: {why or 'not recorded'}",
+            None,
+        )
+    clusters = bundle.clusters
+    used = [c for c in range(clusters.n_clusters) if clusters.cluster_counts_[c].sum() > 0]
+    names = [f"cluster-{c}" for c in used]
+    missing = [n for n in names if n not in plan_classes]
+    if missing:
+        return (
+            "class_map",
+            f"the plan's classes ({', '.join(sorted(plan_classes))}) are not the bundle's "
+            f"clusters ({', '.join(names)}): place from `fit --profile-out`'s profile to use "
+            "the learned predictor",
+            None,
+        )
+    made_from = (profile_source or {}).get("clusters_sha256")
+    if made_from is not None and made_from != clusters_fingerprint(clusters):
+        return (
+            "class_map",
+            "prediction.profile was made from other clusters than the bundle's",
+            None,
+        )
+    own = clusters.cluster_counts_
+    sums = own.sum(axis=2, keepdims=True)
+    shares = np.divide(own, sums, out=np.zeros_like(own), where=sums > 0) * model.top_k
+    for c in used:
+        if f"cluster-{c}" in class_shares:
+            shares[c] = class_shares[f"cluster-{c}"]
+    why = str(choice.get("why", "beat the class map on held-out pairs"))
+    return "text_cluster", why, TextHistogramPredictor(bundle.text_cluster, shares)

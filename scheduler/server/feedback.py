@@ -1,7 +1,8 @@
 """Feedback from finished requests: the observations the telemetry worker measured from
 SGLang's routed experts (``telemetry.py``) summed into locality totals, a per-class
-workload profile for the next placement, and (prompt, measured class) rows for the
-predictors' training.
+workload profile for the next placement, and (prompt, predicted class, measured
+routing) rows for the predictors' training (``fit --pairs``; the row format is
+:mod:`scheduler.prediction.pair_buffer`).
 
 Pure except :func:`write`, which writes ``profile.json`` and ``buffer.jsonl``
 (owner-only: the buffer holds users' prompts).
@@ -13,10 +14,12 @@ import json
 import os
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from scheduler.jsonio import write_json_atomic
+from scheduler.prediction.pair_buffer import encode_routing
 from scheduler.profile import ClassProfile, WorkloadProfile
 from scheduler.server.cluster import ClusterState
 from scheduler.server.telemetry import Observation
@@ -37,7 +40,7 @@ class Feedback:
         self._counts: dict[str, dict[str, np.ndarray]] = {}
         self._requests: dict[str, int] = {}
         self._tokens: dict[str, dict[str, int]] = {}
-        self.buffer: deque[dict[str, str]] = deque(maxlen=buffer_size)
+        self.buffer: deque[dict[str, Any]] = deque(maxlen=buffer_size)
 
     def record(
         self,
@@ -70,7 +73,12 @@ class Feedback:
                 self.tokens += n
         self._requests[name] = self._requests.get(name, 0) + int(count_request)
         if prompt:
-            self.buffer.append({"prompt": prompt, "class": name})
+            # "class": what the request was routed as (predicted); "routing": what its
+            # routed experts measured (the decode side, else the prompt's).
+            phase = "decode" if obs.decode.sum() > 0 else "prefill"
+            measured = obs.decode if phase == "decode" else obs.prefill
+            routing = encode_routing(measured, phase) if measured.sum() > 0 else None
+            self.buffer.append({"prompt": prompt, "class": name, "routing": routing})
 
     @property
     def prediction_hit_rate(self) -> float:
@@ -102,13 +110,13 @@ class Feedback:
             },
         )
 
-    def snapshot(self) -> tuple[WorkloadProfile | None, list[dict[str, str]]]:
+    def snapshot(self) -> tuple[WorkloadProfile | None, list[dict[str, Any]]]:
         """What :func:`write` writes, taken at once (cheap: the per-class arrays are
         replaced, never changed in place, so the snapshot stays as it was)."""
         return self.profile(), list(self.buffer)
 
 
-def write(directory: Path, profile: WorkloadProfile | None, rows: list[dict[str, str]]) -> None:
+def write(directory: Path, profile: WorkloadProfile | None, rows: list[dict[str, Any]]) -> None:
     """Write ``profile.json`` and ``buffer.jsonl`` into ``directory`` (atomically; the
     buffer owner-only). Runs in a thread on the server: serialising is the slow part."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,16 @@ class RequestPredictor:
         return Prediction(cls, "hint", self.class_histogram(cls, tokens))
 
     def from_text(self, text: str, tokens: int) -> Prediction:
-        """The domain classifier on the prompt, mapped to a plan class."""
+        """The learned text -> cluster predictor when it is in force (its cluster is the
+        plan class ``cluster-<c>``, its histogram the clusters' mixture), else the
+        domain classifier on the prompt, mapped to a plan class."""
         bundle = self.cluster.bundle
         if bundle is None or not text:
             return Prediction(None, "none")
+        learned = self.cluster.text_histogram
+        if learned is not None:  # the bundle's text -> cluster predictor is in force
+            cluster, shares = learned.predict_one(text)
+            return Prediction(f"cluster-{cluster}", "text", shares * max(tokens, 1))
         domain, _ = bundle.domain.predict_one(text)
         cls = self.cluster.class_map.get(domain, domain)
         return Prediction(cls, "text", self.class_histogram(cls, tokens))

@@ -452,6 +452,8 @@ class SchedulerService:
             telemetry_sampled=core.sampler.asked,
             telemetry_accounted=t.accounted,
             telemetry_dropped=t.dropped + t.failed,
+            text_predictor=core.cluster.text_predictor,
+            text_predictor_reason=core.cluster.text_predictor_why,
         )
 
     async def get_feedback(

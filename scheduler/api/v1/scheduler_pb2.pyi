@@ -227,7 +227,7 @@ class RankStats(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., node: _Optional[int] = ..., healthy: _Optional[bool] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., backend_running: _Optional[int] = ..., backend_waiting: _Optional[int] = ..., dispatched: _Optional[int] = ..., instance: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("ranks", "requests_ok", "requests_failed", "queued", "token_layers", "remote_hits", "inter_node_bytes", "inter_node_bytes_per_token", "estimated_inter_node_bytes", "prediction_hit_rate", "prediction_checks", "reroutes", "config_version", "uptime_seconds", "outcomes", "in_progress", "telemetry_sampled", "telemetry_accounted", "telemetry_dropped")
+    __slots__ = ("ranks", "requests_ok", "requests_failed", "queued", "token_layers", "remote_hits", "inter_node_bytes", "inter_node_bytes_per_token", "estimated_inter_node_bytes", "prediction_hit_rate", "prediction_checks", "reroutes", "config_version", "uptime_seconds", "outcomes", "in_progress", "telemetry_sampled", "telemetry_accounted", "telemetry_dropped", "text_predictor", "text_predictor_reason")
     class OutcomesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,8 @@ class GetStatsResponse(_message.Message):
     TELEMETRY_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_ACCOUNTED_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PREDICTOR_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PREDICTOR_REASON_FIELD_NUMBER: _ClassVar[int]
     ranks: _containers.RepeatedCompositeFieldContainer[RankStats]
     requests_ok: int
     requests_failed: int
@@ -273,7 +275,9 @@ class GetStatsResponse(_message.Message):
     telemetry_sampled: int
     telemetry_accounted: int
     telemetry_dropped: int
-    def __init__(self, ranks: _Optional[_Iterable[_Union[RankStats, _Mapping]]] = ..., requests_ok: _Optional[int] = ..., requests_failed: _Optional[int] = ..., queued: _Optional[int] = ..., token_layers: _Optional[int] = ..., remote_hits: _Optional[int] = ..., inter_node_bytes: _Optional[float] = ..., inter_node_bytes_per_token: _Optional[float] = ..., estimated_inter_node_bytes: _Optional[float] = ..., prediction_hit_rate: _Optional[float] = ..., prediction_checks: _Optional[int] = ..., reroutes: _Optional[int] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., outcomes: _Optional[_Mapping[str, int]] = ..., in_progress: _Optional[int] = ..., telemetry_sampled: _Optional[int] = ..., telemetry_accounted: _Optional[int] = ..., telemetry_dropped: _Optional[int] = ...) -> None: ...
+    text_predictor: str
+    text_predictor_reason: str
+    def __init__(self, ranks: _Optional[_Iterable[_Union[RankStats, _Mapping]]] = ..., requests_ok: _Optional[int] = ..., requests_failed: _Optional[int] = ..., queued: _Optional[int] = ..., token_layers: _Optional[int] = ..., remote_hits: _Optional[int] = ..., inter_node_bytes: _Optional[float] = ..., inter_node_bytes_per_token: _Optional[float] = ..., estimated_inter_node_bytes: _Optional[float] = ..., prediction_hit_rate: _Optional[float] = ..., prediction_checks: _Optional[int] = ..., reroutes: _Optional[int] = ..., config_version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., outcomes: _Optional[_Mapping[str, int]] = ..., in_progress: _Optional[int] = ..., telemetry_sampled: _Optional[int] = ..., telemetry_accounted: _Optional[int] = ..., telemetry_dropped: _Optional[int] = ..., text_predictor: _Optional[str] = ..., text_predictor_reason: _Optional[str] = ...) -> None: ...
 
 class GetFeedbackRequest(_message.Message):
     __slots__ = ()
