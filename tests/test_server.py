@@ -389,3 +389,64 @@ def test_placement_version_is_enforced(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("MOE_SCHEDULER_PLACEMENT_VERSION", "0" * 16)
     with pytest.raises(ConfigError, match="refusing to serve"):
         load_cluster(config)
+
+
+def _learned_bundle(path: Path, won: bool) -> Path:
+    """A bundle for the emulator's model with a text -> cluster classifier on the
+    harness prompts (code/math -> cluster 0, chat/general -> cluster 1)."""
+    import numpy as np
+
+    from scheduler.prediction.bundle import PredictorBundle, save_bundle
+    from scheduler.prediction.clusters import ActivationClusters
+    from scheduler.prediction.text_classifier import TextClassifier
+    from scheduler.prediction.text_cluster import TextClusterClassifier
+    from tests.emulator_harness import MODEL
+    from tests.server_harness import PROMPTS
+
+    texts = [t for ts in PROMPTS.values() for t in ts]
+    domains = [d for d, ts in PROMPTS.items() for _ in ts]
+    counts = np.ones((len(texts), MODEL.num_moe_layers, MODEL.num_experts))
+    for i, d in enumerate(domains):
+        counts[i, :, :8] += 50 if d in ("code", "math") else 0
+    domain = TextClassifier().fit(texts, domains)
+    clusters = ActivationClusters(2).fit(counts)
+    tc = TextClusterClassifier(clusters, text=TextClassifier(features=domain.features_))
+    tc.fit(texts, counts)
+    choice = {"use": "text_cluster" if won else "class_map", "why": "test"}
+    bundle = PredictorBundle(
+        domain=domain,
+        model=MODEL,
+        clusters=clusters,
+        text_cluster=tc,
+        metadata={"text_predictor": choice},
+    )
+    save_bundle(bundle, path)
+    return path
+
+
+@pytest.mark.parametrize("won", [True, False])
+def test_text_mode_uses_the_learned_predictor_when_it_won(tmp_path: Path, won: bool) -> None:
+    placement = write_placement(tmp_path / "placement", 2, 2)
+    plan = json.loads((placement / "plan.json").read_text())
+    plan["class_to_node_share"] = {"cluster-0": [1.0, 0.0], "cluster-1": [0.0, 1.0]}
+    (placement / "plan.json").write_text(json.dumps(plan))
+    _learned_bundle(tmp_path / "bundle.npz", won)
+    with (
+        EmulatorServer(make_emulator()) as emu,
+        SchedulerServer(write_config(tmp_path, emu.url, prediction={"class_map": {}})) as s,
+    ):
+
+        async def go() -> None:
+            async with SchedulerClient(s.target) as client:
+                reply = await client.generate(
+                    "write a python function to sort a list", max_new_tokens=2
+                )
+                stats = await client.stats()
+                if won:
+                    assert stats.text_predictor == "text_cluster"
+                    assert reply.info.predicted_class.startswith("cluster-")
+                else:
+                    assert stats.text_predictor == "class_map"
+                    assert "did not win" in stats.text_predictor_reason
+
+        run(go())
