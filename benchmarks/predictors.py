@@ -21,6 +21,10 @@
    early/late split of each sequence standing in for prefill / decode.
 7. ``prefill_decode``: ESFT early/late proxy at several split points; and the one real
    Mixtral request with both phases (n = 1).
+8. Text -> routing (held-out cluster accuracy, histogram Pearson and locality of the
+   learned text predictor vs the class map and one cluster, and its learning curve) is
+   its own script, ``benchmarks/predictors_text_routing.py``, so it runs alone in a few
+   minutes and writes ``results/predictors_text_routing.json``.
 
 Usage::
 
