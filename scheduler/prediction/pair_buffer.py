@@ -78,7 +78,7 @@ def read_pairs(path: Path, model: ModelShape) -> tuple[list[str], list[str], np.
     """(prompts, phases, counts [n, layers, experts]) of the buffer rows at ``path`` that
     carry a prompt and measured routing; rows without routing (written before it was
     recorded) are skipped. InputError (path and line) on a malformed row."""
-    from scheduler.traces.importers.common import read_json_lines
+    from scheduler.jsonio import read_json_lines
 
     if not path.is_file():
         raise InputError(path, "does not exist")
