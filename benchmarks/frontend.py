@@ -1117,9 +1117,8 @@ def main(argv: list[str] | None = None) -> int:
     if "router_note" in result and result["router_note"] is None:
         result["router_note"] = (
             "sglang-router started with --policy round_robin in front of the emulator; it "
-            "probes /model_info (the emulator answers 404) and falls back to the deprecated "
-            "/get_model_info, and cannot load a tokenizer for the model name offline (only a "
-            "warning: /generate with text passes through)"
+            "reads the worker's /model_info, and cannot load a tokenizer for the model name "
+            "offline (only a warning: /generate with text passes through)"
         )
     if result.get("router_note") and result.get("router_openai_note") is None:
         result["router_openai_note"] = (
