@@ -138,8 +138,7 @@ def step_emulated(seeds: int, domain: Any, em: dict[str, Any]) -> dict[str, Any]
     from scheduler.prediction.text_routing import (
         TextHistogramPredictor,
         choose_text_predictor,
-        learning_curve,
-        score_pairs,
+        score_with_curve,
         summarise_curve,
     )
 
@@ -152,17 +151,7 @@ def step_emulated(seeds: int, domain: Any, em: dict[str, Any]) -> dict[str, Any]
     per_node = model.num_experts // NODES
     clusters = make_clusters("share", "all", NODES, model.num_moe_layers, per_node, 0)
     clusters.fit(counts[tr])
-    learned, held = score_pairs(
-        clusters,
-        domain,
-        texts[tr],
-        counts[tr],
-        texts[te],
-        counts[te],
-        nodes=NODES,
-        top_k=model.top_k,
-    )
-    runs = learning_curve(
+    learned, held, runs = score_with_curve(
         clusters,
         domain,
         texts[tr],

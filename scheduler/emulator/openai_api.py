@@ -27,7 +27,7 @@ The emulator has no tokenizer and no chat template: messages are rendered with
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -146,10 +146,13 @@ def _check(body: dict[str, Any], key: str, ok: Any, expected: str) -> Any:
     return value
 
 
-def _common(body: dict[str, Any], version: SglangVersion, served_model: str) -> dict[str, Any]:
-    """The fields both endpoints read the same way: sampling fields (accepted and
-    checked; the emulator runs no sampler), the stream options, the model, and the
-    SGLang extras copied into the /generate body."""
+def _common(
+    kind: Kind, body: dict[str, Any], version: SglangVersion, served_model: str
+) -> OpenAIRequest:
+    """The request as far as both endpoints read it the same way: sampling fields
+    (accepted and checked; the emulator runs no sampler), the stream options, the model,
+    and the SGLang extras copied into the /generate body (``generate_body``, which the
+    caller completes)."""
     model = _check(body, "model", lambda v: isinstance(v, str), "a valid string")
     model = DEFAULT_MODEL_NAME if model is None else model
     _check_model(model, served_model)
@@ -187,14 +190,15 @@ def _common(body: dict[str, Any], version: SglangVersion, served_model: str) -> 
         generate["return_routed_experts"] = True
         if version >= OPENAI_START_LEN_SINCE and body.get("routed_experts_start_len") is not None:
             generate["routed_experts_start_len"] = body["routed_experts_start_len"]
-    return {
-        "model": model,
-        "generate": generate,
-        "stream": generate["stream"],
-        "include_usage": bool(options.get("include_usage")),
-        "continuous_usage_stats": bool(options.get("continuous_usage_stats")),
-        "return_routed_experts": routed,
-    }
+    return OpenAIRequest(
+        kind=kind,
+        model=model,
+        generate_body=generate,
+        stream=generate["stream"],
+        include_usage=bool(options.get("include_usage")),
+        continuous_usage_stats=bool(options.get("continuous_usage_stats")),
+        return_routed_experts=routed,
+    )
 
 
 def _check_model(model: str, served_model: str) -> None:
@@ -248,7 +252,7 @@ def parse_completion(
     if "prompt" not in body:
         raise _invalid(("prompt",), "Field required", "missing")
     prompt = body["prompt"]
-    common = _common(body, version, served_model)
+    common = _common("completion", body, version, served_model)
     max_tokens = _max_tokens(body, "max_tokens")
     max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     if max_tokens <= 0:
@@ -266,17 +270,11 @@ def parse_completion(
         if not isinstance(prompt, str):
             raise OpenAIRefusal("echo of a token-id prompt: the emulator has no tokenizer")
         echo = prompt
-    generate = common["generate"]
+    generate = common.generate_body
     generate["text" if isinstance(prompt, str) else "input_ids"] = prompt
     generate["sampling_params"] = {"max_new_tokens": max_tokens}
-    return OpenAIRequest(
-        kind="completion",
-        model=common["model"],
-        generate_body=generate,
-        stream=common["stream"],
-        include_usage=common["include_usage"],
-        continuous_usage_stats=common["continuous_usage_stats"],
-        return_routed_experts=common["return_routed_experts"],
+    return replace(
+        common,
         echo=echo,
         class_text=prompt if isinstance(prompt, str) else None,
         pinned_field=_header_rank(generate, rank_header, version),
@@ -342,20 +340,20 @@ def parse_chat(
     if not isinstance(messages, list):
         raise _invalid(("messages",), "Input should be a valid list", "list_type")
     rendered = [_message_text(i, m) for i, m in enumerate(messages)]
-    common = _common(body, version, served_model)
+    common = _common("chat", body, version, served_model)
     if not messages:
         raise OpenAIRefusal("Messages cannot be empty.")
     # SGLang: max_new_tokens = max_completion_tokens or max_tokens (a 0 is unset)
     max_tokens = _max_tokens(body, "max_completion_tokens") or _max_tokens(body, "max_tokens")
     meta = bool(body.get("return_meta_info")) and version >= RETURN_META_INFO_SINCE
-    if meta and common["stream"]:
+    if meta and common.stream:
         raise OpenAIRefusal(
             "return_meta_info is not supported with streaming. Please set stream=false when "
             "using return_meta_info=true.",
             400,
             CONVERSION_ERROR,
         )
-    generate = common["generate"]
+    generate = common.generate_body
     input_ids = _check(
         body,
         "input_ids",
@@ -369,14 +367,8 @@ def parse_chat(
     if max_tokens is not None:
         generate["sampling_params"] = {"max_new_tokens": max_tokens}
     users = [text for role, text in rendered if role == "user"]
-    return OpenAIRequest(
-        kind="chat",
-        model=common["model"],
-        generate_body=generate,
-        stream=common["stream"],
-        include_usage=common["include_usage"],
-        continuous_usage_stats=common["continuous_usage_stats"],
-        return_routed_experts=common["return_routed_experts"],
+    return replace(
+        common,
         return_meta_info=meta,
         class_text=users[-1] if users and input_ids is None else None,
         pinned_field=_header_rank(generate, rank_header, version),

@@ -222,7 +222,7 @@ def choose_text_predictor(held_out: dict[str, Any]) -> dict[str, Any]:
     return {"use": "class_map", "why": f"did not beat the class map: {figures}"}
 
 
-def learning_curve(
+def score_with_curve(
     clusters: ActivationClusters,
     domain: TextClassifier,
     texts_train: np.ndarray,
@@ -234,36 +234,42 @@ def learning_curve(
     top_k: int,
     seeds: int = 3,
     sizes: tuple[int, ...] = CURVE_SIZES,
-) -> list[dict[str, Any]]:
-    """Held-out figures of the predictors fitted on the first ``n`` training pairs (a
-    random order per seed) for each ``n`` in ``sizes`` below the training size, and all.
-    Each row: ``pairs``, ``seed`` and the figures of :func:`score_pairs` (or ``skipped``)."""
+) -> tuple[TextClusterClassifier | None, dict[str, Any], list[dict[str, Any]]]:
+    """:func:`score_pairs` on all the training pairs (the learned model and its figures),
+    and the learning curve: the held-out figures of the predictors fitted on the first
+    ``n`` training pairs (a random order per seed) for each ``n`` in ``sizes`` below the
+    training size, and all (the first result, not fitted again). Each curve row:
+    ``pairs``, ``seed`` and the figures of :func:`score_pairs` (or ``skipped``)."""
     n_train = len(texts_train)
-    steps = sorted({s for s in sizes if s < n_train} | {n_train})
     domains_train = domain.predict(texts_train) if n_train else np.array([], dtype=str)
     domains_test = domain.predict(texts_test) if len(texts_test) else np.array([], dtype=str)
+
+    def score(rows: np.ndarray) -> tuple[TextClusterClassifier | None, dict[str, Any]]:
+        return score_pairs(
+            clusters,
+            domain,
+            texts_train[rows],
+            counts_train[rows],
+            texts_test,
+            counts_test,
+            nodes=nodes,
+            top_k=top_k,
+            domains_train=domains_train[rows],
+            domains_test=domains_test,
+        )
+
+    learned, held = score(np.arange(n_train))
     rows = []
-    for n in steps:
+    for n in sorted({s for s in sizes if s < n_train} | {n_train}):
         for seed in range(seeds if n < n_train else 1):
             order = np.random.default_rng(seed).permutation(n_train)[:n]
-            _, figures = score_pairs(
-                clusters,
-                domain,
-                texts_train[order],
-                counts_train[order],
-                texts_test,
-                counts_test,
-                nodes=nodes,
-                top_k=top_k,
-                domains_train=domains_train[order],
-                domains_test=domains_test,
-            )
+            figures = held if n == n_train else score(order)[1]
             row: dict[str, Any] = {"pairs": n, "seed": seed}
             row.update({k: v for k, v in figures.items() if k not in ("train_pairs",)})
             if "class_map" in row:
                 row["class_map"] = {k: v for k, v in row["class_map"].items() if k != "map"}
             rows.append(row)
-    return rows
+    return learned, held, rows
 
 
 def summarise_curve(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -407,20 +407,7 @@ def fit_text_cluster(
         model = TextClusterClassifier(clusters, text=text).fit(texts[tr], counts[tr])
         held: dict[str, Any] = {"skipped": "no held-out pairs"}
     else:
-        learned, held = tr_.score_pairs(
-            clusters,
-            features_from,
-            texts[tr],
-            counts[tr],
-            texts[te],
-            counts[te],
-            nodes=nodes,
-            top_k=top_k,
-        )
-        assert learned is not None
-        model = learned
-        report["held_out_accuracy"] = held["text_cluster"]["accuracy"]
-        runs = tr_.learning_curve(
+        learned, held, runs = tr_.score_with_curve(
             clusters,
             features_from,
             texts[tr],
@@ -431,6 +418,9 @@ def fit_text_cluster(
             top_k=top_k,
             seeds=curve_seeds,
         )
+        assert learned is not None
+        model = learned
+        report["held_out_accuracy"] = held["text_cluster"]["accuracy"]
         report["learning_curve"] = tr_.summarise_curve(runs)
         report["learning_curve_seeds"] = curve_seeds
     report["held_out"] = held
