@@ -28,7 +28,8 @@ each bounded in count and time:
    client did not cause, counters equal to client outcomes, RSS growth < 10 % after the
    first minute, last-minute p99 (unary, and stream first chunk) within 1.5x of the first.
 5. ``backend_restart``: 50 requests/s with 15 s deadlines; the emulator is killed
-   (SIGKILL) and a new one started on the same port 3 s later; the load goes on until
+   (``/admin/instance`` ``die``, which says what it had finished, then SIGKILL) and a
+   new one started on the same port 3 s later; the load goes on until
    ``--restart-after-s`` after it listens: no call with a deadline above 10 s may fail.
 
 Every scenario reconciles the client-side final status of every call against the
@@ -89,6 +90,8 @@ INDEFINITE = ("UNKNOWN", "CLIENT_ERROR", "CANCELLED_NOT_BY_CLIENT", "OK_INCOMPLE
 
 TARGET_SOAK_RSS_GROWTH = 0.10
 TARGET_SOAK_P99_RATIO = 1.5
+#: The issue's soak rate (requests/s): what the soak's CPU per call is scaled to.
+SPEC_SOAK_RATE = 150.0
 TARGET_OVERLOAD_COMPLETIONS = 0.90
 TARGET_US_PER_CHUNK = 30.0
 #: "Flat in stream length": us per chunk of the longest stream / of the shortest.
@@ -912,7 +915,9 @@ def scenario_soak(ctx: Ctx, rec: dict[str, Any]) -> None:
                 sample(target, time.perf_counter() - start)  # all calls ended
                 return target.records, load
 
+        emulator_cpu0 = fe._cpu_seconds(ctx.emulator.pid)
         records, load = asyncio.run(go())
+        emulator_cpu1 = fe._cpu_seconds(ctx.emulator.pid)
         rec["settled"] = settle(s, ctx.emulator)
         recon = reconcile(records, before, read_counters(s, ctx.emulator))
     rows = _soak_intervals(records, samples, interval, n_intervals)
@@ -926,6 +931,14 @@ def scenario_soak(ctx: Ctx, rec: dict[str, Any]) -> None:
         else None
     )
     outcomes = _outcomes(records)
+    cpu_s = {
+        "scheduler": _elapsed(samples[0]["scheduler_cpu_s"], samples[-1]["scheduler_cpu_s"]),
+        "scheduler_with_workers": _elapsed(
+            samples[0]["with_workers_cpu_s"], samples[-1]["with_workers_cpu_s"]
+        ),
+        "emulator": _elapsed(emulator_cpu0, emulator_cpu1),
+        "client": round(load["client_cpu_s"], 2),
+    }
     rec.update(
         settings={"rate": a.soak_rate, "minutes": a.soak_minutes, "interval_s": interval,
                   "stream_fraction": a.soak_stream_fraction,
@@ -939,6 +952,8 @@ def scenario_soak(ctx: Ctx, rec: dict[str, Any]) -> None:
         achieved_send_rps=round(len(load["lags"]) / max(load["send_seconds"], 1e-9), 1),
         send_lag_ms_p99=fe._ms(float(np.percentile(load["lags"], 99))),
         client_cpu_s=round(load["client_cpu_s"], 2),
+        cpu_s=cpu_s,
+        **_cores_at_spec_rate(cpu_s, len(records)),
         intervals=rows,
         rss_growth_after_first_interval=growth,
         unary_p99_last_over_first=unary_ratio,
@@ -955,6 +970,33 @@ def scenario_soak(ctx: Ctx, rec: dict[str, Any]) -> None:
                 TARGET_SOAK_P99_RATIO),
         *_common_targets(records, recon),
     ]  # fmt: skip
+
+
+def _elapsed(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else round(after - before, 2)
+
+
+def _cores_at_spec_rate(cpu_s: dict[str, float | None], calls: int) -> dict[str, Any]:
+    """Each process's CPU per call of this soak's mix, and the cores that mix would need
+    at the issue's rate (:data:`SPEC_SOAK_RATE`), for the machine this ran on to be
+    judged against: the emulator and the load generator are part of the bill here."""
+    per_call = {
+        name: None if cpu is None or not calls else round(1e3 * cpu / calls, 3)
+        for name, cpu in cpu_s.items()
+    }
+    parts = [per_call[name] for name in ("scheduler_with_workers", "emulator", "client")]
+    total = None if None in parts else sum(p for p in parts if p is not None)
+    return {
+        "cpu_ms_per_call": per_call,
+        "spec_rate": SPEC_SOAK_RATE,
+        "cores_at_spec_rate": None if total is None else round(total * SPEC_SOAK_RATE / 1e3, 2),
+        "scheduler_cores_at_spec_rate": (
+            None
+            if per_call["scheduler"] is None
+            else round(per_call["scheduler"] * SPEC_SOAK_RATE / 1e3, 2)
+        ),
+        "machine_cores": os.cpu_count(),
+    }
 
 
 def _soak_intervals(
@@ -1012,9 +1054,14 @@ def scenario_backend_restart(ctx: Ctx, rec: dict[str, Any]) -> None:
         async def kill_and_restart(target: Calls) -> None:
             await asyncio.sleep(a.restart_kill_at)
             old = ctx.emulator
-            events["old_emulator_finished_at_kill"] = await asyncio.to_thread(emulator_served, old)
+            # It dies at once (every connection reset) and says what it had finished by
+            # then; the process is then SIGKILLed (no graceful shutdown).
+            died = await asyncio.to_thread(
+                _http_json, f"{old.address}/admin/instance", {"mode": "die"}
+            )
+            events["old_emulator_finished_at_kill"] = int(died["finished_reqs"])
             events["kill_s"] = round(target.now(), 3)
-            old.process.kill()  # SIGKILL: no graceful shutdown
+            old.process.kill()
             await asyncio.to_thread(old.process.wait)
             _eprint(f"  backend_restart: emulator killed at {events['kill_s']} s")
             await asyncio.sleep(a.restart_down_s)
@@ -1045,7 +1092,7 @@ def scenario_backend_restart(ctx: Ctx, rec: dict[str, Any]) -> None:
         rec["settled"] = settle(s, ctx.emulator)
         after = read_counters(s, ctx.emulator)
         served_old = events.get("old_emulator_finished_at_kill")
-        # the new emulator counts from 0; the old one's last reading before the kill
+        # the new emulator counts from 0; the old one's count when it died
         base = dict(before, emulator_served=0)
         extra = 0 if served_old is None else served_old - (before["emulator_served"] or 0)
         recon = reconcile(records, base, after, served_extra=extra)

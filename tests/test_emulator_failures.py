@@ -32,9 +32,10 @@ def test_die_resets_open_connections_refuses_new_ones_and_stays_down():
             )
             wait_for_load(s.url, 0, num_waiting_reqs=1)
             # the admin request itself is answered; every other connection is reset
+            # ... and says what the instance had finished when it died
             assert post(s.url + "/admin/instance", {"mode": "die"}) == (
                 200,
-                {"mode": "die", "restart_after_s": None},
+                {"mode": "die", "restart_after_s": None, "finished_reqs": 1},
             )
             assert held.result() == "reset"
         wait_for_fate(s.url + "/health", "refused")

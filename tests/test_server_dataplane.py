@@ -223,6 +223,55 @@ def test_counters_equal_what_clients_saw(tmp_path: Path) -> None:
             run(go())
 
 
+def test_one_connection_reaches_the_admission_bound_before_http2s(tmp_path: Path) -> None:
+    """More calls at once on one connection than server.max_concurrent_rpcs, and more
+    than grpc-core's usual 1,024 streams: the excess is RESOURCE_EXHAUSTED from the
+    scheduler's admission and counted, never HTTP/2's REFUSED_STREAM (UNAVAILABLE at the
+    client, which the scheduler never sees)."""
+    with EmulatorServer(make_emulator()) as emu:
+        config = write_config(tmp_path, emu.url, server={**LISTEN, "max_concurrent_rpcs": 1100})
+        with SchedulerServer(config) as s:
+
+            async def outcome(client: SchedulerClient, i: int) -> str:
+                try:
+                    await client.generate(f"p{i}", max_new_tokens=2, timeout=120)
+                    return "OK"
+                except grpc.aio.AioRpcError as e:
+                    return e.code().name
+
+            async def go() -> None:
+                async with SchedulerClient(s.target) as client:  # one connection
+                    seen = await asyncio.gather(*(outcome(client, i) for i in range(1300)))
+                    stats = await client.stats()
+                assert set(seen) <= {"OK", "RESOURCE_EXHAUSTED"}, set(seen)
+                assert stats.outcomes["overloaded"] == seen.count("RESOURCE_EXHAUSTED")
+                assert stats.outcomes["ok"] == seen.count("OK")
+
+            run(go())
+
+
+def test_the_loop_lag_guard_averages_over_a_second() -> None:
+    """One slow callback (or a moment when another process has the CPU) does not trip
+    server.max_loop_lag_ms; a loop that stays late does, within about a second, and the
+    average falls back once it catches up."""
+    from scheduler.server.core import smoothed_lag
+
+    lag, probe = 0.0, 0.02
+    lag = smoothed_lag(lag, 0.3, probe + 0.3)  # one 300 ms stall
+    assert lag < 0.1
+    for _ in range(50):  # then on time again
+        lag = smoothed_lag(lag, 0.0, probe)
+    assert lag < 0.05
+    elapsed = 0.0
+    while lag <= 0.25:  # 300 ms late at every probe
+        lag = smoothed_lag(lag, 0.3, probe + 0.3)
+        elapsed += probe + 0.3
+    assert 0.5 < elapsed < 2.5
+    while lag > 0.25:
+        lag = smoothed_lag(lag, 0.0, probe)
+    assert smoothed_lag(0.0, -1.0, probe) == 0.0
+
+
 def _context() -> MeasureContext:
     from scheduler.accounting import static_dispatch_table
     from scheduler.emulator.expert_location import trivial_location

@@ -173,6 +173,21 @@ def _soak(s: dict[str, Any]) -> list[str]:
         f"; client CPU {_fmt(s.get('client_cpu_s'), 1)} s.",
         "",
     ]
+    per_call = s.get("cpu_ms_per_call") or {}
+    if per_call:
+        lines += [
+            "CPU per call of this mix: scheduler "
+            f"{_fmt(per_call.get('scheduler'), 2)} ms "
+            f"({_fmt(per_call.get('scheduler_with_workers'), 2)} with its workers), emulator "
+            f"{_fmt(per_call.get('emulator'), 2)} ms, load generator "
+            f"{_fmt(per_call.get('client'), 2)} ms. At {_fmt(s.get('spec_rate'), 0)} "
+            f"requests/s (the issue's soak rate) this mix needs about "
+            f"**{_fmt(s.get('cores_at_spec_rate'), 1)} cores** for the three "
+            f"({_fmt(s.get('scheduler_cores_at_spec_rate'), 1)} for the scheduler process "
+            f"alone); this machine has {_fmt(s.get('machine_cores'))}, so the soak runs at "
+            f"{_fmt(settings.get('rate'), 0)} requests/s, the rate it carries with headroom.",
+            "",
+        ]
     return lines
 
 
@@ -256,7 +271,7 @@ def _restart(s: dict[str, Any]) -> list[str]:
         f"{_fmt(settings.get('max_new_tokens'))} tokens, deadline "
         f"{_fmt(settings.get('deadline_s'), 0)} s, until "
         f"{_fmt(settings.get('after_restart_s'), 1)} s after the new emulator listens; the "
-        "emulator SIGKILLed at "
+        "emulator killed at "
         f"{_fmt(events.get('kill_s'), 1)} s, a new one started on the same port "
         f"{_fmt(settings.get('down_s'), 1)} s later, listening at "
         f"{_fmt(events.get('ready_s'), 1)} s (backend down **{_fmt(s.get('outage_s'), 1)} s**, "
@@ -265,8 +280,10 @@ def _restart(s: dict[str, Any]) -> list[str]:
         f"{_outcomes(phases.get('backend_down'))}; after the restart "
         f"{_outcomes(phases.get('after_restart'))}. Calls with a deadline above 10 s that "
         f"failed: **{_fmt(s.get('long_deadline_failed'))} of "
-        f"{_fmt(s.get('long_deadline_calls'))}** (target 0). The served count adds the old "
-        "emulator's last reading before the kill to the new one's.",
+        f"{_fmt(s.get('long_deadline_calls'))}** (target 0). The kill: the emulator dies at "
+        "once (`POST /admin/instance` `die`: every connection reset, the listening socket "
+        "closed), answering with what it had finished by then, and its process is then "
+        "SIGKILLed; the served count adds that to the new emulator's.",
         "",
     ]
 

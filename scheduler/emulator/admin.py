@@ -9,6 +9,7 @@
 * ``POST /admin/instance`` ``{"mode": "die", "restart_after_s": X}``: the instance dies
   now (every other connection reset, the listening socket closed); with
   ``restart_after_s`` it listens again on the same port after X wall seconds, fresh.
+  The answer carries ``finished_reqs``, the requests it had finished when it died.
 * ``GET|POST /admin/config`` ``{"time_scale": X}``: wall seconds per modelled second.
 * ``GET /admin/requests``: the last requests' received fields and outcomes, and served
   counts per rank (:mod:`.request_log`).
@@ -84,7 +85,8 @@ async def admin_instance(request: web.Request) -> web.Response:
         return error_response(str(e), 400)
     # Answered before the connection is closed; every other connection is reset now.
     request.app[INSTANCE_KEY].die("POST /admin/instance", restart, spare=request.transport)
-    return json_response({"mode": "die", "restart_after_s": restart})
+    finished = sum(r.finished for r in request.app[EMULATOR_KEY].pool.ranks)
+    return json_response({"mode": "die", "restart_after_s": restart, "finished_reqs": finished})
 
 
 async def admin_config(request: web.Request) -> web.Response:

@@ -81,6 +81,16 @@ def grpc_call_bound(core: SchedulerCore) -> int:
     return 4 * core.max_in_progress() + ADMIN_HEADROOM_RPCS
 
 
+def streams_per_connection(core: SchedulerCore) -> int:
+    """HTTP/2 streams one connection may open (``server.max_streams_per_connection``;
+    0: the admission bound plus admin room). grpc-core refuses a stream past it with
+    REFUSED_STREAM before any handler runs, so by default one connection can reach the
+    scheduler's own admission, which refuses with RESOURCE_EXHAUSTED and counts it."""
+    return core.config.server.max_streams_per_connection or (
+        core.max_in_progress() + ADMIN_HEADROOM_RPCS
+    )
+
+
 def _read(path: Path, key: str) -> bytes:
     try:
         return path.read_bytes()
@@ -110,7 +120,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-            ("grpc.max_concurrent_streams", config.server.max_streams_per_connection),
+            ("grpc.max_concurrent_streams", streams_per_connection(core)),
             # Calls grpc-core holds before this loop takes them: by default it rejects
             # them at random past 1,000 and cancels them after 30 s, both as CANCELLED,
             # which the client did not do. Let them wait (bounded) for the handler, whose

@@ -48,8 +48,12 @@ class ServerSection:
     #: Streams: at most one message per this many ms after the first token (0: one per
     #: SGLang chunk, merged only while a write is in flight). Trades CPU for smoothness.
     stream_interval_ms: float = 0.0
-    #: HTTP/2 streams one client connection may hold open.
-    max_streams_per_connection: int = 1024
+    #: HTTP/2 streams one client connection may hold open; 0: the admission bound
+    #: (max_concurrent_rpcs, or its default) plus room for admin calls, so that the
+    #: scheduler's admission, not HTTP/2, refuses excess calls. HTTP/2 refuses a stream
+    #: past this limit (REFUSED_STREAM, UNAVAILABLE at the client) before the scheduler
+    #: sees it, so such calls are not counted.
+    max_streams_per_connection: int = 0
     #: TLS: server certificate chain and key (PEM); with tls_client_ca, clients must
     #: present a certificate signed by it.
     tls_cert: Path | None = None
@@ -354,7 +358,6 @@ def _check(c: ServerConfig) -> None:
         "server.max_stop_strings": c.server.max_stop_strings,
         "server.max_stop_chars": c.server.max_stop_chars,
         "server.max_id_chars": c.server.max_id_chars,
-        "server.max_streams_per_connection": c.server.max_streams_per_connection,
         "server.max_loop_lag_ms": c.server.max_loop_lag_ms,
         "backend.retry_backoff_max_s": c.backend.retry_backoff_max_s,
         "prediction.max_text_chars": c.prediction.max_text_chars,
@@ -368,6 +371,7 @@ def _check(c: ServerConfig) -> None:
         "policy.window_ms": c.policy.window_ms,
         "prediction.probe_min_new_tokens": c.prediction.probe_min_new_tokens,
         "server.max_concurrent_rpcs": c.server.max_concurrent_rpcs,
+        "server.max_streams_per_connection": c.server.max_streams_per_connection,
         "server.stream_interval_ms": c.server.stream_interval_ms,
         "backend.retry_backoff_s": c.backend.retry_backoff_s,
         "backend.unreachable_retry_s": c.backend.unreachable_retry_s,

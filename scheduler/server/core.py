@@ -84,6 +84,17 @@ _QUOTE_CHARS = 40
 SLOW_HEALTH_ROUNDS = 3
 #: Seconds a reply waits for its own telemetry (local_fraction, inter_node_bytes).
 REPLY_TELEMETRY_WAIT_S = 0.25
+#: Seconds over which the loop's lateness is averaged for ``server.max_loop_lag_ms``.
+LOOP_LAG_WINDOW_S = 1.0
+
+
+def smoothed_lag(previous_s: float, late_s: float, elapsed_s: float) -> float:
+    """The loop's lateness averaged over about :data:`LOOP_LAG_WINDOW_S`: each probe that
+    took ``elapsed_s`` (and ran ``late_s`` late) weighs ``elapsed_s / window``. A loop
+    that stays late is seen within about a second; one slow callback, or a moment when
+    another process has the CPU, moves the average by its share of the window only."""
+    weight = min(1.0, max(0.0, elapsed_s) / LOOP_LAG_WINDOW_S)
+    return previous_s + weight * (max(0.0, late_s) - previous_s)
 
 
 def quote(value: object) -> str:
@@ -552,13 +563,13 @@ class SchedulerCore:
             self._update_rank_gauges()
 
     async def _watch_loop(self, interval_s: float = 0.02) -> None:
-        """How late the loop runs: the overshoot of a short sleep, decaying by half per
-        interval (so one slow callback is seen, and forgotten within a few intervals)."""
+        """How late the loop runs: the overshoot of a short sleep, averaged over about
+        :data:`LOOP_LAG_WINDOW_S` (:func:`smoothed_lag`)."""
         while True:
             started = time.monotonic()
             await asyncio.sleep(interval_s)
-            late = time.monotonic() - started - interval_s
-            self.loop_lag_s = max(late, self.loop_lag_s / 2)
+            elapsed = time.monotonic() - started
+            self.loop_lag_s = smoothed_lag(self.loop_lag_s, elapsed - interval_s, elapsed)
             self.metrics.loop_lag.set(self.loop_lag_s)
 
     async def _flush_feedback(self) -> None:
