@@ -75,6 +75,45 @@ def test_node_limits_balance_and_always_fit_the_window() -> None:
     assert limit.sum() >= 8 and limit.tolist() == [1, 7]
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_node_limits_match_their_definition(seed: int) -> None:
+    """The level search against the docstring's definition, level by level."""
+    rng = np.random.default_rng(seed)
+    bins = int(rng.integers(1, 9))
+    load = rng.integers(0, 12, bins)
+    free = rng.integers(0, 6, bins) * (rng.random(bins) < 0.8)
+    admit = int(rng.integers(0, int(free.sum()) + 2))
+    slack = float(rng.choice([0.0, 0.1, 0.5]))
+    fair = int(np.ceil((1.0 + slack) * (load.sum() + admit) / bins - 1e-9))
+    top = int((load + free).max())
+    room = [int(np.minimum(free, np.maximum(w - load, 0)).sum()) for w in range(top + 1)]
+    water = next((w for w in range(top + 1) if room[w] >= admit), top)
+    expected = np.minimum(free, np.maximum(max(fair, water) - load, 0))
+    assert node_limits(load, free, admit, slack).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_window_of_one_is_placed_as_the_general_greedy_places_it(seed: int) -> None:
+    """The one-request shortcut against the general greedy, from the same state."""
+    rng = np.random.default_rng(seed)
+    nodes, per_node, layers, experts = 3, 2, 4, 12
+    phy2log = np.stack([rng.permutation(experts) for _ in range(layers)])
+    placement = Placement(phy2log, experts, nodes * per_node, per_node)
+    fast, general = LocalityWindow(placement), LocalityWindow(placement)
+    traffic = np.round(rng.random((nodes * per_node, layers)) * 4) if seed % 2 else 0.0
+    for policy in (fast, general):  # the same state for both
+        policy._traffic[:] = traffic
+        policy._traffic_sum = policy._traffic.sum(axis=1).tolist()
+    score = fast._scores([rng.integers(0, 3, (layers, experts)).astype(float)])[0]
+    load = rng.integers(0, 4, nodes * per_node)
+    limit = rng.integers(0, 2, nodes * per_node)
+    limit[int(rng.integers(0, limit.size))] = 1
+    assert fast._greedy([score], limit, load) == general._greedy_many([score], limit, load)
+    assert np.array_equal(fast._traffic, general._traffic)
+    assert fast._traffic_sum == general._traffic_sum
+    assert fast._requests == general._requests
+
+
 def test_water_fill_picks_least_loaded_slots_per_group() -> None:
     load = np.array([3, 1, 0, 0])
     free = np.array([2, 2, 1, 0])

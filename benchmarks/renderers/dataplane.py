@@ -196,20 +196,27 @@ def _streams(s: dict[str, Any]) -> list[str]:
     lines = [
         "### Stream length",
         "",
-        "One stream at a time through the scheduler with routed experts on, each length "
-        f"repeated to at least {_fmt(settings.get('min_chunks_per_length'))} chunks (CPU "
-        "times in /proc are 10 ms clock ticks); emulator time scale "
+        "Streams through the scheduler with routed experts on, each length alone (one "
+        "stream at a time) and under a serving load ("
+        + ", ".join(str(c) for c in settings.get("concurrency") or [1] if c != 1)
+        + " streams at a time), each row repeated to at least "
+        f"{_fmt(settings.get('min_chunks_per_row'))} chunks (CPU times in /proc are 10 ms "
+        "clock ticks); emulator time scale "
         f"{_fmt(settings.get('time_scale'), 2)} (so the scheduler's background work, "
         f"{_fmt(s.get('idle_scheduler_cpu_ms_per_s'), 1)} ms CPU per s idle, is small per "
         "chunk). CPU per chunk: each process's utime + stime over the streams divided by the "
         "chunks relayed (the final chunk included); target for the scheduler process <= "
         '30 us, flat in length (longest / shortest <= 1.5). "With workers" adds the '
         "scheduler's child processes (telemetry off the event loop), not in the target. "
-        "Emulator and client (this process, Python grpc.aio) columns for scale.",
+        "Emulator and client (this process, Python grpc.aio) columns for scale. A stream "
+        "alone pays a whole wake-up of the idle event loop, grpc's poller thread included, "
+        "for every chunk; with many streams, one wake-up carries the chunks of several "
+        '(docs/server.md, "Where the microseconds go").',
         "",
     ]
     rows = [
         [
+            _fmt(r.get("concurrency", 1)),
             _fmt(r.get("max_new_tokens")),
             _fmt(r.get("streams")),
             _outcomes(r.get("outcomes")),
@@ -226,7 +233,8 @@ def _streams(s: dict[str, Any]) -> list[str]:
         for r in s.get("lengths") or []
     ]
     lines += _table(
-        ["completion tokens", "streams", "outcomes", "finished", "chunks", "chunks/s",
+        ["streams at a time", "completion tokens", "streams", "outcomes", "finished",
+         "chunks", "chunks/s",
          "first chunk ms p50", "scheduler CPU us/chunk", "less idle", "with workers",
          "emulator us/chunk", "client us/chunk"],
         rows,

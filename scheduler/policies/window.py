@@ -60,6 +60,7 @@ placed by an earlier policy object (before a reload) are not known to this one.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,13 +118,28 @@ def node_limits(load: np.ndarray, free: np.ndarray, admit: int, slack: float) ->
     nodes) may take: ``min(free, max(0, ceil(level) - load))`` with ``level = max((1 +
     slack) x (sum(load) + admit) / bins, w)``, ``w`` the lowest level that takes them all
     (module docstring)."""
-    bins = load.size
-    fair = int(np.ceil((1.0 + slack) * (load.sum() + admit) / bins - 1e-9))
-    top = int((load + free).max(initial=0))
-    levels = np.arange(top + 1)[:, None]
-    room = np.minimum(free, np.maximum(levels - load, 0)).sum(axis=1)
-    reach = np.flatnonzero(room >= admit)
-    water = int(reach[0]) if reach.size else top
+    loads, frees = load.tolist(), free.tolist()
+    fair = math.ceil((1.0 + slack) * (sum(loads) + admit) / len(loads) - 1e-9)
+    top = max((lo + f for lo, f in zip(loads, frees, strict=True)), default=0)
+
+    def room(level: int) -> int:
+        return sum(min(f, level - lo) for lo, f in zip(loads, frees, strict=True) if level > lo)
+
+    # the lowest level in [0, top] whose room takes all ``admit`` (room grows with the
+    # level; below the least-loaded open bin's load + 1 there is none), else top
+    water = top
+    low = min((lo + 1 for lo, f in zip(loads, frees, strict=True) if f > 0), default=0)
+    if admit <= 0:
+        water = 0
+    elif low <= top and room(low) >= admit:
+        water = low
+    elif room(top) >= admit:
+        while low < water:
+            mid = (low + water) // 2
+            if room(mid) >= admit:
+                water = mid
+            else:
+                low = mid + 1
     level = max(fair, water)
     return np.minimum(free, np.maximum(level - load, 0))
 
@@ -378,8 +394,43 @@ class LocalityWindow(RoutingPolicy):
                 chosen[i] = rank
         return chosen
 
+    def _place_one(self, score: _Score, limit: np.ndarray, load: np.ndarray) -> int:
+        """:meth:`_greedy` for a window of one request (a server's usual window), the same
+        arithmetic without the heaps; commits its traffic."""
+        layers, per_node = self.layers, self.gpus_per_node
+        total, count, cap = self._traffic_sum, load.tolist(), limit.tolist()
+        unit = max(score.spread, 1.0)
+        cand = []
+        for n in range(self.num_nodes):
+            best = -1
+            for r in range(n * per_node, (n + 1) * per_node):
+                if cap[r] and (best < 0 or (total[r], count[r]) < (total[best], count[best])):
+                    best = r
+            cand.append(best)
+        offer = np.empty((self.num_nodes, layers + 1))
+        offer[:, :layers] = self._traffic[np.maximum(cand, 0)]
+        offer[:, layers] = [TIE * (total[r] + unit * count[r]) for r in cand]
+        peak = np.empty(layers + 1)
+        peak[:layers] = self._traffic.max(axis=0)
+        peak[layers] = -np.inf
+        for n, r in enumerate(cand):
+            if r < 0:
+                offer[n] = np.inf
+        after = offer + score.cost
+        n = int(np.dot(np.maximum(after, peak), np.ones(layers + 1)).argmin())
+        r = cand[n]
+        self._traffic[r] = after[n, :layers]
+        total[r] += score.remote[n]
+        self._requests[r] += 1
+        return r
+
     def _greedy(self, scores: list[_Score], limit: np.ndarray, load: np.ndarray) -> list[int]:
         """Ranks for ``scores`` (module docstring, step 4); commits their traffic."""
+        if len(scores) == 1:
+            return [self._place_one(scores[0], limit, load)]
+        return self._greedy_many(scores, limit, load)
+
+    def _greedy_many(self, scores: list[_Score], limit: np.ndarray, load: np.ndarray) -> list[int]:
         layers, per_node = self.layers, self.gpus_per_node
         traffic = np.zeros((self.num_ranks, layers + 1))
         traffic[:, :layers] = self._traffic

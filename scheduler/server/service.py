@@ -157,8 +157,10 @@ class _Call:
         """The handler was cancelled: grpc saw the client cancel or its deadline pass.
         The server's deadline is the client's plus the request's transit (longer when
         this loop is busy), while the client's cancel arrives at once: a cancel this
-        close to the deadline is the client's deadline."""
-        self.outcome = "client_deadline" if self._late(CANCEL_MARGIN_S) else "cancelled"
+        close to the deadline, allowing for how late the loop runs, is the client's
+        deadline."""
+        margin = CANCEL_MARGIN_S + self.core.loop_lag_s
+        self.outcome = "client_deadline" if self._late(margin) else "cancelled"
 
     def answered(self) -> None:
         """The answer is written (a stream) or handed to grpc (unary). grpc.aio does not
