@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -12,6 +16,52 @@ from scheduler.model_shape import ModelShape
 from scheduler.traces.store import RequestTrace, TraceWriter
 
 REPO = Path(__file__).resolve().parents[1]
+#: How long a test waits for a condition another thread, process or task brings about:
+#: generous, for a loaded 2-core CI machine; a condition already met returns at once.
+WAIT_TIMEOUT_S = 60.0
+
+_T = TypeVar("_T")
+
+
+def wait_until(
+    predicate: Callable[[], _T],
+    timeout_s: float = WAIT_TIMEOUT_S,
+    what: str | Callable[[], str] = "the condition",
+) -> _T:
+    """Call ``predicate`` until it returns something true, and return that; for state
+    another thread or process changes. Between calls it sleeps 1 ms, doubling up to
+    50 ms, so a condition is seen within milliseconds and a long wait costs little CPU.
+    Raises AssertionError naming ``what`` (a string, or a function giving one: e.g. the
+    last state seen) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"not within {timeout_s:g} s: {what() if callable(what) else what}"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+    return value
+
+
+async def wait_until_async(
+    predicate: Callable[[], object],
+    timeout_s: float = WAIT_TIMEOUT_S,
+    what: str | Callable[[], str] = "the condition",
+) -> None:
+    """:func:`wait_until` inside an event loop, for state the loop's other tasks change:
+    first a bare yield (``asyncio.sleep(0)``: ready tasks run), then sleeps from 0.5 ms
+    doubling up to 50 ms."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.0
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"not within {timeout_s:g} s: {what() if callable(what) else what}"
+            )
+        await asyncio.sleep(pause)
+        pause = min(max(2 * pause, 0.0005), 0.05)
 
 
 def render_results(results: Path, md: Path) -> str:

@@ -8,13 +8,19 @@ import pytest
 
 from scheduler.emulator.ranks import ControllerCrash, RankPool, RankUnavailable, Ticket
 from scheduler.emulator.timing import TokenTraffic
+from tests.conftest import WAIT_TIMEOUT_S, wait_until_async
 
 T = Ticket(prompt_tokens=10, total_tokens=14, traffic=TokenTraffic(0.3, 0.1, 6.0))
 
 
-async def _settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
+async def _queued(pool: RankPool, rank: int, count: int) -> None:
+    """Until ``count`` requests wait in rank ``rank``'s admission queue. Tasks start in
+    creation order, so by then every task created before the last of them has reached
+    its first wait too (e.g. a :meth:`RankPool.checkpoint` blocked on a hung rank)."""
+    await wait_until_async(
+        lambda: pool.loads()[rank]["queues"]["waiting"] == count,
+        what=lambda: f"{count} queued on rank {rank}; loads {pool.loads()[rank]}",
+    )
 
 
 def test_admission_is_fifo_within_capacity():
@@ -28,13 +34,15 @@ def test_admission_is_fifo_within_capacity():
 
         await pool.admit(0, T)  # "a" holds the only slot
         tasks = [asyncio.create_task(request(n)) for n in "bcd"]
-        await _settle()
+        await _queued(pool, 0, 3)
         load = pool.loads()[0]
         assert (load["num_running_reqs"], load["num_waiting_reqs"]) == (1, 3)
         assert load["num_total_tokens"] == 14 + 3 * 10 and load["num_used_tokens"] == 14
-        for expected in ("b", "c", "d"):
+        for done, expected in enumerate("bcd", start=1):
             pool.release(0, T, generated_tokens=4)
-            await _settle()
+            await wait_until_async(
+                lambda done=done: len(order) == done, what=f"{expected} admitted"
+            )
             assert order[-1] == expected
         await asyncio.gather(*tasks)
         assert pool.loads()[0]["num_running_reqs"] == 1
@@ -48,14 +56,14 @@ def test_cancelled_waiters_leave_the_queue_and_pass_on_handed_slots():
         pool = RankPool(1, capacity=1)
         await pool.admit(0, T)
         waiting = asyncio.create_task(pool.admit(0, T))
-        await _settle()
+        await _queued(pool, 0, 1)
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
         assert pool.loads()[0]["num_waiting_reqs"] == 0
         # a slot handed to a waiter that is cancelled before it runs goes to the next one
         second = asyncio.create_task(pool.admit(0, T))
         third = asyncio.create_task(pool.admit(0, T))
-        await _settle()
+        await _queued(pool, 0, 2)
         pool.release(0, T, 0)
         second.cancel()
         await asyncio.gather(second, return_exceptions=True)
@@ -71,7 +79,7 @@ def test_fail_mode_refuses_fails_waiters_and_is_skipped():
         pool = RankPool(3, capacity=1)
         await pool.admit(1, T)
         waiter = asyncio.create_task(pool.admit(1, T))
-        await _settle()
+        await _queued(pool, 1, 1)
         pool.set_mode(1, "fail")
         with pytest.raises(RankUnavailable, match="DP rank 1 is not active"):
             await waiter
@@ -100,7 +108,7 @@ def test_hang_mode_holds_admission_and_running_requests():
         pool.set_mode(0, "hang")
         step = asyncio.create_task(pool.checkpoint(0))
         queued = asyncio.create_task(pool.admit(0, T))
-        await _settle()
+        await _queued(pool, 0, 1)  # and step is blocked at its checkpoint
         assert not step.done() and not queued.done()
         assert pool.loads()[0]["queues"]["paused"] == 1
         pool.set_mode(0, "ok")
@@ -115,12 +123,12 @@ def test_wait_is_woken_by_a_mode_change_and_close_releases_hung_requests():
         pool = RankPool(1, capacity=1)
         await pool.admit(0, T)
         sleeper = asyncio.create_task(pool.wait(0, 3600.0))
-        await _settle()
+        await wait_until_async(lambda: pool.ranks[0].sleepers, what="the request asleep")
         pool.set_mode(0, "hang")
-        assert await sleeper is True
+        assert await asyncio.wait_for(sleeper, WAIT_TIMEOUT_S) is True
         hung = asyncio.create_task(pool.checkpoint(0))
         queued = asyncio.create_task(pool.admit(0, T))
-        await _settle()
+        await _queued(pool, 0, 1)  # and hung is blocked at its checkpoint
         pool.close()
         for task in (hung, queued):
             with pytest.raises(RankUnavailable, match="shutting down"):

@@ -1,4 +1,5 @@
-"""Our numpy EPLB against SGLang's own ``rebalance_experts`` (the installed sglang wheel).
+"""Our numpy EPLB against SGLang's own ``rebalance_experts`` (the installed sglang wheel),
+and against the output deepseek-ai/EPLB's README publishes for its example (no torch).
 
 SGLang's algorithm module ``sglang/srt/eplb/eplb_algorithms/deepseek.py`` imports only
 torch, so it is loaded by file path; the ``sglang`` package itself (CUDA-only
@@ -95,7 +96,7 @@ def test_small_random_instances(sglang_eplb):
     """Ties galore (small integer loads, zero rows) over varied shapes and policies."""
     rng = np.random.default_rng(0)
     shapes = [  # experts, groups, nodes, gpus, replicas
-        (12, 4, 2, 8, 16),  # deepseek-ai/EPLB's README example shape
+        (12, 4, 2, 8, 16),  # the shape of deepseek-ai/EPLB's README example (below)
         (16, 4, 2, 4, 16),
         (16, 4, 4, 8, 24),
         (32, 8, 2, 4, 40),
@@ -108,8 +109,35 @@ def test_small_random_instances(sglang_eplb):
             weight = rng.integers(0, high + 1, size=(5, experts)).astype(np.float64)
             weight[0] = 0
             compare(sglang_eplb, weight, replicas, groups, nodes, gpus, hier)
-    readme = [
-        [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 22, 43],
-        [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
-    ]
-    compare(sglang_eplb, readme, 16, 4, 2, 8, True)
+    compare(sglang_eplb, README_WEIGHT, 16, 4, 2, 8, True)
+
+
+#: deepseek-ai/EPLB's README example ("Interface and Example",
+#: https://github.com/deepseek-ai/EPLB/blob/main/README.md): a two-layer MoE with 12
+#: experts per layer, 16 replicas on 2 nodes of 4 GPUs, 4 expert groups.
+README_WEIGHT = [
+    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+]
+#: The phy2log the README prints for it (hierarchical policy, since 4 groups % 2 nodes == 0).
+README_PHY2LOG = [
+    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+]
+
+
+@pytest.mark.parametrize("hierarchical", [None, True])
+def test_readme_example_output(hierarchical):
+    """EPLB's own published example, pinned without torch or sglang: our phy2log is the
+    README's, under EPLB's default policy choice (None) and explicitly hierarchical."""
+    phy2log, log2phy, logcnt = rebalance_experts(
+        np.asarray(README_WEIGHT, dtype=np.float64), 16, 4, 2, 8, hierarchical
+    )
+    assert phy2log.tolist() == README_PHY2LOG
+    # the other two outputs follow from it: replica counts, and where each replica sits
+    counts = np.stack([np.bincount(row, minlength=12) for row in phy2log])
+    np.testing.assert_array_equal(logcnt, counts)
+    for layer, row in enumerate(phy2log):
+        for expert in range(12):
+            slots = log2phy[layer, expert]
+            assert sorted(slots[slots >= 0].tolist()) == np.flatnonzero(row == expert).tolist()

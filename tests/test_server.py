@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from scheduler.cli import main
 from scheduler.client import SchedulerClient, make_request
 from scheduler.profile import load_profile, parse_profile
+from tests.conftest import WAIT_TIMEOUT_S, wait_until
 from tests.emulator_harness import EmulatorServer, get, make_emulator, post
 from tests.server_harness import SchedulerServer, write_config, write_placement
 
@@ -159,17 +159,17 @@ def test_a_failed_rank_takes_its_instance_down_and_requests_survive_the_restart(
 
 
 def _wait_idle(emu_url: str, s: SchedulerServer) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    """Until the backend runs and queues nothing and the scheduler has nothing in flight."""
+    seen: list[object] = []
+
+    def idle() -> bool:
         rows = _loads(emu_url)
         in_flight = s.call(lambda: int(s.running.core.dispatcher.in_flight.sum()))  # type: ignore[union-attr]
-        if (
-            all(r["num_running_reqs"] == 0 and r["num_waiting_reqs"] == 0 for r in rows)
-            and not in_flight
-        ):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"backend or scheduler still busy: {rows}")
+        seen[:] = [rows, in_flight]
+        busy = any(r["num_running_reqs"] or r["num_waiting_reqs"] for r in rows)
+        return not busy and not in_flight
+
+    wait_until(idle, what=lambda: f"backend or scheduler still busy: loads, in flight {seen}")
 
 
 def test_client_cancellation_aborts_the_backend_request(tmp_path: Path) -> None:
@@ -317,15 +317,15 @@ def test_health_reflection_and_metrics(tmp_path: Path) -> None:
     ):
         with grpc.insecure_channel(s.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 10
-            while True:
-                reply = stub.Check(
-                    health_pb2.HealthCheckRequest(service="moe_scheduler.v1.Scheduler")
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-                assert time.monotonic() < deadline, "never SERVING"
-                time.sleep(0.05)
+            # Watch streams the service's status, the current one first, then each change:
+            # waiting on it needs no polling; the deadline bounds the call.
+            request = health_pb2.HealthCheckRequest(service="moe_scheduler.v1.Scheduler")
+            watch = stub.Watch(request, timeout=WAIT_TIMEOUT_S)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert any(reply.status == serving for reply in watch), "never SERVING"
+            watch.cancel()
+            reply = stub.Check(request)
+            assert reply.status == serving
             services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
             assert "moe_scheduler.v1.Scheduler" in services
 

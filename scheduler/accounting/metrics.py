@@ -13,7 +13,9 @@ the popcounts of the two bit fields are its node copies and intra-node copies. O
 remote hits and GPU expert loads follow on the small table. For small batches (fewer
 routing events than table cells, e.g. one decode step of a simulator) the same two
 quantities are taken from the events directly instead, so a step costs O(events), not
-O(table); both paths are exact and agree (tests/test_accounting.py).
+O(table). The two paths are :class:`_TableStats` and :class:`_EventStats`; both are
+exact and agree (tests/test_accounting_layers.py), and each is the faster one on its
+side of that threshold, so both stay.
 
 ``per_layer=True`` also keeps node and intra-node copies per (rank, layer): what exact
 per-layer padding of the all-to-all needs
@@ -220,100 +222,201 @@ def account(
     ``dest_gpu``: a precomputed :func:`static_dispatch_table` of ``placement`` (computed
     here when omitted; pass it when accounting many batches under one placement), and
     ``codes`` its :func:`locality_codes` likewise. ``per_layer``: also keep copies per
-    (rank, layer). ``stats``: how remote hits and GPU loads are counted ("table": one
-    bincount over the (rank, layer, expert) table; "events": from each routing event;
-    "auto": whichever is smaller); the results are identical.
+    (rank, layer). ``stats``: how remote hits and GPU loads are counted ("table":
+    :class:`_TableStats`, one bincount over the (rank, layer, expert) table; "events":
+    :class:`_EventStats`, from each routing event; "auto": whichever is smaller, the
+    faster of the two at that size); the results are identical.
     """
     _check(placement, topology, model, ranks, token_ids, steps)
     num_ranks, per_node = placement.num_gpus, placement.gpus_per_node
-    nodes = placement.num_nodes
-    tokens, layers, top_k = token_ids.shape
-    experts = placement.num_experts
+    tokens, layers, _ = token_ids.shape
     if dest_gpu is None:
         dest_gpu = static_dispatch_table(placement)
     if codes is None:
         codes = locality_codes(dest_gpu, per_node)
+    shape = _TableShape(num_ranks, layers, placement.num_experts)
+    copies = _Copies(tokens, shape, placement.num_nodes, codes, per_layer)
+    by_events = stats == "events" or (stats == "auto" and token_ids.size < shape.size)
+    counter: _EventStats | _TableStats = (
+        _EventStats(shape, dest_gpu, copies.node_mask)
+        if by_events
+        else _TableStats(shape, dest_gpu, per_node)
+    )
     flat_codes = codes.ravel()
-    width = experts + 1
-    node_mask = codes.dtype.type((1 << nodes) - 1)
-    table_size = num_ranks * layers * width
-    by_events = stats == "events" or (stats == "auto" and token_ids.size < table_size)
-
-    node_copies_tok = np.zeros(tokens, dtype=np.int64)
-    intra_copies_tok = np.zeros(tokens, dtype=np.int64)
-    rank_layer_node = np.zeros(num_ranks * layers if per_layer else 0)
-    rank_layer_intra = np.zeros(num_ranks * layers if per_layer else 0)
-    counts = np.zeros(0 if by_events else table_size, dtype=np.int64)
-    rank_remote_hits = np.zeros(num_ranks, dtype=np.int64)
-    gpu_load = np.zeros(layers * num_ranks, dtype=np.int64)
-    served: list[np.ndarray] = []  # (layer, gpu, expert) cells reached, events path
-    flat_dest = dest_gpu.ravel()
-    token_layers = 0
-    layer_base = np.arange(layers, dtype=np.int32) * width + 1  # +1: column 0 is "-1"
     chunk = max(1, CHUNK_TOKEN_LAYERS // layers)
     for start in range(0, tokens, chunk):
         ids = token_ids[start : start + chunk]
         rank_chunk = ranks[start : start + chunk].astype(np.int32)
-        base = rank_chunk[:, None] * (layers * width)
-        idx = (base + layer_base)[:, :, None] + ids  # [tokens, layers, top_k] int32
+        idx = shape.index(rank_chunk, ids)
         code = flat_codes.take(idx)
+        copies.add(start, ids, rank_chunk, code)
+        counter.add(ids, idx, code, rank_chunk)
+    rank_remote_hits, gpu_load, served = counter.totals()
+    return _assemble(
+        copies, rank_remote_hits, gpu_load, served, shape, model, ranks, steps, fp8_scales
+    )
+
+
+@dataclass(frozen=True)
+class _TableShape:
+    """The [ranks, layers, experts + 1] code table (column 0: a not-recorded expert)."""
+
+    ranks: int
+    layers: int
+    experts: int
+
+    @property
+    def width(self) -> int:
+        return self.experts + 1
+
+    @property
+    def size(self) -> int:
+        return self.ranks * self.layers * self.width
+
+    def index(self, rank_chunk: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """[tokens, layers, top_k] int32 table indices of the routing events ``ids``."""
+        base = rank_chunk[:, None] * (self.layers * self.width)
+        layer_base = np.arange(self.layers, dtype=np.int32) * self.width + 1  # +1: "-1"
+        return (base + layer_base)[:, :, None] + ids
+
+
+class _Copies:
+    """Node and intra-node copies per token (and per (rank, layer) when asked for):
+    a token-layer's codes OR-ed over its experts, the two bit fields popcounted."""
+
+    def __init__(
+        self, tokens: int, shape: _TableShape, nodes: int, codes: np.ndarray, per_layer: bool
+    ) -> None:
+        self.shape, self.nodes, self.per_layer = shape, nodes, per_layer
+        self.node_mask = codes.dtype.type((1 << nodes) - 1)
+        self.node_tok = np.zeros(tokens, dtype=np.int64)
+        self.intra_tok = np.zeros(tokens, dtype=np.int64)
+        cells = shape.ranks * shape.layers if per_layer else 0
+        self.rank_layer_node = np.zeros(cells)
+        self.rank_layer_intra = np.zeros(cells)
+        self.token_layers = 0
+
+    def add(self, start: int, ids: np.ndarray, rank_chunk: np.ndarray, code: np.ndarray) -> None:
+        """One chunk of tokens from ``start``: ``code [tokens, layers, top_k]``."""
         merged = code[:, :, 0].copy()
         for k in range(1, code.shape[2]):
             merged |= code[:, :, k]
-        node_tl = np.bitwise_count(merged & node_mask)  # [tokens, layers]
-        intra_tl = np.bitwise_count(merged >> nodes)
-        node_copies_tok[start : start + chunk] = node_tl.sum(1)
-        intra_copies_tok[start : start + chunk] = intra_tl.sum(1)
-        token_layers += int(np.count_nonzero(ids.max(axis=2) >= 0))
-        if per_layer:
+        node_tl = np.bitwise_count(merged & self.node_mask)  # [tokens, layers]
+        intra_tl = np.bitwise_count(merged >> self.nodes)
+        self.node_tok[start : start + len(ids)] = node_tl.sum(1)
+        self.intra_tok[start : start + len(ids)] = intra_tl.sum(1)
+        self.token_layers += int(np.count_nonzero(ids.max(axis=2) >= 0))
+        if self.per_layer:
+            layers, size = self.shape.layers, self.shape.ranks * self.shape.layers
             cell = (rank_chunk[:, None] * layers + np.arange(layers, dtype=np.int32)).ravel()
-            size = num_ranks * layers
-            rank_layer_node += np.bincount(cell, weights=node_tl.ravel(), minlength=size)
-            rank_layer_intra += np.bincount(cell, weights=intra_tl.ravel(), minlength=size)
-        if by_events:
-            served.append(
-                _event_stats(
-                    ids,
-                    idx,
-                    code & node_mask,
-                    rank_chunk,
-                    flat_dest,
-                    (layers, width, num_ranks),
-                    rank_remote_hits,
-                    gpu_load,
-                )
-            )
-        else:
-            counts += np.bincount(idx.ravel(), minlength=table_size)
+            self.rank_layer_node += np.bincount(cell, weights=node_tl.ravel(), minlength=size)
+            self.rank_layer_intra += np.bincount(cell, weights=intra_tl.ravel(), minlength=size)
 
-    if not by_events:
-        counts3 = counts.reshape(num_ranks, layers, width)[:, :, 1:]  # [ranks, layers, experts]
-        rank_node = np.arange(num_ranks) // per_node
+    def per_rank_layer(self, values: np.ndarray) -> np.ndarray | None:
+        if not self.per_layer:
+            return None
+        return values.reshape(self.shape.ranks, self.shape.layers).astype(np.int64)
+
+
+class _TableStats:
+    """Remote hits and GPU loads from one bincount of the table indices: O(table) at the
+    end, the faster path when there are more routing events than table cells."""
+
+    def __init__(self, shape: _TableShape, dest_gpu: np.ndarray, per_node: int) -> None:
+        self.shape, self.dest_gpu, self.per_node = shape, dest_gpu, per_node
+        self.counts = np.zeros(shape.size, dtype=np.int64)
+
+    def add(
+        self, ids: np.ndarray, idx: np.ndarray, code: np.ndarray, rank_chunk: np.ndarray
+    ) -> None:
+        self.counts += np.bincount(idx.ravel(), minlength=self.shape.size)
+
+    def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rank_remote_hits [ranks], gpu_load [layers, gpus], served cells)."""
+        ranks, layers, experts = self.shape.ranks, self.shape.layers, self.shape.experts
+        dest_gpu, per_node = self.dest_gpu, self.per_node
+        counts3 = self.counts.reshape(ranks, layers, self.shape.width)[:, :, 1:]
+        rank_node = np.arange(ranks) // per_node
         remote = (dest_gpu // per_node) != rank_node[:, None, None]
         rank_remote_hits = (counts3 * remote).sum(axis=(1, 2))
-        gpu_index = np.arange(layers)[None, :, None] * num_ranks + dest_gpu
+        gpu_index = np.arange(layers)[None, :, None] * ranks + dest_gpu
         gpu_load = np.bincount(
-            gpu_index.ravel(), weights=counts3.ravel(), minlength=layers * num_ranks
+            gpu_index.ravel(), weights=counts3.ravel(), minlength=layers * ranks
         ).astype(np.int64)
         reached = counts3 > 0
-        served = [gpu_index[reached] * experts + np.nonzero(reached)[2]]
-    gpu_load = gpu_load.reshape(layers, num_ranks)
+        served = gpu_index[reached] * experts + np.nonzero(reached)[2]
+        return rank_remote_hits, gpu_load.reshape(layers, ranks), served
 
+
+class _EventStats:
+    """Remote hits and GPU loads event by event: O(events), the faster path for small
+    batches (fewer routing events than table cells, e.g. one simulator step)."""
+
+    def __init__(self, shape: _TableShape, dest_gpu: np.ndarray, node_mask: np.integer) -> None:
+        self.shape, self.flat_dest, self.node_mask = shape, dest_gpu.ravel(), node_mask
+        self.rank_remote_hits = np.zeros(shape.ranks, dtype=np.int64)
+        self.gpu_load = np.zeros(shape.layers * shape.ranks, dtype=np.int64)
+        self.served: list[np.ndarray] = []  # (layer, gpu, expert) cells reached
+
+    def add(
+        self, ids: np.ndarray, idx: np.ndarray, code: np.ndarray, rank_chunk: np.ndarray
+    ) -> None:
+        """Adds one chunk's remote hits per rank and (layer, GPU) loads, and keeps the
+        (layer, GPU, expert) cells its events reach, as ``cell * experts + e``.
+
+        ``idx`` indexes the [ranks, layers, experts + 1] code table (``code`` its
+        entries); the same event in
+        the [ranks, layers, experts] dispatch table is ``idx - rank * layers - layer - 1``.
+        """
+        layers, ranks = self.shape.layers, self.shape.ranks
+        valid = ids >= 0
+        remote = ((code & self.node_mask) != 0) & valid
+        per_token = remote.sum(axis=(1, 2))
+        self.rank_remote_hits += np.bincount(rank_chunk, weights=per_token, minlength=ranks).astype(
+            np.int64
+        )
+        layer = np.arange(layers, dtype=np.int32)[None, :, None]
+        dest_index = idx - rank_chunk[:, None, None] * layers - layer - 1
+        dest = self.flat_dest.take(dest_index[valid])
+        cell = (np.broadcast_to(layer, ids.shape)[valid] * ranks + dest).astype(np.int64)
+        self.gpu_load += np.bincount(cell, minlength=self.gpu_load.size)
+        self.served.append(cell * self.shape.experts + ids[valid])
+
+    def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rank_remote_hits [ranks], gpu_load [layers, gpus], served cells)."""
+        served = np.concatenate(self.served) if self.served else np.zeros(0, np.int64)
+        gpu_load = self.gpu_load.reshape(self.shape.layers, self.shape.ranks)
+        return self.rank_remote_hits, gpu_load, served
+
+
+def _assemble(
+    copies: _Copies,
+    rank_remote_hits: np.ndarray,
+    gpu_load: np.ndarray,
+    served: np.ndarray,
+    shape: _TableShape,
+    model: ModelShape,
+    ranks: np.ndarray,
+    steps: np.ndarray | None,
+    fp8_scales: bool,
+) -> Accounting:
+    """The :class:`Accounting` of the per-token copies and the counted stats."""
+    num_ranks = shape.ranks
     size = bytes_per_copy(model.hidden_size, fp8_scales)
-    rank_node_copies = np.bincount(ranks, weights=node_copies_tok, minlength=num_ranks)
-    rank_intra_copies = np.bincount(ranks, weights=intra_copies_tok, minlength=num_ranks)
+    rank_node_copies = np.bincount(ranks, weights=copies.node_tok, minlength=num_ranks)
+    rank_intra_copies = np.bincount(ranks, weights=copies.intra_tok, minlength=num_ranks)
     rank_node_copies = rank_node_copies.astype(np.int64)
     rank_intra_copies = rank_intra_copies.astype(np.int64)
     step_traffic = None
     if steps is not None:
         step_traffic = _step_traffic(
-            steps, ranks, node_copies_tok, intra_copies_tok, num_ranks, size.total
+            steps, ranks, copies.node_tok, copies.intra_tok, num_ranks, size.total
         )
     return Accounting(
-        token_layers=token_layers,
+        token_layers=copies.token_layers,
         remote_hits=int(rank_remote_hits.sum()),
-        node_copies=int(node_copies_tok.sum()),
-        intra_node_copies=int(intra_copies_tok.sum()),
+        node_copies=int(copies.node_tok.sum()),
+        intra_node_copies=int(copies.intra_tok.sum()),
         bytes_per_copy=size,
         rank_tokens=np.bincount(ranks, minlength=num_ranks),
         rank_remote_hits=rank_remote_hits,
@@ -323,47 +426,12 @@ def account(
         rank_intra_node_bytes=rank_intra_copies * size.total,
         gpu_load=gpu_load,
         gpu_load_imbalance=max_over_mean(gpu_load),
-        served_cells=np.concatenate(served) if served else np.zeros(0, np.int64),
-        num_experts=experts,
+        served_cells=served,
+        num_experts=shape.experts,
         steps=step_traffic,
-        rank_layer_node_copies=(
-            rank_layer_node.reshape(num_ranks, layers).astype(np.int64) if per_layer else None
-        ),
-        rank_layer_intra_node_copies=(
-            rank_layer_intra.reshape(num_ranks, layers).astype(np.int64) if per_layer else None
-        ),
+        rank_layer_node_copies=copies.per_rank_layer(copies.rank_layer_node),
+        rank_layer_intra_node_copies=copies.per_rank_layer(copies.rank_layer_intra),
     )
-
-
-def _event_stats(
-    ids: np.ndarray,
-    idx: np.ndarray,
-    remote_code: np.ndarray,
-    rank_chunk: np.ndarray,
-    flat_dest: np.ndarray,
-    shape: tuple[int, int, int],
-    rank_remote_hits: np.ndarray,
-    gpu_load: np.ndarray,
-) -> np.ndarray:
-    """Adds one chunk's remote hits per rank and (layer, GPU) loads, event by event;
-    returns the (layer, GPU, expert) cells its events reach, as ``cell * experts + e``.
-
-    ``idx`` indexes the [ranks, layers, experts + 1] code table; the same event in the
-    [ranks, layers, experts] dispatch table is ``idx - rank * layers - layer - 1``.
-    """
-    layers, width, num_ranks = shape
-    valid = ids >= 0
-    remote = (remote_code != 0) & valid
-    per_token = remote.sum(axis=(1, 2))
-    rank_remote_hits += np.bincount(rank_chunk, weights=per_token, minlength=num_ranks).astype(
-        np.int64
-    )
-    layer = np.arange(layers, dtype=np.int32)[None, :, None]
-    dest_index = idx - rank_chunk[:, None, None] * layers - layer - 1
-    dest = flat_dest.take(dest_index[valid])
-    cell = (np.broadcast_to(layer, ids.shape)[valid] * num_ranks + dest).astype(np.int64)
-    gpu_load += np.bincount(cell, minlength=gpu_load.size)
-    return cell * (width - 1) + ids[valid]
 
 
 def _step_traffic(

@@ -117,11 +117,13 @@ class PlacementResult:
 
 
 def combined_layer_status(statuses: list[str]) -> str:
-    """One status for per-layer solves: OPTIMAL if every layer is, FALLBACK if any layer
-    fell back to its heuristic, FEASIBLE otherwise."""
+    """One status for per-layer solves: OPTIMAL if every layer is, FEASIBLE if every
+    layer is OPTIMAL or FEASIBLE, else FALLBACK: some layer fell back to its heuristic
+    (marked ``FALLBACK``, or left with the solver's own status name when it found no
+    solution: ``UNKNOWN``, ``INFEASIBLE``, ``MODEL_INVALID``)."""
     if all(s == "OPTIMAL" for s in statuses):
         return "OPTIMAL"
-    return "FALLBACK" if "FALLBACK" in statuses else "FEASIBLE"
+    return "FEASIBLE" if all(s in ("OPTIMAL", "FEASIBLE") for s in statuses) else "FALLBACK"
 
 
 def balanced_class_shares(weights: np.ndarray, nodes: int) -> np.ndarray:

@@ -44,7 +44,12 @@ from scheduler.placement.methods.ours_greedy import (
 )
 from scheduler.placement.metrics import gpu_loads, imbalance, node_demand, remote_cost
 from scheduler.placement.placement import Placement
-from scheduler.placement.problem import PlacementProblem, PlacementResult, balanced_class_shares
+from scheduler.placement.problem import (
+    PlacementProblem,
+    PlacementResult,
+    balanced_class_shares,
+    combined_layer_status,
+)
 from scheduler.placement.step_time import BALANCE_SLACK
 
 ROUNDS = 3
@@ -67,21 +72,32 @@ class _LayerSolution:
 # ----------------------------------------------------------------------------- CP-SAT
 
 
+@dataclass(frozen=True)
+class _LayerSettings:
+    """What every layer's CP-SAT model shares in one solve: the slot layout, the GPU
+    load tolerance, the link costs [nodes, nodes] and the solver's budget (deterministic
+    time per layer, seed, workers)."""
+
+    slots_per_gpu: int
+    gpus_per_node: int
+    tolerance: float
+    link_cost: np.ndarray
+    time_limit: float
+    seed: int
+    workers: int
+
+
 def _solve_layer_cpsat(
     dem: np.ndarray,
     k: np.ndarray,
-    spg: int,
-    g_per_node: int,
-    tol: float,
-    link_cost: np.ndarray,
     hint: np.ndarray,
-    time_limit: float,
-    seed: int,
-    workers: int,
-    current: np.ndarray | None,
-    max_moves: int | None,
+    settings: _LayerSettings,
+    current: np.ndarray | None = None,
+    max_moves: int | None = None,
 ) -> _LayerSolution:
-    """One layer given node demands dem [nodes, experts] and replica counts k [experts].
+    """One layer given node demands dem [nodes, experts] and replica counts k [experts],
+    warm-started from ``hint [slots]``; with ``current [slots]`` and ``max_moves``, at
+    most that many replicas move off their GPU.
 
     With at most one replica per node, SGLang's static dispatch is linear here: node n's
     demand for e goes to its own replica if it has one, otherwise evenly to e's k_e
@@ -89,33 +105,120 @@ def _solve_layer_cpsat(
     """
     from ortools.sat.python import cp_model
 
-    nodes, experts = dem.shape
-    num_gpus = nodes * g_per_node
-    slots = num_gpus * spg
-    node_of = np.arange(num_gpus) // g_per_node
-    scale = DEMAND_SCALE / max(float(dem.max()), 1e-12)
-    d = np.rint(dem * scale).astype(np.int64)  # [nodes, experts]
-    cost = np.rint(link_cost * COST_SCALE).astype(np.int64)
-    uniform = bool(np.all(cost[~np.eye(nodes, dtype=bool)] == cost.max()))
-    total = d.sum(axis=0)
+    layer = _LayerModel.build(dem, k, settings)
+    model = layer.model
+    if current is not None and max_moves is not None:
+        layer.limit_moves(current, max_moves)
+    layer.add_hint(hint)
 
-    # --- variables: z[e, g] = a replica of e on GPU g; y[e, n] = node n holds e
-    model = cp_model.CpModel()
-    z = {(e, g): model.new_bool_var(f"z{e}_{g}") for e in range(experts) for g in range(num_gpus)}
-    y = {
-        (e, n): sum(z[e, g] for g in range(num_gpus) if node_of[g] == n)
-        for e in range(experts)
-        for n in range(nodes)
-    }
-    # --- equal slots per GPU
-    for g in range(num_gpus):
-        model.add(sum(z[e, g] for e in range(experts)) == spg)
-    # --- k_e replicas of every expert, at most one per node
-    for e in range(experts):
-        model.add(sum(z[e, g] for g in range(num_gpus)) == int(k[e]))
-        for n in range(nodes):
-            model.add(y[e, n] <= 1)
-    # --- GPU expert load within the tolerance (expected load under static dispatch)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_deterministic_time = settings.time_limit
+    solver.parameters.max_time_in_seconds = 1.5 * settings.time_limit  # wall-clock safety net
+    solver.parameters.num_workers = settings.workers
+    solver.parameters.random_seed = settings.seed
+    solver.parameters.linearization_level = LINEARIZATION
+    status = solver.solve(model)
+    name = solver.status_name(status)
+    unit = layer.scale * COST_SCALE
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return _LayerSolution(hint, float("nan"), float("nan"), name)
+    return _LayerSolution(
+        layer.row(solver), solver.objective_value / unit, solver.best_objective_bound / unit, name
+    )
+
+
+@dataclass
+class _LayerModel:
+    """One layer's CP-SAT model: ``z[e, g]`` = a replica of e on GPU g, ``y[e, n]`` =
+    node n holds e (a sum of z); demands are scaled to integers by ``scale``."""
+
+    model: Any
+    z: dict[tuple[int, int], Any]
+    scale: float
+    experts: int
+    num_gpus: int
+    slots_per_gpu: int
+
+    @classmethod
+    def build(cls, dem: np.ndarray, k: np.ndarray, settings: _LayerSettings) -> _LayerModel:
+        """Variables, constraints (equal slots per GPU, k_e replicas at most one per
+        node, GPU load within the tolerance) and the link-cost-weighted remote demand
+        as the objective."""
+        from ortools.sat.python import cp_model
+
+        nodes, experts = dem.shape
+        spg, g_per_node = settings.slots_per_gpu, settings.gpus_per_node
+        num_gpus = nodes * g_per_node
+        node_of = np.arange(num_gpus) // g_per_node
+        scale = DEMAND_SCALE / max(float(dem.max()), 1e-12)
+        d = np.rint(dem * scale).astype(np.int64)  # [nodes, experts]
+
+        # --- variables: z[e, g] = a replica of e on GPU g; y[e, n] = node n holds e
+        model = cp_model.CpModel()
+        z = {
+            (e, g): model.new_bool_var(f"z{e}_{g}") for e in range(experts) for g in range(num_gpus)
+        }
+        y = {
+            (e, n): sum(z[e, g] for g in range(num_gpus) if node_of[g] == n)
+            for e in range(experts)
+            for n in range(nodes)
+        }
+        # --- equal slots per GPU
+        for g in range(num_gpus):
+            model.add(sum(z[e, g] for e in range(experts)) == spg)
+        # --- k_e replicas of every expert, at most one per node
+        for e in range(experts):
+            model.add(sum(z[e, g] for g in range(num_gpus)) == int(k[e]))
+            for n in range(nodes):
+                model.add(y[e, n] <= 1)
+        _add_gpu_load_caps(model, z, y, d, k, node_of, settings.tolerance)
+        model.minimize(sum(_remote_cost_terms(model, z, y, d, k, node_of, settings.link_cost)))
+        return cls(model, z, scale, experts, num_gpus, spg)
+
+    def limit_moves(self, current: np.ndarray, max_moves: int) -> None:
+        """Re-placement: at most ``max_moves`` replicas not already on their GPU."""
+        experts, num_gpus, spg = self.experts, self.num_gpus, self.slots_per_gpu
+        cur = np.zeros((experts, num_gpus), dtype=bool)
+        cur[current, np.arange(num_gpus * spg) // spg] = True
+        self.model.add(
+            sum(self.z[e, g] for e in range(experts) for g in range(num_gpus) if not cur[e, g])
+            <= max_moves
+        )
+
+    def add_hint(self, hint: np.ndarray) -> None:
+        """Warm start from the heuristic's row ``hint [slots]``."""
+        spg = self.slots_per_gpu
+        hint_z = np.zeros((self.experts, self.num_gpus), dtype=bool)
+        hint_z[hint, np.arange(self.num_gpus * spg) // spg] = True
+        for (e, g), var in self.z.items():
+            self.model.add_hint(var, bool(hint_z[e, g]))
+
+    def row(self, solver: Any) -> np.ndarray:
+        """[slots] the solved logical expert per physical slot."""
+        spg = self.slots_per_gpu
+        row = np.empty(self.num_gpus * spg, dtype=np.int64)
+        for g in range(self.num_gpus):
+            row[g * spg : (g + 1) * spg] = [
+                e for e in range(self.experts) if solver.value(self.z[e, g])
+            ]
+        return row
+
+
+def _add_gpu_load_caps(
+    model: Any,
+    z: dict[tuple[int, int], Any],
+    y: dict[tuple[int, int], Any],
+    d: np.ndarray,
+    k: np.ndarray,
+    node_of: np.ndarray,
+    tol: float,
+) -> None:
+    """Every GPU's expected expert load under static dispatch within ``1 + tol`` of the
+    mean: a single replica serves all its expert's demand, a replicated expert's local
+    demand stays on its node and the rest is split evenly over its k_e replicas."""
+    nodes, experts = d.shape
+    num_gpus = len(node_of)
+    total = d.sum(axis=0)
     cap = int(np.floor((1 + tol) * total.sum() / num_gpus))
     gpu_load: dict[int, list[Any]] = {g: [] for g in range(num_gpus)}
     for e in range(experts):
@@ -132,7 +235,23 @@ def _solve_layer_cpsat(
             gpu_load[g] += [int(d[node_of[g], e]) * z[e, g], share]
     for g in range(num_gpus):
         model.add(sum(gpu_load[g]) <= cap)
-    # --- objective: remote demand, weighted by the link cost to the serving replica
+
+
+def _remote_cost_terms(
+    model: Any,
+    z: dict[tuple[int, int], Any],
+    y: dict[tuple[int, int], Any],
+    d: np.ndarray,
+    k: np.ndarray,
+    node_of: np.ndarray,
+    link_cost: np.ndarray,
+) -> list[Any]:
+    """The objective's terms: remote demand, weighted by the link cost to the serving
+    replica (one term per node lacking the expert on a uniform fabric)."""
+    nodes, experts = d.shape
+    num_gpus = len(node_of)
+    cost = np.rint(link_cost * COST_SCALE).astype(np.int64)
+    uniform = bool(np.all(cost[~np.eye(nodes, dtype=bool)] == cost.max()))
     terms: list[Any] = []
     for e in range(experts):
         if uniform:
@@ -147,38 +266,7 @@ def _solve_layer_cpsat(
                         w = model.new_bool_var(f"w{e}_{n}_{g}")
                         model.add(w >= z[e, g] - y[e, n])
                         terms.append(c * w)
-    # --- re-placement: at most max_moves replicas not already on their GPU
-    if current is not None and max_moves is not None:
-        cur = np.zeros((experts, num_gpus), dtype=bool)
-        cur[current, np.arange(slots) // spg] = True
-        model.add(
-            sum(z[e, g] for e in range(experts) for g in range(num_gpus) if not cur[e, g])
-            <= max_moves
-        )
-    model.minimize(sum(terms))
-    # --- warm start from the heuristic
-    hint_z = np.zeros((experts, num_gpus), dtype=bool)
-    hint_z[hint, np.arange(slots) // spg] = True
-    for (e, g), var in z.items():
-        model.add_hint(var, bool(hint_z[e, g]))
-
-    solver = cp_model.CpSolver()
-    solver.parameters.max_deterministic_time = time_limit
-    solver.parameters.max_time_in_seconds = 1.5 * time_limit  # wall-clock safety net
-    solver.parameters.num_workers = workers
-    solver.parameters.random_seed = seed
-    solver.parameters.linearization_level = LINEARIZATION
-    status = solver.solve(model)
-    name = solver.status_name(status)
-    unit = scale * COST_SCALE
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return _LayerSolution(hint, float("nan"), float("nan"), name)
-    row = np.empty(slots, dtype=np.int64)
-    for g in range(num_gpus):
-        row[g * spg : (g + 1) * spg] = [e for e in range(experts) if solver.value(z[e, g])]
-    return _LayerSolution(
-        row, solver.objective_value / unit, solver.best_objective_bound / unit, name
-    )
+    return terms
 
 
 # ----------------------------------------------------------------------------- x step
@@ -246,6 +334,17 @@ def solve_remote_hits(problem: PlacementProblem) -> PlacementResult:
     current = problem.current.phy2log if problem.current is not None else None
     moves_left = problem.max_moves
 
+    settings = _LayerSettings(
+        slots_per_gpu=spg,
+        gpus_per_node=g,
+        tolerance=problem.balance_tolerance,
+        link_cost=t.link_cost,
+        # CP-SAT's deterministic time (not wall time) keeps runs reproducible
+        time_limit=problem.time_limit_s / (ROUNDS * m.num_moe_layers),
+        seed=problem.seed,
+        workers=problem.workers,
+    )
+
     shares = balanced_class_shares(weights, t.nodes)
     history = []
     rows = np.zeros((m.num_moe_layers, slots), dtype=np.int64)
@@ -261,8 +360,6 @@ def solve_remote_hits(problem: PlacementProblem) -> PlacementResult:
             statuses = ["HEURISTIC"] * m.num_moe_layers
             bounds[:] = np.nan
         for layer in range(m.num_moe_layers if use_cpsat else 0):
-            # CP-SAT's deterministic time (not wall time) keeps runs reproducible
-            layer_budget = problem.time_limit_s / (ROUNDS * m.num_moe_layers)
             dem = nd[:, layer, :]
             cur = None if current is None else current[layer]
             k = (
@@ -274,20 +371,7 @@ def solve_remote_hits(problem: PlacementProblem) -> PlacementResult:
             layer_moves = None
             if moves_left is not None:
                 layer_moves = moves_left // (m.num_moe_layers - layer)
-            sol = _solve_layer_cpsat(
-                dem,
-                k,
-                spg,
-                g,
-                problem.balance_tolerance,
-                t.link_cost,
-                hint,
-                layer_budget,
-                problem.seed,
-                problem.workers,
-                cur,
-                layer_moves,
-            )
+            sol = _solve_layer_cpsat(dem, k, hint, settings, cur, layer_moves)
             statuses.append(sol.status)
             rows[layer], bounds[layer] = sol.row, sol.bound
         _, cost = remote_cost(nd, Placement(rows, m.num_experts, t.num_gpus, g), t.link_cost)
@@ -311,18 +395,12 @@ def solve_remote_hits(problem: PlacementProblem) -> PlacementResult:
     layer_imbalance = imbalance(loads)
     over = layer_imbalance > 1 + problem.balance_tolerance + BALANCE_SLACK
     relaxed = [layer for layer, s in enumerate(statuses) if s == "INFEASIBLE" or over[layer]]
-    fell_back = any(s not in ("OPTIMAL", "FEASIBLE", "HEURISTIC") for s in statuses)
-    status = (
-        "BALANCE_RELAXED"
-        if relaxed
-        else "OPTIMAL"
-        if statuses and all(s == "OPTIMAL" for s in statuses)
-        else "HEURISTIC"
-        if all(s == "HEURISTIC" for s in statuses)
-        else "FALLBACK"
-        if fell_back
-        else "FEASIBLE"
-    )
+    if relaxed:
+        status = "BALANCE_RELAXED"
+    elif not use_cpsat:
+        status = "HEURISTIC"  # every layer placed by the large-layer heuristic
+    else:
+        status = combined_layer_status(statuses)  # CP-SAT status names per layer
     if relaxed:
         bounds[relaxed] = np.nan
     # In this objective's units (remote hits over the profile's counts x link cost): every
