@@ -20,11 +20,10 @@ from scheduler.deploy.sglang_args import (
     DEFAULT_SGLANG_VERSION,
     DISAGGREGATION_MODES,
     SglangLaunch,
-    SglangVersion,
 )
 from scheduler.errors import ConfigError, InputError
 from scheduler.model_shape import PRESETS, ModelShape
-from scheduler.sglang_versions import DEFAULT_BOOTSTRAP_PORT
+from scheduler.sglang_versions import DEFAULT_BOOTSTRAP_PORT, SglangVersion
 
 
 def add_commands(sub: Any) -> None:

@@ -37,6 +37,7 @@ Pure numpy; no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -247,7 +248,7 @@ def replay_steady(
 
 def _decode_steps(
     workload: Workload, policy: RoutingPolicy, topology: Topology, config: SteadyConfig
-):  # type: ignore[no-untyped-def]
+) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
     """Yields (token indices, their ranks, requests drawn so far, fallbacks) per step."""
     infos = _infos(workload)
     ranks_n, n = topology.num_gpus, config.running_per_rank
@@ -271,7 +272,7 @@ def _decode_steps(
 
 def _prefill_steps(
     workload: Workload, policy: RoutingPolicy, topology: Topology, config: SteadyConfig
-):  # type: ignore[no-untyped-def]
+) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
     """Chunked prefill: yields (token indices, ranks, drawn, fallbacks) per step."""
     infos = _infos(workload)
     pool = np.flatnonzero(workload.prefill > 0)
