@@ -171,3 +171,49 @@ def test_latency_reports_every_predictor_without_judging_speed():
     assert single["requests"] == 3 and "median_of_repeats" not in single
     with pytest.raises(ValueError, match="no texts"):
         single_request_latency(len, [])
+
+
+def test_bucket_counts_match_unique_and_whitespace_split_matches_regex():
+    import re
+
+    f = small_features(min_df=1)
+    texts, _ = labelled_prompts(10)
+    texts += ["", "a", "ab", "aaaa aaaa", "\u00a0x\u2003y\x1cz\n\tq  "]
+    f.fit(texts)
+    for text in texts:
+        raw, n_raw = f._buckets(text)
+        buckets, counts, n_word = f.bucket_counts(text)
+        want, want_counts = np.unique(raw, return_counts=True)
+        assert np.array_equal(buckets, want) and np.array_equal(counts, want_counts)
+        assert n_word == int(np.searchsorted(want, 1 << f.word_bits))
+        _, tf, _ = f.term_frequencies(text)
+        assert np.array_equal(tf, (1.0 + np.log(want_counts)).astype(np.float32))
+        assert f.normalise(text) == re.sub(r"\s+", " ", text[: f.max_chars]).strip()
+
+
+def test_sublinear_tf_table_and_fallback_agree_with_the_logarithm():
+    from scheduler.prediction.text_features import sublinear_tf
+
+    counts = np.array([1, 2, 3, 100, (1 << 14) - 1])
+    want = (1.0 + np.log(counts)).astype(np.float32)
+    assert np.array_equal(sublinear_tf(counts), want)
+    big = np.array([1, 1 << 14, 1 << 20])
+    assert np.array_equal(sublinear_tf(big), (1.0 + np.log(big)).astype(np.float32))
+    assert sublinear_tf(np.zeros(0, dtype=np.int64)).shape == (0,)
+
+
+def test_fast_path_scores_track_weight_changes():
+    texts, labels = labelled_prompts(20)
+    clf = TextClassifier(features=small_features()).fit(texts, labels)
+    test, _ = labelled_prompts(5, seed=4)
+    for text, row in zip(test, clf.decision_function(test), strict=True):
+        assert np.allclose(clf._scores_one(text), row, atol=1e-5)
+    # the score table is rebuilt after partial_fit, new classes and from_state
+    more, more_labels = labelled_prompts(5, seed=11)
+    clf.partial_fit(more, more_labels)
+    assert np.allclose(clf._scores_one(test[0]), clf.decision_function(test[:1])[0], atol=1e-5)
+    clf.partial_fit(["brand new class text"], ["other"], classes=["other"])
+    proba = clf.predict_proba(test[:1])[0]
+    assert np.allclose(clf.predict_one_proba(test[0]), proba, atol=1e-5)
+    back = TextClassifier.from_state(*clf.get_state())
+    assert np.allclose(back.predict_one_proba(test[0]), proba, atol=1e-5)

@@ -161,7 +161,9 @@ def _predictor_domain(steps: dict[str, Any], targets: dict[str, Any]) -> list[st
         f"{_fmt(lat.get('repeats'))} rounds after a warm-up, in one process on a machine "
         "shared with other work (load average "
         + " / ".join(_fmt(v, 2) for v in dom.get("loadavg_before") or [])
-        + " before timing). The all-calls tail moves with whatever else runs on the machine "
+        + " before timing). `predict_one` scores a prompt from its distinct hashed buckets "
+        "(one sort) and one gather of a weights-and-idf table, without a sparse matrix. "
+        "The all-calls tail moves with whatever else runs on the machine "
         "at the time; the per-prompt median row filters that out.",
         "",
     ]

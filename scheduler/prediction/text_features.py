@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-_WHITESPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w\w+")
 _PRIME = np.uint64(1099511628211)  # FNV-64 prime: multiplier of the rolling hash
 _MIX1 = np.uint64(0x9E3779B97F4A7C15)
@@ -60,6 +59,20 @@ def _mix(x: np.ndarray) -> None:
     x *= _MIX1
     x ^= x >> _SHIFT
     x *= _MIX2
+
+
+#: ``1 + ln(k)`` as float32 for counts k < 2**14 (index 0 unused): a lookup instead of a
+#: logarithm per bucket; the values are exactly ``(1.0 + np.log(k)).astype(np.float32)``.
+_SUBLINEAR = np.zeros(1 << 14, dtype=np.float32)
+_SUBLINEAR[1:] = (1.0 + np.log(np.arange(1, 1 << 14))).astype(np.float32)
+_CHAR_SALTS = tuple(np.uint64(16 + n) for n in range(17))
+
+
+def sublinear_tf(counts: np.ndarray) -> np.ndarray:
+    """[m] float32 ``1 + ln(count)`` of counts [m] >= 1."""
+    if len(counts) and int(counts.max()) >= len(_SUBLINEAR):
+        return (1.0 + np.log(counts)).astype(np.float32)
+    return np.take(_SUBLINEAR, counts)
 
 
 def _code_points(text: str) -> np.ndarray:
@@ -125,7 +138,9 @@ class HashedTfidf:
 
     def normalise(self, text: str) -> str:
         """The first ``max_chars`` characters, whitespace collapsed (case kept)."""
-        return _WHITESPACE.sub(" ", text[: self.max_chars]).strip()
+        # str.split() splits on exactly the characters r"\s" matches (str.isspace), and
+        # is several times faster than re.sub + strip
+        return " ".join(text[: self.max_chars].split())
 
     def _shape_values(self, text: str, cased: str) -> list[int]:
         """The shape tokens (module docstring) of ``text`` (the whole prompt) and
@@ -151,34 +166,37 @@ class HashedTfidf:
 
         Every hash is salted by its kind (word 1 / 2, shape 7, character n: 16 + n) and
         all of them are mixed in one pass (:func:`_bucket` does the same one kind at a
-        time)."""
+        time). The hashes are written into one preallocated array."""
         cased = self.normalise(text)
         lower = cased.lower()
         codes = _code_points(cased if self.keep_char_case else lower)
         words = _WORD.findall(lower)
-        h = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
-        n_words, n_bigrams = len(h), max(len(h) - 1, 0)
+        n_words, n_bigrams = len(words), max(len(words) - 1, 0)
         shape = self._shape_values(text, cased) if self.shape_tokens else []
         n_word = n_words + n_bigrams + len(shape)
         lo, hi = self.char_ngrams
         n_chars = sum(max(len(codes) - n + 1, 0) for n in range(lo, hi + 1))
         x = np.empty(n_word + n_chars, dtype=np.uint64)
-        np.bitwise_xor(h, np.uint64(1), out=x[:n_words])
+        h = x[:n_words]
+        h[:] = list(map(zlib.crc32, map(str.encode, words)))
         if n_bigrams:  # a bigram's hash from its two words' hashes
             bigrams = x[n_words : n_words + n_bigrams]
             np.multiply(h[:-1], _PRIME, out=bigrams)
             bigrams += h[1:] ^ _BIGRAM_SALT
             bigrams ^= np.uint64(2)
+        h ^= np.uint64(1)
         if shape:
-            x[n_words + n_bigrams : n_word] = np.array(shape, dtype=np.uint64) ^ np.uint64(
-                _SHAPE_SALT
-            )
+            x[n_words + n_bigrams : n_word] = shape
+            x[n_words + n_bigrams : n_word] ^= np.uint64(_SHAPE_SALT)
         start, g = n_word, codes
         for n in range(1, hi + 1):
             if n > 1:  # hash of the n-gram starting at i, from the (n-1)-gram's
-                g = g[:-1] * _PRIME + codes[n - 1 :]
+                if len(g) <= 1:
+                    break  # no n-grams this long (or longer)
+                g = g[:-1] * _PRIME
+                g += codes[n - 1 :]
             if n >= lo:
-                np.bitwise_xor(g, np.uint64(16 + n), out=x[start : start + len(g)])
+                np.bitwise_xor(g, _CHAR_SALTS[n], out=x[start : start + len(g)])
                 start += len(g)
         _mix(x)
         x[:n_word] >>= np.uint64(64 - self.word_bits)
@@ -186,12 +204,30 @@ class HashedTfidf:
         x[n_word:] += np.uint64(1 << self.word_bits)
         return x.astype(np.int32), n_word
 
+    def bucket_counts(self, text: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """(buckets [m] int32 sorted and distinct, their counts [m] int64, m_word): the
+        first m_word buckets are word n-grams and shape tokens, the rest character
+        n-grams. One in-place sort and a boundary scan (cheaper than ``np.unique``)."""
+        x, n_word_raw = self._buckets(text)
+        if not len(x):
+            return x, np.zeros(0, dtype=np.int64), 0
+        x.sort()
+        first = np.empty(len(x), dtype=bool)
+        first[0] = True
+        np.not_equal(x[1:], x[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        counts = np.empty(len(starts), dtype=np.int64)
+        np.subtract(starts[1:], starts[:-1], out=counts[:-1])
+        counts[-1] = len(x) - starts[-1]
+        buckets = x[starts]
+        n_word = int(np.searchsorted(buckets, 1 << self.word_bits)) if n_word_raw else 0
+        return buckets, counts, n_word
+
     def term_frequencies(self, text: str) -> tuple[np.ndarray, np.ndarray, int]:
         """(buckets [m] int32 sorted, sublinear tf [m] float32, m_word): the first m_word
         buckets are word n-grams and shape tokens, the rest character n-grams."""
-        buckets, counts = np.unique(self._buckets(text)[0], return_counts=True)
-        n_word = int(np.searchsorted(buckets, 1 << self.word_bits))
-        return buckets, (1.0 + np.log(counts)).astype(np.float32), n_word
+        buckets, counts, n_word = self.bucket_counts(text)
+        return buckets, sublinear_tf(counts), n_word
 
     # ------------------------------------------------------------------ fit / transform
 
