@@ -312,4 +312,5 @@ class TextClassifier:
         self.n_partial_samples_ = int(params["n_partial_samples"])
         self.converged_ = bool(params["converged"])
         self._table = None
+        self._score_table()  # built now, where bundles load (off the serving loop)
         return self
