@@ -46,7 +46,7 @@ JSON, never a crash.
 
 Usage::
 
-    python benchmarks/dataplane.py [--data ../shared/data] [--quick] [--scenario NAME ...]
+    python -m benchmarks.dataplane [--data ../shared/data] [--quick] [--scenario NAME ...]
         [--out benchmarks/results/dataplane.json] [--work benchmarks/work/dataplane]
 
 ``--quick`` shrinks every scenario to a few seconds (the smoke test). Failures are
@@ -73,9 +73,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import frontend as fe  # benchmarks/frontend.py: setup cache, processes, load generators
 import numpy as np
-from machine import machine_facts  # benchmarks/machine.py
+
+from benchmarks import frontend as fe
+from benchmarks.machine import machine_facts
 
 BENCH_DIR, ROOT = fe.BENCH_DIR, fe.ROOT
 
@@ -1283,7 +1284,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "dataplane",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(
-            ["python benchmarks/dataplane.py", *(sys.argv[1:] if argv is None else argv)]
+            ["python -m benchmarks.dataplane", *(sys.argv[1:] if argv is None else argv)]
         ),
         "quick": args.quick,
         # the scenario sizes the targets are stated for, or other sizes (see "command")

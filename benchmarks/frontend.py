@@ -35,7 +35,7 @@ Three parts, every comparison on the same emulator process in the same run:
 
 Usage::
 
-    python benchmarks/frontend.py [--data ../shared/data] [--quick]
+    python -m benchmarks.frontend [--data ../shared/data] [--quick]
         [--out benchmarks/results/frontend.json] [--work benchmarks/work/frontend]
 
 Setup (profile, placement, predictor bundle from ``moe-scheduler fit``) is cached under
@@ -67,13 +67,12 @@ from typing import Any
 
 import numpy as np
 import tomli_w
-from machine import machine_facts  # benchmarks/machine.py (this directory)
+
+from benchmarks.machine import machine_facts
+from scheduler.processes import Child, spawn
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT))
-
-from scheduler.processes import Child, spawn  # noqa: E402 (after the path)
 
 NODES, GPUS_PER_NODE = 4, 2
 NUM_RANKS = NODES * GPUS_PER_NODE
@@ -1056,7 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "frontend",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(
-            ["python benchmarks/frontend.py", *(sys.argv[1:] if argv is None else argv)]
+            ["python -m benchmarks.frontend", *(sys.argv[1:] if argv is None else argv)]
         ),
         "quick": args.quick,
         "cluster": f"emulator {NODES} nodes x {GPUS_PER_NODE} GPUs, {MODEL}, placement "

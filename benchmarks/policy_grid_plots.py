@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from policy_grid_summary import OURS, best_peer, combos, sglang_default
+from benchmarks.policy_grid_summary import OURS, best_peer, combos, sglang_default
 
 
 def _short(dataset: str) -> str:

@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def render_results(results: Path, md: Path) -> str:
-    """``benchmarks/render.py`` over the JSON files in ``results``: the Markdown it writes."""
-    command = [sys.executable, str(REPO / "benchmarks" / "render.py"), "--results", str(results)]
+    """``python -m benchmarks.render`` over the JSON files in ``results``: the Markdown it
+    writes."""
+    command = [sys.executable, "-m", "benchmarks.render", "--results", str(results)]
     subprocess.run([*command, "--out", str(md)], cwd=REPO, check=True, timeout=60)
     return md.read_text()
 

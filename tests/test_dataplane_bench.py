@@ -17,7 +17,7 @@ SCENARIOS = ["cancel_deadline", "stream_length", "overload", "soak", "backend_re
 def test_dataplane_benchmark_quick(shared_data, tmp_path):
     out = tmp_path / "results" / "dataplane.json"
     command = [
-        sys.executable, str(REPO / "benchmarks" / "dataplane.py"), "--quick",
+        sys.executable, "-m", "benchmarks.dataplane", "--quick",
         "--data", str(shared_data), "--out", str(out), "--work", str(tmp_path / "work"),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=150)
