@@ -810,17 +810,24 @@ def _stream_row(
     return row
 
 
+@dataclass
+class _Phase:
+    """What the overload scenario's calls are sent with; its second phase changes it."""
+
+    timeout: float
+    tag: str
+
+
 def scenario_overload(ctx: Ctx, rec: dict[str, Any]) -> None:
     """Capacity measured closed loop (twice as many clients as slots), then
     ``--overload-factor`` times that offered open loop with short deadlines."""
     a = ctx.args
     set_time_scale(ctx.emulator, 1.0)
     slots = a.overload_capacity * harness.NUM_RANKS
-    phase = {"timeout": 60.0, "tag": "capacity"}
+    phase = _Phase(timeout=60.0, tag="capacity")
 
     def plan(i: int) -> CallSpec:
-        return CallSpec("unary", ctx.prompt(i), a.overload_tokens, phase["timeout"],
-                        tag=str(phase["tag"]))  # fmt: skip
+        return CallSpec("unary", ctx.prompt(i), a.overload_tokens, phase.timeout, tag=phase.tag)
 
     with scheduler(ctx, "overload", rec, capacity=a.overload_capacity) as s:
         before = read_counters(s, ctx.emulator)
@@ -843,7 +850,7 @@ def scenario_overload(ctx: Ctx, rec: dict[str, Any]) -> None:
                                        f"{_outcomes(target.records)}")  # fmt: skip
                 rate = min(a.overload_factor * capacity, a.overload_max_rate)
                 _eprint(f"  overload: capacity {capacity:.1f}/s, offering {rate:.0f}/s")
-                phase.update(timeout=a.overload_deadline, tag="overload")
+                phase.timeout, phase.tag = a.overload_deadline, "overload"
                 offsets = harness.arrival_offsets(rate, a.overload_seconds, a.arrivals, a.seed)
                 start = target.now()
                 sent = await harness.open_loop(target, offsets, first=10**6)

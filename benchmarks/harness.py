@@ -212,8 +212,8 @@ def start_emulator(
         "--data", str(data), "--shutdown-grace", "1",
     ]  # fmt: skip
     proc = spawn(log_name or f"emulator-ts{time_scale:g}", command, log_dir, ROOT)
-    port = proc.wait_for(r"listening on http://127\.0\.0\.1:(\d+)", STARTUP_TIMEOUT_S)
-    proc.address = f"http://127.0.0.1:{port}"
+    listening = proc.wait_for(r"listening on http://127\.0\.0\.1:(\d+)", STARTUP_TIMEOUT_S)
+    proc.address = f"http://127.0.0.1:{listening}"
     return proc
 
 
@@ -522,7 +522,7 @@ async def steady_load(target: Target, rate: float, until: Callable[[], bool]) ->
     ``--restart-after-s`` after the new emulator listens"), starts at once, numbers calls
     from 0 and leaves all measurement to ``target`` (``send`` must not raise: a
     ``dataplane.Calls`` records every outcome itself)."""
-    tasks = []
+    tasks: list[asyncio.Task[None]] = []
     start = time.perf_counter()
     while not until():
         delay = start + len(tasks) / rate - time.perf_counter()

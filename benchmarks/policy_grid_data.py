@@ -25,7 +25,7 @@ its prefill ran elsewhere.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,7 @@ def _workload(
     ids: list[np.ndarray],
     request_ids: list[str],
     classes: list[str],
-    histograms: list[np.ndarray | None],
+    histograms: Sequence[np.ndarray | None],
     prefill_ids: list[np.ndarray] | None = None,
     split_phase: int = 0,
 ) -> Workload:

@@ -208,8 +208,7 @@ def make_variant(policy: str, placed: dict[str, Any], phase: str) -> Any:
     every running request, a prefill chunk whole prompts)."""
     if policy.startswith(OURS[1]):
         balance = float(policy.split("=", 1)[1].rstrip("]")) if "[" in policy else None
-        extra = {} if balance is None else {"balance": balance}
-        return make_policy(OURS[1], placement=placed["placement"], weight=phase, **extra)
+        return make_policy(OURS[1], placement=placed["placement"], weight=phase, balance=balance)
     return make(policy, placed)
 
 

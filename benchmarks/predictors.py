@@ -421,7 +421,10 @@ def step_prefill_decode(data: Path, seeds: int) -> dict[str, Any]:
     others = [i for i in range(len(mixtral)) if i not in both and mixtral.ids[i] != "humaneval/0"]
     pre = mixtral.phase_counts["prefill"][both]
     dec = mixtral.phase_counts["decode"][both]
-    mx = {"request": [mixtral.ids[i] for i in both], "prior_from": [mixtral.ids[i] for i in others]}
+    mx: dict[str, Any] = {
+        "request": [mixtral.ids[i] for i in both],
+        "prior_from": [mixtral.ids[i] for i in others],
+    }
     mm = mshape.num_experts // 4
     for method in ("prefill", "prior"):
         src = mixtral.phase_counts["decode"][others]
