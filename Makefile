@@ -66,16 +66,16 @@ analysis: setup check-data
 # Run the benchmarks and render benchmarks/RESULTS.md from their JSON.
 bench: setup
 	$(MAKE) --no-print-directory setup EXTRAS=$(EXTRAS),bench
-	$(BIN)/python benchmarks/profile_scale.py --no-compress
-	$(BIN)/python benchmarks/emulator_throughput.py
-	$(BIN)/python benchmarks/predictors.py --data $(DATA)
-	$(BIN)/python benchmarks/placement.py --data $(DATA)
-	$(BIN)/python benchmarks/accounting_speed.py --data $(DATA)
-	$(BIN)/python benchmarks/policy_grid.py --data $(DATA)
-	$(BIN)/python benchmarks/frontend.py --data $(DATA)
-	$(BIN)/python benchmarks/dataplane.py --data $(DATA)
-	$(BIN)/python benchmarks/policy_grid_production.py --data $(DATA)
-	$(BIN)/python benchmarks/render.py
+	$(BIN)/python -m benchmarks.profile_scale --no-compress
+	$(BIN)/python -m benchmarks.emulator_throughput
+	$(BIN)/python -m benchmarks.predictors --data $(DATA)
+	$(BIN)/python -m benchmarks.placement --data $(DATA)
+	$(BIN)/python -m benchmarks.accounting_speed --data $(DATA)
+	$(BIN)/python -m benchmarks.policy_grid --data $(DATA)
+	$(BIN)/python -m benchmarks.frontend --data $(DATA)
+	$(BIN)/python -m benchmarks.dataplane --data $(DATA)
+	$(BIN)/python -m benchmarks.policy_grid_production --data $(DATA)
+	$(BIN)/python -m benchmarks.render
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) benchmarks/work .pytest_cache .mypy_cache .ruff_cache

@@ -15,7 +15,7 @@ traffic (best of ``--repeats``). Failures are recorded as data.
 
 Usage::
 
-    python benchmarks/accounting_speed.py [--data ../shared/data] [--token-layers 4000000]
+    python -m benchmarks.accounting_speed [--data ../shared/data] [--token-layers 4000000]
         [--out benchmarks/results/accounting.json]
 """
 
@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import machine_facts  # benchmarks/machine.py (this directory)
+
+from benchmarks.machine import machine_facts
 
 BENCH_DIR = Path(__file__).resolve().parent
 TARGET_EVENTS_PER_S = 5e6
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "accounting",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/accounting_speed.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.accounting_speed " + " ".join(argv or sys.argv[1:]),
         "machine": machine_facts("numpy"),
         "target_token_layers_per_s": TARGET_EVENTS_PER_S,
         "records": records,

@@ -1,7 +1,7 @@
 """Benchmark: the scheduler's data plane under soak and faults.
 
 Every server is its own process on 127.0.0.1, started and supervised with the helpers of
-``benchmarks/frontend.py`` (ports read back from startup lines): one
+``benchmarks.harness`` (ports read back from startup lines): one
 ``moe-scheduler emulate`` (4 nodes x 2 GPUs of DeepSeek-V2-Lite, the placement solved by
 ``moe-scheduler place`` from the ESFT per-label profile) shared by the scenarios, and a
 fresh ``moe-scheduler serve`` per scenario (our policy, text prediction,
@@ -46,7 +46,7 @@ JSON, never a crash.
 
 Usage::
 
-    python benchmarks/dataplane.py [--data ../shared/data] [--quick] [--scenario NAME ...]
+    python -m benchmarks.dataplane [--data ../shared/data] [--quick] [--scenario NAME ...]
         [--out benchmarks/results/dataplane.json] [--work benchmarks/work/dataplane]
 
 ``--quick`` shrinks every scenario to a few seconds (the smoke test). Failures are
@@ -62,6 +62,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -73,11 +74,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import frontend as fe  # benchmarks/frontend.py: setup cache, processes, load generators
 import numpy as np
-from machine import machine_facts  # benchmarks/machine.py
 
-BENCH_DIR, ROOT = fe.BENCH_DIR, fe.ROOT
+from benchmarks import harness
+from benchmarks.harness import BENCH_DIR, GPUS_PER_NODE, MAX_PROMPT_CHARS, MODEL, NODES, Proc
+from benchmarks.machine import machine_facts
 
 SCENARIOS = ("cancel_deadline", "stream_length", "overload", "soak", "backend_restart")
 
@@ -210,7 +211,7 @@ async def run_call(stub: Any, spec: CallSpec, t0: float, request_id: str) -> Cal
     return rec
 
 
-class Calls(fe.Target):
+class Calls(harness.Target):
     """The calls ``plan(i)`` describes, over a few channels (each its own connection, as
     separate clients would be); ``records`` gets every call's :class:`CallRecord`."""
 
@@ -231,7 +232,7 @@ class Calls(fe.Target):
             grpc.aio.insecure_channel(self.address, options=options) for _ in range(self.n_channels)
         ]
         await asyncio.wait_for(
-            asyncio.gather(*(c.channel_ready() for c in self.channels)), fe.STARTUP_TIMEOUT_S
+            asyncio.gather(*(c.channel_ready() for c in self.channels)), harness.STARTUP_TIMEOUT_S
         )
         self.stubs = [pb_grpc.SchedulerStub(c) for c in self.channels]
         self.t0 = time.perf_counter()
@@ -248,18 +249,6 @@ class Calls(fe.Target):
         return time.perf_counter() - self.t0
 
 
-async def steady_load(target: Calls, rate: float, until: Callable[[], bool]) -> None:
-    """Evenly spaced calls at ``rate`` until ``until()``, then wait for all to end."""
-    tasks = []
-    start = time.perf_counter()
-    while not until():
-        delay = start + len(tasks) / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(target.send(len(tasks))))
-    await asyncio.gather(*tasks)
-
-
 def log_uniform_int(rng: np.random.Generator, low: int, high: int) -> int:
     return int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
 
@@ -274,20 +263,20 @@ def _http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 10
         return json.loads(r.read())
 
 
-def emulator_loads(emulator: fe.Proc) -> list[dict[str, Any]]:
+def emulator_loads(emulator: Proc) -> list[dict[str, Any]]:
     return list(_http_json(f"{emulator.address}/v1/loads")["loads"])
 
 
-def emulator_served(emulator: fe.Proc) -> int:
+def emulator_served(emulator: Proc) -> int:
     """Requests the emulator admitted and finished (completed or aborted), all ranks."""
     return sum(int(row["emulator"]["finished_reqs"]) for row in emulator_loads(emulator))
 
 
-def set_time_scale(emulator: fe.Proc, time_scale: float) -> None:
+def set_time_scale(emulator: Proc, time_scale: float) -> None:
     _http_json(f"{emulator.address}/admin/config", {"time_scale": time_scale})
 
 
-def modelled_times(emulator: fe.Proc, prompt: str) -> tuple[float, float]:
+def modelled_times(emulator: Proc, prompt: str) -> tuple[float, float]:
     """(prefill s, s per decode token) the emulator models for ``prompt`` on an idle
     rank (one request straight to it, answered at once)."""
     set_time_scale(emulator, 0.0)
@@ -354,7 +343,7 @@ def _prometheus_outcomes(text: str) -> dict[str, float]:
     return out
 
 
-def read_counters(scheduler: fe.Proc, emulator: fe.Proc | None) -> dict[str, Any]:
+def read_counters(scheduler: Proc, emulator: Proc | None) -> dict[str, Any]:
     """The scheduler's GetStats and Prometheus counters and the emulator's served count;
     what cannot be read is None with the reason in ``errors``."""
     import grpc
@@ -379,22 +368,22 @@ def read_counters(scheduler: fe.Proc, emulator: fe.Proc | None) -> dict[str, Any
             "telemetry_dropped": int(s.telemetry_dropped),
         }
     except Exception as e:
-        errors.append(f"GetStats: {fe._error_text(e)}")
+        errors.append(f"GetStats: {harness.error_text(e)}")
     try:
         with urllib.request.urlopen(scheduler.extra["metrics_url"], timeout=10) as r:
             out["prometheus"] = _prometheus_outcomes(r.read().decode())
     except Exception as e:
-        errors.append(f"metrics: {fe._error_text(e)}")
+        errors.append(f"metrics: {harness.error_text(e)}")
     if emulator is not None:
         try:
             out["emulator_served"] = emulator_served(emulator)
         except Exception as e:
-            errors.append(f"emulator /v1/loads: {fe._error_text(e)}")
+            errors.append(f"emulator /v1/loads: {harness.error_text(e)}")
     out["errors"] = errors
     return out
 
 
-def settle(scheduler: fe.Proc, emulator: fe.Proc, timeout_s: float = 20.0) -> bool:
+def settle(scheduler: Proc, emulator: Proc, timeout_s: float = 20.0) -> bool:
     """Wait until nothing runs or waits in the emulator and the scheduler reports no
     call in progress or queued (True), or ``timeout_s`` passed (False)."""
     deadline = time.monotonic() + timeout_s
@@ -603,7 +592,7 @@ class Ctx:
     prompts: list[str]
     log_dir: Path
     policy: str
-    emulator: fe.Proc
+    emulator: Proc
     port: int
     #: Emulator's modelled (prefill s, s per token) at time scale 1, for planning.
     prefill_s: float
@@ -617,18 +606,18 @@ class Ctx:
 
 
 @contextlib.contextmanager
-def scheduler(ctx: Ctx, name: str, record: dict[str, Any], **config: Any) -> Iterator[fe.Proc]:
+def scheduler(ctx: Ctx, name: str, record: dict[str, Any], **config: Any) -> Iterator[Proc]:
     """A fresh ``moe-scheduler serve`` for one scenario (clean counters), with routed
     experts on; its peak RSS and exit code go into ``record``."""
-    path = fe.write_config(
+    path = harness.write_config(
         ctx.log_dir / f"{name}.toml", ctx.emulator.address, ctx.setup, ctx.policy, 2.0,
         "text", routed=True, **config,
     )  # fmt: skip
-    proc = fe.start_scheduler(path, ctx.log_dir)
+    proc = harness.start_scheduler(path, ctx.log_dir)
     try:
         yield proc
     finally:
-        record["scheduler_peak_rss_mib"] = fe._peak_rss_mib(proc.pid)
+        record["scheduler_peak_rss_mib"] = harness.peak_rss_mib(proc.pid)
         record["scheduler_exit_code"] = proc.stop()
 
 
@@ -655,8 +644,8 @@ def scenario_cancel_deadline(ctx: Ctx, rec: dict[str, Any]) -> None:
 
         async def go() -> list[CallRecord]:
             async with Calls(s.address, plan, a.channels) as target:
-                await fe.open_loop(target, fe.arrival_offsets(a.cd_rate, a.cd_calls / a.cd_rate,
-                                                              "even", a.seed))  # fmt: skip
+                offsets = harness.arrival_offsets(a.cd_rate, a.cd_calls / a.cd_rate, "even", a.seed)
+                await harness.open_loop(target, offsets)
                 return target.records
 
         records = asyncio.run(go())
@@ -720,18 +709,18 @@ def scenario_stream_length(ctx: Ctx, rec: dict[str, Any]) -> None:
         def cpu() -> dict[str, float | None]:
             """CPU seconds of each process, and wall time."""
             return {
-                "scheduler": fe._cpu_seconds(s.pid),
+                "scheduler": harness.cpu_seconds(s.pid),
                 "scheduler_with_workers": tree_cpu_seconds(s.pid),
-                "emulator": fe._cpu_seconds(ctx.emulator.pid),
+                "emulator": harness.cpu_seconds(ctx.emulator.pid),
                 "client": time.process_time(),
                 "wall": time.perf_counter(),
             }
 
         async def go() -> tuple[list[CallRecord], float | None]:
             async with Calls(s.address, plan, 1) as target:
-                cpu0 = fe._cpu_seconds(s.pid)
+                cpu0 = harness.cpu_seconds(s.pid)
                 await asyncio.sleep(a.stream_idle_s)
-                cpu1 = fe._cpu_seconds(s.pid)
+                cpu1 = harness.cpu_seconds(s.pid)
                 idle = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / a.stream_idle_s
                 for (length, concurrency, first), (_, _, stop) in itertools.pairwise(plan_rows):
                     _eprint(f"  stream_length: {length} tokens, {concurrency} at a time")
@@ -803,7 +792,7 @@ def _stream_row(
         "chunks": chunks,
         "seconds": round(wall, 3),
         "chunks_per_s": round(chunks / wall, 1) if wall > 0 else None,
-        "first_chunk_ms_p50": fe._percentiles_ms(
+        "first_chunk_ms_p50": harness.percentiles_ms(
             [r.first_chunk_s for r in records if r.first_chunk_s is not None]
         )["p50"],
     }
@@ -821,17 +810,24 @@ def _stream_row(
     return row
 
 
+@dataclass
+class _Phase:
+    """What the overload scenario's calls are sent with; its second phase changes it."""
+
+    timeout: float
+    tag: str
+
+
 def scenario_overload(ctx: Ctx, rec: dict[str, Any]) -> None:
     """Capacity measured closed loop (twice as many clients as slots), then
     ``--overload-factor`` times that offered open loop with short deadlines."""
     a = ctx.args
     set_time_scale(ctx.emulator, 1.0)
-    slots = a.overload_capacity * fe.NUM_RANKS
-    phase = {"timeout": 60.0, "tag": "capacity"}
+    slots = a.overload_capacity * harness.NUM_RANKS
+    phase = _Phase(timeout=60.0, tag="capacity")
 
     def plan(i: int) -> CallSpec:
-        return CallSpec("unary", ctx.prompt(i), a.overload_tokens, phase["timeout"],
-                        tag=str(phase["tag"]))  # fmt: skip
+        return CallSpec("unary", ctx.prompt(i), a.overload_tokens, phase.timeout, tag=phase.tag)
 
     with scheduler(ctx, "overload", rec, capacity=a.overload_capacity) as s:
         before = read_counters(s, ctx.emulator)
@@ -840,7 +836,9 @@ def scenario_overload(ctx: Ctx, rec: dict[str, Any]) -> None:
             async with Calls(s.address, plan, a.channels) as target:
                 _eprint(f"  overload: capacity, closed loop with {2 * slots} clients")
                 start = target.now()
-                await fe.closed_loop(target, 2 * slots, a.overload_warmup + a.overload_calibrate)
+                await harness.closed_loop(
+                    target, 2 * slots, a.overload_warmup + a.overload_calibrate
+                )
                 low = start + a.overload_warmup
                 completed = [
                     r for r in target.records
@@ -852,10 +850,10 @@ def scenario_overload(ctx: Ctx, rec: dict[str, Any]) -> None:
                                        f"{_outcomes(target.records)}")  # fmt: skip
                 rate = min(a.overload_factor * capacity, a.overload_max_rate)
                 _eprint(f"  overload: capacity {capacity:.1f}/s, offering {rate:.0f}/s")
-                phase.update(timeout=a.overload_deadline, tag="overload")
-                offsets = fe.arrival_offsets(rate, a.overload_seconds, a.arrivals, a.seed)
+                phase.timeout, phase.tag = a.overload_deadline, "overload"
+                offsets = harness.arrival_offsets(rate, a.overload_seconds, a.arrivals, a.seed)
                 start = target.now()
-                sent = await fe.open_loop(target, offsets, first=10**6)
+                sent = await harness.open_loop(target, offsets, first=10**6)
                 return {"records": target.records, "capacity": capacity, "rate": rate,
                         "start": start, "sent": sent}  # fmt: skip
 
@@ -882,13 +880,13 @@ def scenario_overload(ctx: Ctx, rec: dict[str, Any]) -> None:
         modelled_capacity_rps=round(slots / ctx.expected_s(a.overload_tokens), 2),
         offered_rps=round(run["rate"], 1),
         achieved_send_rps=round(len(sent["lags"]) / max(sent["send_seconds"], 1e-9), 1),
-        send_lag_ms_p99=fe._ms(float(np.percentile(sent["lags"], 99))),
+        send_lag_ms_p99=harness.ms(float(np.percentile(sent["lags"], 99))),
         overload_calls=len(loaded),
         overload_outcomes=_outcomes(loaded),
         completions_window_s=[round(start, 3), round(start + seconds, 3)],
         completions_rps=round(goodput, 2),
         completions_vs_capacity=share,
-        ok_latency_ms=fe._percentiles_ms(_latencies(loaded)),
+        ok_latency_ms=harness.percentiles_ms(_latencies(loaded)),
     )  # fmt: skip
     rec["targets"] = [
         _target("completions / capacity", share, ">=", TARGET_OVERLOAD_COMPLETIONS),
@@ -924,7 +922,7 @@ def scenario_soak(ctx: Ctx, rec: dict[str, Any]) -> None:
         def sample(target: Calls, t: float) -> dict[str, Any]:
             row = {"t": round(t, 2), "rss_mib": rss_mib(s.pid),
                    "with_workers_rss_mib": tree_rss_mib(s.pid),
-                   "scheduler_cpu_s": fe._cpu_seconds(s.pid),
+                   "scheduler_cpu_s": harness.cpu_seconds(s.pid),
                    "with_workers_cpu_s": tree_cpu_seconds(s.pid),
                    "sent": sent[0], "done": len(target.records)}  # fmt: skip
             samples.append(row)
@@ -941,16 +939,16 @@ def scenario_soak(ctx: Ctx, rec: dict[str, Any]) -> None:
 
         async def go() -> tuple[list[CallRecord], dict[str, Any]]:
             async with Calls(s.address, plan, a.channels) as target:
-                offsets = fe.arrival_offsets(a.soak_rate, seconds, a.arrivals, a.seed)
+                offsets = harness.arrival_offsets(a.soak_rate, seconds, a.arrivals, a.seed)
                 start = time.perf_counter()
-                load, _ = await asyncio.gather(fe.open_loop(target, offsets),
+                load, _ = await asyncio.gather(harness.open_loop(target, offsets),
                                                sampler(target, start))  # fmt: skip
                 sample(target, time.perf_counter() - start)  # all calls ended
                 return target.records, load
 
-        emulator_cpu0 = fe._cpu_seconds(ctx.emulator.pid)
+        emulator_cpu0 = harness.cpu_seconds(ctx.emulator.pid)
         records, load = asyncio.run(go())
-        emulator_cpu1 = fe._cpu_seconds(ctx.emulator.pid)
+        emulator_cpu1 = harness.cpu_seconds(ctx.emulator.pid)
         rec["settled"] = settle(s, ctx.emulator)
         recon = reconcile(records, before, read_counters(s, ctx.emulator))
     rows = _soak_intervals(records, samples, interval, n_intervals)
@@ -983,7 +981,7 @@ def scenario_soak(ctx: Ctx, rec: dict[str, Any]) -> None:
         **_summary(ctx, rec, records, recon),
         cancels_planned=sum(1 for r in records if r.spec.tag == "cancel"),
         achieved_send_rps=round(len(load["lags"]) / max(load["send_seconds"], 1e-9), 1),
-        send_lag_ms_p99=fe._ms(float(np.percentile(load["lags"], 99))),
+        send_lag_ms_p99=harness.ms(float(np.percentile(load["lags"], 99))),
         client_cpu_s=round(load["client_cpu_s"], 2),
         cpu_s=cpu_s,
         **_cores_at_spec_rate(cpu_s, len(records)),
@@ -1047,9 +1045,9 @@ def _soak_intervals(
             "interval": k + 1,
             "calls": len(bucket),
             "outcomes": _outcomes(bucket),
-            "unary_ms": fe._percentiles_ms(_latencies(bucket, "unary")),
-            "stream_ms": fe._percentiles_ms(_latencies(bucket, "stream")),
-            "stream_first_chunk_ms": fe._percentiles_ms(
+            "unary_ms": harness.percentiles_ms(_latencies(bucket, "unary")),
+            "stream_ms": harness.percentiles_ms(_latencies(bucket, "stream")),
+            "stream_first_chunk_ms": harness.percentiles_ms(
                 [r.first_chunk_s for r in streams if r.first_chunk_s is not None]
             ),
         }
@@ -1100,7 +1098,7 @@ def scenario_backend_restart(ctx: Ctx, rec: dict[str, Any]) -> None:
             await asyncio.sleep(a.restart_down_s)
             events["spawn_s"] = round(target.now(), 3)
             ctx.emulator = await asyncio.to_thread(
-                fe.start_emulator, 1.0, ctx.setup["placement"], ctx.data, ctx.log_dir,
+                harness.start_emulator, 1.0, ctx.setup["placement"], ctx.data, ctx.log_dir,
                 capacity=a.emulator_capacity, port=ctx.port, log_name="emulator-restarted",
             )  # fmt: skip
             events["ready_s"] = round(target.now(), 3)
@@ -1114,11 +1112,11 @@ def scenario_backend_restart(ctx: Ctx, rec: dict[str, Any]) -> None:
                     return end is not None and target.now() >= end + a.restart_after_s
 
                 _, fault = await asyncio.gather(
-                    steady_load(target, a.restart_rate, until), chaos(target),
+                    harness.steady_load(target, a.restart_rate, until), chaos(target),
                     return_exceptions=True,
                 )  # fmt: skip
                 if isinstance(fault, BaseException):
-                    events["fault_error"] = fe._error_text(fault)
+                    events["fault_error"] = harness.error_text(fault)
                 return target.records
 
         records = asyncio.run(go())
@@ -1150,7 +1148,7 @@ def scenario_backend_restart(ctx: Ctx, rec: dict[str, Any]) -> None:
         by_phase={name: _outcomes(rs) for name, rs in phases.items()},
         long_deadline_calls=len(long_calls),
         long_deadline_failed=failed_long,
-        ok_latency_ms=fe._percentiles_ms(_latencies(records)),
+        ok_latency_ms=harness.percentiles_ms(_latencies(records)),
     )  # fmt: skip
     rec["targets"] = [
         _target(f"failed calls with a deadline > {RESTART_LONG_DEADLINE_S:g} s", failed_long,
@@ -1251,7 +1249,7 @@ def run_scenarios(ctx: Ctx, names: list[str]) -> list[dict[str, Any]]:
             RUNNERS[name](ctx, rec)
         except Exception as e:  # recorded as data
             traceback.print_exc()
-            rec.update(status="error", message=fe._error_text(e))
+            rec.update(status="error", message=harness.error_text(e))
         rec["pass"] = _verdict(rec.get("targets", [])) if rec["status"] == "ok" else False
         rec["wall_seconds"] = round(time.perf_counter() - started, 1)
         failed = [t["name"] for t in rec.get("targets", []) if t["pass"] is False]
@@ -1266,36 +1264,36 @@ def main(argv: list[str] | None = None) -> int:
     if parser.parse_args(argv).quick:  # quick sizes as defaults: explicit options win
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
-    data = (args.data or fe._default_data()).resolve()
+    data = (args.data or harness.default_data()).resolve()
     if not (data / "prompts").is_dir() or not (data / "traces").is_dir():
         _eprint(f"dataplane benchmark: real data not found at {data} (pass --data)")
         return 2
     args.work = args.work.resolve()
     names = [n for n in SCENARIOS if n in (args.scenario or SCENARIOS)]
     started = time.perf_counter()
-    load_at_start = fe._loadavg()
-    setup = fe.prepare(data, args.work, args.quick)
+    load_at_start = harness.loadavg()
+    setup = harness.prepare(data, args.work, args.quick)
     log_dir = args.work / "logs"
-    fe.shutil.rmtree(log_dir, ignore_errors=True)
-    policy = fe.OUR_POLICY
-    prompts = fe.load_prompts(data, 2000, args.seed)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    policy = harness.OUR_POLICY
+    prompts = harness.load_prompts(data, 2000, args.seed)
     result: dict[str, Any] = {
         "benchmark": "dataplane",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(
-            ["python benchmarks/dataplane.py", *(sys.argv[1:] if argv is None else argv)]
+            ["python -m benchmarks.dataplane", *(sys.argv[1:] if argv is None else argv)]
         ),
         "quick": args.quick,
         # the scenario sizes the targets are stated for, or other sizes (see "command")
         "target_sizes": not args.quick
         and all(getattr(args, key) == _parser().get_default(key) for key in QUICK),
-        "cluster": f"emulator {fe.NODES} nodes x {fe.GPUS_PER_NODE} GPUs, {fe.MODEL}, "
+        "cluster": f"emulator {NODES} nodes x {GPUS_PER_NODE} GPUs, {MODEL}, "
         f"capacity {args.emulator_capacity} per rank, placement `moe-scheduler place "
         "--method ours` from the ESFT per-label profile",
         "scheduler": f"`{policy}` (window 2 ms), prediction `text` ({setup['bundle_from']}), "
         "backend.return_routed_experts = true, retries 2, max_queue 4096; a fresh process "
         "per scenario",
-        "prompts": f"{len(prompts)} real corpus prompts (<= {fe.MAX_PROMPT_CHARS} characters, "
+        "prompts": f"{len(prompts)} real corpus prompts (<= {MAX_PROMPT_CHARS} characters, "
         f"seed {args.seed})",
         "load_generator": f"this process (asyncio, grpc.aio, {args.channels} connections); "
         "the servers are separate processes sharing the same cores",
@@ -1310,8 +1308,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_facts("numpy", "aiohttp", "grpcio"),
         "load_average_at_start": load_at_start,
     }
-    port = fe._free_port()
-    emulator = fe.start_emulator(1.0, setup["placement"], data, log_dir,
+    port = harness.free_port()
+    emulator = harness.start_emulator(1.0, setup["placement"], data, log_dir,
                                  capacity=args.emulator_capacity, port=port,
                                  log_name="emulator")  # fmt: skip
     ctx = None

@@ -21,7 +21,7 @@ The emulator's throughput target is >= 2,000 short non-streaming requests/s (sce
 
 Usage::
 
-    python benchmarks/emulator_throughput.py [--seconds 5] [--concurrency 64]
+    python -m benchmarks.emulator_throughput [--seconds 5] [--concurrency 64]
         [--out benchmarks/results/emulator.json]
 
 Failures are recorded in the JSON (status "error" and a message), not raised.
@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from machine import machine_facts  # benchmarks/machine.py (this directory)
+from benchmarks.machine import machine_facts
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "emulator",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(
-            ["python benchmarks/emulator_throughput.py", *(sys.argv[1:] if argv is None else argv)]
+            ["python -m benchmarks.emulator_throughput", *(sys.argv[1:] if argv is None else argv)]
         ),
         "cluster": " ".join(CLUSTER) + " --init-expert-location trivial",
         "data": "real data (profile from ESFT traces, classes from the prompt corpus)"

@@ -16,7 +16,7 @@ under SGLang's static dispatch). Failures (infeasible inputs, errors) are record
 
 Usage::
 
-    python benchmarks/placement.py [--data ../shared/data] [--out benchmarks/results/placement.json]
+    python -m benchmarks.placement [--data ../shared/data] [--out benchmarks/results/placement.json]
         [--methods ours,trivial,...] [--cases esft,deepseek-v3]
 """
 
@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from machine import machine_facts  # benchmarks/machine.py (this directory)
+from benchmarks.machine import machine_facts
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "placement",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/placement.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.placement " + " ".join(argv or sys.argv[1:]),
         "machine": machine_facts("numpy", "ortools"),
         "records": records,
     }
@@ -180,5 +180,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -20,7 +20,7 @@ Also measured: the locality_window decision time for 1,000 queued requests.
 
 Usage::
 
-    python benchmarks/policy_grid.py [--data ../shared/data] [--quick]
+    python -m benchmarks.policy_grid [--data ../shared/data] [--quick]
         [--out benchmarks/results/policy_grid.json] [--figures benchmarks/figures]
 """
 
@@ -36,18 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import machine_facts  # benchmarks/machine.py (this directory)
+
+from benchmarks import policy_grid_data as grid_data
+from benchmarks.machine import machine_facts
+from scheduler.model_shape import ModelShape
+from scheduler.placement.topology import Topology
+from scheduler.policies import POLICIES, make_policy
+from scheduler.simulation import SimulationConfig, Workload, simulate
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT))
-
-import policy_grid_data as grid_data  # noqa: E402
-
-from scheduler.model_shape import ModelShape  # noqa: E402
-from scheduler.placement.topology import Topology  # noqa: E402
-from scheduler.policies import POLICIES, make_policy  # noqa: E402
-from scheduler.simulation import SimulationConfig, Workload, simulate  # noqa: E402
 
 UTILISATION = 0.7
 PEER_EXCLUDED_METHODS = ("ours", "ours-remote-hits")
@@ -359,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "policy_grid",
         "quick": args.quick,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/policy_grid.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.policy_grid " + " ".join(argv or sys.argv[1:]),
         "machine": machine_facts("numpy", "ortools"),
         "utilisation": UTILISATION,
         "datasets": [
@@ -376,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out} in {result['wall_s']:.0f} s", file=sys.stderr)
     try:
-        from policy_grid_plots import plot_all
+        from benchmarks.policy_grid_plots import plot_all
 
         for path in plot_all(result, args.figures):
             print(f"wrote {path}", file=sys.stderr)

@@ -25,7 +25,7 @@ its prefill ran elsewhere.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,7 @@ def _workload(
     ids: list[np.ndarray],
     request_ids: list[str],
     classes: list[str],
-    histograms: list[np.ndarray | None],
+    histograms: Sequence[np.ndarray | None],
     prefill_ids: list[np.ndarray] | None = None,
     split_phase: int = 0,
 ) -> Workload:
@@ -271,7 +271,9 @@ def _synthetic(
     names = sorted(class_shares)
     e, k = model.num_experts, model.top_k
 
-    def draw(n: int, rng: np.random.Generator, subs: dict[str, np.ndarray] | None):
+    def draw(
+        n: int, rng: np.random.Generator, subs: dict[str, np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cls = rng.integers(0, len(names), n)
         if subs is None:
             q = np.stack([_dirichlet(class_shares[names[c]], alpha, 1, rng)[0] for c in cls])

@@ -4,10 +4,11 @@ imbalance for every combination of the real held-out ESFT cases."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from policy_grid_summary import OURS, best_peer, combos, sglang_default
+from benchmarks.policy_grid_summary import OURS, best_peer, combos, sglang_default
 
 
 def _short(dataset: str) -> str:
@@ -30,13 +31,12 @@ def plot_all(result: dict[str, Any], out_dir: Path) -> list[Path]:
     cases = [c for c in stats if OURS in stats[c]]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cases) + 2), 4))
     width = 0.27
-    for k, (label, pick) in enumerate(
-        (
-            ("SGLang default", lambda c: sglang_default(c)),
-            ("best peer", lambda c: best_peer(stats[c], metric)),
-            ("ours", lambda c: OURS),
-        )
-    ):
+    picks: tuple[tuple[str, Callable[[Any], tuple[str, str] | None]], ...] = (
+        ("SGLang default", lambda c: sglang_default(c)),
+        ("best peer", lambda c: best_peer(stats[c], metric)),
+        ("ours", lambda c: OURS),
+    )
+    for k, (label, pick) in enumerate(picks):
         xs, ys, lo, hi = [], [], [], []
         for i, case in enumerate(cases):
             combo = pick(case)

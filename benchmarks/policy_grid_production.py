@@ -28,7 +28,7 @@ production points.
 
 Usage::
 
-    python benchmarks/policy_grid_production.py [--data ../shared/data] [--quick]
+    python -m benchmarks.policy_grid_production [--data ../shared/data] [--quick]
         [--out benchmarks/results/policy_grid_production.json]
 """
 
@@ -45,26 +45,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import machine_facts  # benchmarks/machine.py (this directory)
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT))
-
-import policy_grid_data as grid_data  # noqa: E402
-from policy_grid import make, solve_placements  # noqa: E402
-
-from scheduler.accounting import CostModel  # noqa: E402
-from scheduler.placement.topology import Topology  # noqa: E402
-from scheduler.policies import POLICIES, make_policy  # noqa: E402
-from scheduler.profile import ClassProfile, WorkloadProfile  # noqa: E402
-from scheduler.simulation import Workload  # noqa: E402
-from scheduler.simulation.steady import (  # noqa: E402
+from benchmarks import policy_grid_data as grid_data
+from benchmarks.machine import machine_facts
+from benchmarks.policy_grid import make, solve_placements
+from scheduler.accounting import CostModel
+from scheduler.placement.topology import Topology
+from scheduler.policies import POLICIES, make_policy
+from scheduler.profile import ClassProfile, WorkloadProfile
+from scheduler.simulation import Workload
+from scheduler.simulation.steady import (
     SteadyConfig,
     StepBound,
     decode_timeline,
     replay_steady,
 )
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
 
 OURS = ("ours", "locality_window")
 SGLANG_DEFAULT = ("trivial", "round_robin")
@@ -210,8 +208,7 @@ def make_variant(policy: str, placed: dict[str, Any], phase: str) -> Any:
     every running request, a prefill chunk whole prompts)."""
     if policy.startswith(OURS[1]):
         balance = float(policy.split("=", 1)[1].rstrip("]")) if "[" in policy else None
-        extra = {} if balance is None else {"balance": balance}
-        return make_policy(OURS[1], placement=placed["placement"], weight=phase, **extra)
+        return make_policy(OURS[1], placement=placed["placement"], weight=phase, balance=balance)
     return make(policy, placed)
 
 
@@ -467,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "policy_grid_production",
         "quick": args.quick,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/policy_grid_production.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.policy_grid_production " + " ".join(argv or sys.argv[1:]),
         "machine": machine_facts("numpy", "ortools"),
         "settings": {
             "seed": SEED,

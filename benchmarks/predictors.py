@@ -28,7 +28,7 @@
 
 Usage::
 
-    python benchmarks/predictors.py [--data ../shared/data] [--seeds 5] [--no-reference]
+    python -m benchmarks.predictors [--data ../shared/data] [--seeds 5] [--no-reference]
         [--selection]
 
 Failures are recorded per step in the JSON (status "error" and a message), not raised.
@@ -50,14 +50,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import machine_facts  # benchmarks/machine.py (this directory)
+
+from benchmarks.machine import machine_facts
+from scheduler.prediction.bundle import load_bundle
+from scheduler.prediction.training import FitConfig, domain_split, request_split
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT))
-
-from scheduler.prediction.bundle import load_bundle  # noqa: E402
-from scheduler.prediction.training import FitConfig, domain_split, request_split  # noqa: E402
 
 NODES = (2, 4, 8)
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -422,7 +421,10 @@ def step_prefill_decode(data: Path, seeds: int) -> dict[str, Any]:
     others = [i for i in range(len(mixtral)) if i not in both and mixtral.ids[i] != "humaneval/0"]
     pre = mixtral.phase_counts["prefill"][both]
     dec = mixtral.phase_counts["decode"][both]
-    mx = {"request": [mixtral.ids[i] for i in both], "prior_from": [mixtral.ids[i] for i in others]}
+    mx: dict[str, Any] = {
+        "request": [mixtral.ids[i] for i in both],
+        "prior_from": [mixtral.ids[i] for i in others],
+    }
     mm = mshape.num_experts // 4
     for method in ("prefill", "prior"):
         src = mixtral.phase_counts["decode"][others]
@@ -454,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(args.data),
         "targets": TARGETS,
         "machine": _machine(),
-        "command": "python benchmarks/predictors.py"
+        "command": "python -m benchmarks.predictors"
         + (" --selection" if args.selection else "")
-        + " && python benchmarks/render.py",
+        + " && python -m benchmarks.render",
     }
     steps = result["steps"] = {}
     steps["fit"] = _step("fit", lambda: step_fit(data, args.workdir))

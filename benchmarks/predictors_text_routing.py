@@ -22,8 +22,8 @@ its own result file ``results/predictors_text_routing.json``):
 
 Usage::
 
-    python benchmarks/predictors_text_routing.py [--data ../shared/data] [--pairs 2000]
-        [--seeds 3] && python benchmarks/render.py
+    python -m benchmarks.predictors_text_routing [--data ../shared/data] [--pairs 2000]
+        [--seeds 3] && python -m benchmarks.render
 """
 
 from __future__ import annotations
@@ -40,13 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import machine_facts  # benchmarks/machine.py (this directory)
+
+from benchmarks.machine import machine_facts
+from scheduler.prediction.training import FitConfig
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT))
-
-from scheduler.prediction.training import FitConfig  # noqa: E402
 
 NODES = 4
 DECODE_TOKENS = 64
@@ -251,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "data": str(args.data),
         "machine": machine_facts(),
-        "command": f"python benchmarks/predictors_text_routing.py --pairs {args.pairs} "
-        f"--seeds {args.seeds} --max-prompts {args.max_prompts} && python benchmarks/render.py",
+        "command": f"python -m benchmarks.predictors_text_routing --pairs {args.pairs} "
+        f"--seeds {args.seeds} --max-prompts {args.max_prompts} && python -m benchmarks.render",
     }
     steps = result["steps"] = {}
     from scheduler.prediction.text_classifier import TextClassifier

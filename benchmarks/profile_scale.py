@@ -15,7 +15,7 @@ not routing results and say nothing about real expert popularity.
 
 Usage::
 
-    python benchmarks/profile_scale.py [--requests 100000] [--workdir benchmarks/work]
+    python -m benchmarks.profile_scale [--requests 100000] [--workdir benchmarks/work]
         [--out benchmarks/results/profile_scale.json] [--k 8] [--keep] [--no-compress]
 
 ``--no-compress`` writes the store's shards with ``np.savez`` instead of
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import inspect
 import json
 import os
@@ -44,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from machine import machine_facts  # benchmarks/machine.py (this directory)
+from benchmarks.machine import machine_facts
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -184,8 +183,6 @@ def run_child(
     step: str, store: Path, requests: int, k: int, seed: int, compress: bool = True
 ) -> int:
     """Run one step in this process; print one JSON line on stdout."""
-    if importlib.util.find_spec("scheduler") is None:
-        sys.path.insert(0, str(ROOT))
     # Import what the steps use first, so that the baseline is interpreter plus imports.
     import numpy  # noqa: F401
     import sklearn.cluster  # noqa: F401
@@ -235,11 +232,12 @@ def _run_step(
 ) -> dict[str, Any]:
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "benchmarks.profile_scale",  # this module, run from the repository root
         "--step",
         step,
         "--store",
-        str(store),
+        str(store.resolve()),
         "--requests",
         str(requests),
         "--k",
@@ -252,7 +250,9 @@ def _run_step(
     start = time.perf_counter()
     _eprint(f"== step {step}")
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired:
         return {
             "step": step,
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _machine(),
         "memory_limit_mib": MEMORY_LIMIT_MIB,
         "within_limit": within,
-        "command": "make bench  (or: python benchmarks/profile_scale.py "
+        "command": "make bench  (or: python -m benchmarks.profile_scale "
         f"--requests {args.requests} --k {args.k}"
         + (" --no-compress" if args.no_compress else "")
         + ")",

@@ -6,7 +6,7 @@ generic JSON dump, so a new benchmark appears in RESULTS.md before it has a rend
 
 Usage::
 
-    python benchmarks/render.py [--results benchmarks/results] [--out benchmarks/RESULTS.md]
+    python -m benchmarks.render [--results benchmarks/results] [--out benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from renderers import RENDERERS  # benchmarks/renderers/, one module per benchmark
+from benchmarks.renderers import RENDERERS  # benchmarks/renderers/, one module per benchmark
 
 BENCH_DIR = Path(__file__).resolve().parent
 

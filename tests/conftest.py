@@ -65,8 +65,9 @@ async def wait_until_async(
 
 
 def render_results(results: Path, md: Path) -> str:
-    """``benchmarks/render.py`` over the JSON files in ``results``: the Markdown it writes."""
-    command = [sys.executable, str(REPO / "benchmarks" / "render.py"), "--results", str(results)]
+    """``python -m benchmarks.render`` over the JSON files in ``results``: the Markdown it
+    writes."""
+    command = [sys.executable, "-m", "benchmarks.render", "--results", str(results)]
     subprocess.run([*command, "--out", str(md)], cwd=REPO, check=True, timeout=60)
     return md.read_text()
 

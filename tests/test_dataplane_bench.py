@@ -17,7 +17,7 @@ SCENARIOS = ["cancel_deadline", "stream_length", "overload", "soak", "backend_re
 def test_dataplane_benchmark_quick(shared_data, tmp_path):
     out = tmp_path / "results" / "dataplane.json"
     command = [
-        sys.executable, str(REPO / "benchmarks" / "dataplane.py"), "--quick",
+        sys.executable, "-m", "benchmarks.dataplane", "--quick",
         "--data", str(shared_data), "--out", str(out), "--work", str(tmp_path / "work"),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=150)
@@ -38,7 +38,10 @@ def test_dataplane_benchmark_quick(shared_data, tmp_path):
         assert sum(r["client"] for r in recon["by_status"]) == s["calls"]
 
     assert by_name["cancel_deadline"]["by_role"]["cancel"]
-    assert len(by_name["stream_length"]["lengths"]) == 3
+    rows = by_name["stream_length"]["lengths"]
+    assert [(r["concurrency"], r["max_new_tokens"]) for r in rows] == [
+        (c, n) for c in (1, 4) for n in (32, 128, 512)
+    ]  # each length alone, then --quick's 4 at a time
     assert all(r["chunks"] > 0 for r in by_name["stream_length"]["lengths"])
     assert by_name["overload"]["capacity_rps"] > 0
     assert by_name["overload"]["offered_rps"] > by_name["overload"]["capacity_rps"]

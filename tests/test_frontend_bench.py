@@ -15,7 +15,7 @@ from tests.conftest import REPO, render_results
 def test_frontend_benchmark_quick(shared_data, tmp_path):
     out = tmp_path / "results" / "frontend.json"
     command = [
-        sys.executable, str(REPO / "benchmarks" / "frontend.py"), "--quick",
+        sys.executable, "-m", "benchmarks.frontend", "--quick",
         "--data", str(shared_data), "--out", str(out), "--work", str(tmp_path / "work"),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=170)

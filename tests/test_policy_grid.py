@@ -13,7 +13,7 @@ from tests.conftest import REPO
 def test_policy_grid_quick(shared_data, tmp_path):
     out = tmp_path / "results" / "policy_grid.json"
     command = [
-        sys.executable, str(REPO / "benchmarks" / "policy_grid.py"), "--quick",
+        sys.executable, "-m", "benchmarks.policy_grid", "--quick",
         "--data", str(shared_data), "--out", str(out), "--figures", str(tmp_path / "figures"),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=170)
@@ -47,8 +47,8 @@ def test_policy_grid_quick(shared_data, tmp_path):
     assert (tmp_path / "figures" / "policy_grid_traffic.png").stat().st_size > 0
 
     render = (
-        "import sys, json, pathlib; sys.path.insert(0, 'benchmarks');"
-        "from renderers import RENDERERS;"
+        "import json, pathlib;"
+        "from benchmarks.renderers import RENDERERS;"
         f"p = pathlib.Path({str(out)!r});"
         "print('\\n'.join(RENDERERS['policy_grid'](json.loads(p.read_text()), p)))"
     )

@@ -14,7 +14,7 @@ from tests.conftest import REPO, render_results
 def test_policy_grid_production_quick(shared_data, tmp_path):
     out = tmp_path / "results" / "policy_grid_production.json"
     command = [
-        sys.executable, str(REPO / "benchmarks" / "policy_grid_production.py"), "--quick",
+        sys.executable, "-m", "benchmarks.policy_grid_production", "--quick",
         "--data", str(shared_data), "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)

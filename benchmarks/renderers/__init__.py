@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from renderers.accounting import render_accounting
-from renderers.common import Renderer
-from renderers.dataplane import render_dataplane
-from renderers.emulator import render_emulator
-from renderers.frontend import render_frontend
-from renderers.placement import render_placement
-from renderers.policy_grid import render_policy_grid
-from renderers.policy_grid_production import render_policy_grid_production
-from renderers.predictors import render_predictors
-from renderers.predictors_text_routing import render_predictors_text_routing
-from renderers.profile_scale import render_profile_scale
+from benchmarks.renderers.accounting import render_accounting
+from benchmarks.renderers.common import Renderer
+from benchmarks.renderers.dataplane import render_dataplane
+from benchmarks.renderers.emulator import render_emulator
+from benchmarks.renderers.frontend import render_frontend
+from benchmarks.renderers.placement import render_placement
+from benchmarks.renderers.policy_grid import render_policy_grid
+from benchmarks.renderers.policy_grid_production import render_policy_grid_production
+from benchmarks.renderers.predictors import render_predictors
+from benchmarks.renderers.predictors_text_routing import render_predictors_text_routing
+from benchmarks.renderers.profile_scale import render_profile_scale
 
 #: Benchmark name (the result's ``"benchmark"`` key) -> section renderer.
 RENDERERS: dict[str, Renderer] = {

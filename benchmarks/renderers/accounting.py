@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from renderers.common import _fmt, _machine_line, _table
+from benchmarks.renderers.common import _command, _fmt, _machine_line, _table
 
 
 def render_accounting(data: dict[str, Any], source: Path) -> list[str]:
@@ -49,7 +49,7 @@ def render_accounting(data: dict[str, Any], source: Path) -> list[str]:
     lines += _table(header, rows)
     lines += [
         "",
-        f"Command: `{data.get('command', 'python benchmarks/accounting_speed.py')}` (also run "
+        f"Command: `{_command(data, 'python -m benchmarks.accounting_speed')}` (also run "
         "by `make bench`); raw numbers: [`results/accounting.json`](results/accounting.json). "
         f"Run at {data.get('generated_at')}.",
         "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,3 +46,11 @@ def _machine_line(machine: dict[str, Any]) -> str:
     if machine.get("platform"):
         parts.append(str(machine["platform"]))
     return "Machine: " + ", ".join(parts) + "." if parts else "Machine: not recorded."
+
+
+def _command(data: dict[str, Any], default: str = "") -> str:
+    """The command a result records, in the form that runs today: results written before
+    the benchmarks became a package say ``python benchmarks/NAME.py``, which is the same
+    run as ``python -m benchmarks.NAME`` (same arguments)."""
+    command = str(data.get("command", default))
+    return re.sub(r"python benchmarks/(\w+)\.py", r"python -m benchmarks.\1", command)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from renderers.common import _fmt, _machine_line, _table
+from benchmarks.renderers.common import _command, _fmt, _machine_line, _table
 
 _TITLES = {
     "cancel_deadline": "cancel and deadline",
@@ -378,8 +378,8 @@ def render_dataplane(data: dict[str, Any], source: Path) -> list[str]:
         + " / ".join(_fmt(v, 2) for v in data.get("load_average_at_start") or [])
         + ".",
         "",
-        f"Reproduce: `{data.get('command', 'python benchmarks/dataplane.py')}` then "
-        "`python benchmarks/render.py`. Raw numbers: "
+        f"Reproduce: `{_command(data, 'python -m benchmarks.dataplane')}` then "
+        "`python -m benchmarks.render`. Raw numbers: "
         f"[`results/{source.name}`](results/{source.name}).",
         "",
     ]

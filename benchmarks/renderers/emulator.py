@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from renderers.common import _fmt, _machine_line, _table
+from benchmarks.renderers.common import _command, _fmt, _machine_line, _table
 
 
 def render_emulator(data: dict[str, Any], source: Path) -> list[str]:
@@ -79,8 +79,8 @@ def render_emulator(data: dict[str, Any], source: Path) -> list[str]:
         + " / ".join(_fmt(v, 2) for v in data.get("load_average_at_start") or [])
         + " (other work competes for the same cores).",
         "",
-        f"Reproduce: `{data.get('command', 'python benchmarks/emulator_throughput.py')}` then "
-        "`python benchmarks/render.py`. Raw numbers: "
+        f"Reproduce: `{_command(data, 'python -m benchmarks.emulator_throughput')}` then "
+        "`python -m benchmarks.render`. Raw numbers: "
         f"[`results/{source.name}`](results/{source.name}).",
         "",
     ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from renderers.common import _fmt, _machine_line, _table
+from benchmarks.renderers.common import _command, _fmt, _machine_line, _table
 
 
 def _lat(rec: dict[str, Any], *qs: str) -> str:
@@ -347,8 +347,8 @@ def render_frontend(data: dict[str, Any], source: Path) -> list[str]:
         + " / ".join(_fmt(v, 2) for v in data.get("load_average_at_start") or [])
         + " (other work competes for the same cores; each row records its own).",
         "",
-        f"Reproduce: `{data.get('command', 'python benchmarks/frontend.py')}` then "
-        "`python benchmarks/render.py`. Raw numbers: "
+        f"Reproduce: `{_command(data, 'python -m benchmarks.frontend')}` then "
+        "`python -m benchmarks.render`. Raw numbers: "
         f"[`results/{source.name}`](results/{source.name}).",
         "",
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from renderers.common import _fmt, _table
+from benchmarks.renderers.common import _command, _fmt, _table
 
 
 def render_placement(data: dict[str, Any], source: Path) -> list[str]:
@@ -94,7 +94,7 @@ def render_placement(data: dict[str, Any], source: Path) -> list[str]:
         )
         lines.append("")
     lines += [
-        f"Command: `{data.get('command', 'python benchmarks/placement.py')}` (also run by "
+        f"Command: `{_command(data, 'python -m benchmarks.placement')}` (also run by "
         "`make bench`); raw numbers: [`results/placement.json`](results/placement.json). "
         f"Run at {data.get('generated_at')}.",
         "",

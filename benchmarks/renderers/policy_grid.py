@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from policy_grid_summary import OURS, combos, headline, sglang_default  # benchmarks/
-
-from renderers.common import _fmt, _machine_line, _table
+from benchmarks.policy_grid_summary import OURS, combos, headline, sglang_default
+from benchmarks.renderers.common import _command, _fmt, _machine_line, _table
 
 
 def _cut(value: float | None) -> str:
@@ -227,7 +226,7 @@ def render_policy_grid(data: dict[str, Any], source: Path) -> list[str]:
     lines += [
         _machine_line(data.get("machine", {})),
         "",
-        f"Command: `{data.get('command')}` (also run by `make bench`; `--quick` is the CI "
+        f"Command: `{_command(data)}` (also run by `make bench`; `--quick` is the CI "
         f"smoke test); took {_fmt(data.get('wall_s'), 0)} s. Raw records: "
         "[`results/policy_grid.json`](results/policy_grid.json). "
         f"Run at {data.get('generated_at')}.",

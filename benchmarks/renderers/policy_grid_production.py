@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from renderers.common import _fmt, _machine_line, _table
+from benchmarks.renderers.common import _command, _fmt, _machine_line, _table
 
 OURS = ("ours", "locality_window")
 ORACLE = ("oracle", "locality_window")
@@ -511,7 +511,7 @@ def render_policy_grid_production(data: dict[str, Any], source: Path) -> list[st
         "",
         _machine_line(data.get("machine", {})),
         "",
-        f"Command: `{data.get('command')}` (also run by `make bench`; `--quick` is the CI "
+        f"Command: `{_command(data)}` (also run by `make bench`; `--quick` is the CI "
         f"smoke test); took {_fmt(data.get('wall_s'), 0)} s. Raw records: "
         "[`results/policy_grid_production.json`](results/policy_grid_production.json). "
         f"Run at {data.get('generated_at')}.",

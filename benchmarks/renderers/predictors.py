@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from renderers.common import _fmt, _machine_line, _table
+from benchmarks.renderers.common import _command, _fmt, _machine_line, _table
 
 
 def _mean_std(values: list[Any], digits: int = 3) -> str:
@@ -500,7 +500,7 @@ def render_predictors(data: dict[str, Any], source: Path) -> list[str]:
     lines += [
         _machine_line(data.get("machine", {})) + f" Run at {data.get('generated_at', '?')}.",
         "",
-        f"Reproduce: `{data.get('command', 'python benchmarks/predictors.py')}`. Raw numbers: "
+        f"Reproduce: `{_command(data, 'python -m benchmarks.predictors')}`. Raw numbers: "
         f"[`results/{source.name}`](results/{source.name}).",
         "",
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from renderers.common import _fmt, _machine_line, _table
+from benchmarks.renderers.common import _command, _fmt, _machine_line, _table
 
 NAMES = ("text_cluster", "class_map", "one_cluster", "true_cluster")
 LABELS = {
@@ -68,7 +68,7 @@ def render_predictors_text_routing(data: dict[str, Any], source: Path) -> list[s
         "## Text -> routing predictors (`benchmarks/predictors_text_routing.py`)",
         "",
         f"Generated {data.get('generated_at', '?')}. {_machine_line(data.get('machine', {}))} "
-        f"`{data.get('command', '')}`. Raw: `results/{source.name}`.",
+        f"`{_command(data)}`. Raw: `results/{source.name}`.",
         "",
         "Baselines on the same held-out pairs: **class map** = the domain classifier's "
         "predicted domain -> the cluster most training pairs of that predicted domain "

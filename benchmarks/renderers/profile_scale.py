@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from renderers.common import _fmt, _machine_line, _table
+from benchmarks.renderers.common import _fmt, _machine_line, _table
 
 
 def render_profile_scale(data: dict[str, Any], source: Path) -> list[str]:
@@ -95,8 +95,8 @@ def render_profile_scale(data: dict[str, Any], source: Path) -> list[str]:
         "",
         _machine_line(data.get("machine", {})) + f" Run at {data.get('generated_at', '?')}.",
         "",
-        "Reproduce: `make bench` (runs `python benchmarks/profile_scale.py` then "
-        "`python benchmarks/render.py`). Raw numbers: "
+        "Reproduce: `make bench` (runs `python -m benchmarks.profile_scale` then "
+        "`python -m benchmarks.render`). Raw numbers: "
         f"[`results/{source.name}`](results/{source.name}).",
         "",
     ]
