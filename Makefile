@@ -50,6 +50,7 @@ demo: setup check-data
 
 lint: setup
 	$(BIN)/ruff check scheduler tests benchmarks
+	$(BIN)/ruff format --check scheduler tests benchmarks
 	$(BIN)/mypy
 
 test: setup lint
