@@ -465,11 +465,11 @@ async def _stream(
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
-    await response.prepare(request)
     fmt = served.format
     error: bytes | None = None
     sent = 0
     try:
+        await response.prepare(request)
         if served.error is not None:
             served.generated = 0  # nothing reaches the client
             for event in fmt.chunks(emulator.abort_chunk(plan, served.error, 500)):
