@@ -180,12 +180,14 @@ def _soak(s: dict[str, Any]) -> list[str]:
             f"{_fmt(per_call.get('scheduler'), 2)} ms "
             f"({_fmt(per_call.get('scheduler_with_workers'), 2)} with its workers), emulator "
             f"{_fmt(per_call.get('emulator'), 2)} ms, load generator "
-            f"{_fmt(per_call.get('client'), 2)} ms. At {_fmt(s.get('spec_rate'), 0)} "
-            f"requests/s (the issue's soak rate) this mix needs about "
+            f"{_fmt(per_call.get('client'), 2)} ms. Scaled to {_fmt(s.get('spec_rate'), 0)} "
+            f"requests/s (the issue's soak rate) that is "
             f"**{_fmt(s.get('cores_at_spec_rate'), 1)} cores** for the three "
             f"({_fmt(s.get('scheduler_cores_at_spec_rate'), 1)} for the scheduler process "
-            f"alone); this machine has {_fmt(s.get('machine_cores'))}, so the soak runs at "
-            f"{_fmt(settings.get('rate'), 0)} requests/s, the rate it carries with headroom.",
+            "alone), an upper bound: under load the relay merges tokens while writes back up, "
+            "so a call costs less at higher rates. This machine has "
+            f"{_fmt(s.get('machine_cores'))} cores, so the soak runs at "
+            f"{_fmt(settings.get('rate'), 0)} requests/s, a rate it carries.",
             "",
         ]
     return lines
