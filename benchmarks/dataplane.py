@@ -323,13 +323,7 @@ def tree_rss_mib(pid: int) -> float | None:
 
 
 def rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return harness.status_mib(pid, "VmRSS")
 
 
 def _prometheus_outcomes(text: str) -> dict[str, float]:

@@ -85,15 +85,21 @@ def percentiles_ms(latencies: list[float]) -> dict[str, float | None]:
     }
 
 
-def peak_rss_mib(pid: int) -> float | None:
-    """VmHWM of a running process (None where /proc is unavailable)."""
+def status_mib(pid: int, field: str) -> float | None:
+    """A memory field of ``/proc/PID/status`` (``VmHWM``, ``VmRSS``) in MiB, or None where
+    /proc (or the process) is unavailable."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM of a running process (None where /proc is unavailable)."""
+    return status_mib(pid, "VmHWM")
 
 
 def error_text(e: BaseException) -> str:
