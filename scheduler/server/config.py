@@ -42,8 +42,9 @@ class ServerSection:
     #: Generate calls admitted at once (more are RESOURCE_EXHAUSTED); 0: the queue plus
     #: every rank's capacity.
     max_concurrent_rpcs: int = 0
-    #: New calls are RESOURCE_EXHAUSTED while the serving loop runs this late (it is out
-    #: of CPU: taking more would only delay everything already running).
+    #: New calls are RESOURCE_EXHAUSTED while the serving loop runs this late, averaged
+    #: over about a second (it is out of CPU: taking more would only delay everything
+    #: already running).
     max_loop_lag_ms: float = 250.0
     #: Streams: at most one message per this many ms after the first token (0: one per
     #: SGLang chunk, merged only while a write is in flight). Trades CPU for smoothness.

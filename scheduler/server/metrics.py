@@ -121,7 +121,7 @@ class ServerMetrics:
         )
         self.loop_lag = Gauge(
             "moe_scheduler_loop_lag_seconds",
-            "How late the serving event loop runs (recent maximum)",
+            "How late the serving event loop runs (averaged over about a second)",
             registry=r,
         )
         self.telemetry = Gauge(
