@@ -108,10 +108,6 @@ TARGET_CHUNK_FLATNESS = 1.5
 RESTART_LONG_DEADLINE_S = 10.0
 
 
-def _eprint(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- calls
 
 
@@ -718,7 +714,7 @@ def scenario_stream_length(ctx: Ctx, rec: dict[str, Any]) -> None:
                 cpu1 = harness.cpu_seconds(s.pid)
                 idle = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / a.stream_idle_s
                 for (length, concurrency, first), (_, _, stop) in itertools.pairwise(plan_rows):
-                    _eprint(f"  stream_length: {length} tokens, {concurrency} at a time")
+                    harness.eprint(f"  stream_length: {length} tokens, {concurrency} at a time")
                     c0, done = cpu(), len(target.records)
                     for batch in range(first, stop, concurrency):
                         await asyncio.gather(
@@ -829,7 +825,7 @@ def scenario_overload(ctx: Ctx, rec: dict[str, Any]) -> None:
 
         async def go() -> dict[str, Any]:
             async with Calls(s.address, plan, a.channels) as target:
-                _eprint(f"  overload: capacity, closed loop with {2 * slots} clients")
+                harness.eprint(f"  overload: capacity, closed loop with {2 * slots} clients")
                 start = target.now()
                 await harness.closed_loop(
                     target, 2 * slots, a.overload_warmup + a.overload_calibrate
@@ -844,7 +840,7 @@ def scenario_overload(ctx: Ctx, rec: dict[str, Any]) -> None:
                     raise RuntimeError(f"no completions while measuring capacity: "
                                        f"{_outcomes(target.records)}")  # fmt: skip
                 rate = min(a.overload_factor * capacity, a.overload_max_rate)
-                _eprint(f"  overload: capacity {capacity:.1f}/s, offering {rate:.0f}/s")
+                harness.eprint(f"  overload: capacity {capacity:.1f}/s, offering {rate:.0f}/s")
                 phase.timeout, phase.tag = a.overload_deadline, "overload"
                 offsets = harness.arrival_offsets(rate, a.overload_seconds, a.arrivals, a.seed)
                 start = target.now()
@@ -929,7 +925,7 @@ def scenario_soak(ctx: Ctx, rec: dict[str, Any]) -> None:
                 await asyncio.sleep(max(0.0, start + k * interval - time.perf_counter()))
                 row = sample(target, k * interval)
                 outcomes = _outcomes(target.records)
-                _eprint(f"  soak {k}/{n_intervals}: {row['sent']} sent, {row['done']} done "
+                harness.eprint(f"  soak {k}/{n_intervals}: {row['sent']} sent, {row['done']} done "
                         f"{outcomes}, scheduler RSS {row['rss_mib']} MiB")  # fmt: skip
 
         async def go() -> tuple[list[CallRecord], dict[str, Any]]:
@@ -1089,7 +1085,7 @@ def scenario_backend_restart(ctx: Ctx, rec: dict[str, Any]) -> None:
             events["kill_s"] = round(target.now(), 3)
             old.process.kill()
             await asyncio.to_thread(old.process.wait)
-            _eprint(f"  backend_restart: emulator killed at {events['kill_s']} s")
+            harness.eprint(f"  backend_restart: emulator killed at {events['kill_s']} s")
             await asyncio.sleep(a.restart_down_s)
             events["spawn_s"] = round(target.now(), 3)
             ctx.emulator = await asyncio.to_thread(
@@ -1097,7 +1093,7 @@ def scenario_backend_restart(ctx: Ctx, rec: dict[str, Any]) -> None:
                 capacity=a.emulator_capacity, port=ctx.port, log_name="emulator-restarted",
             )  # fmt: skip
             events["ready_s"] = round(target.now(), 3)
-            _eprint(f"  backend_restart: new emulator listening at {events['ready_s']} s")
+            harness.eprint(f"  backend_restart: new emulator listening at {events['ready_s']} s")
 
         async def go() -> list[CallRecord]:
             async with Calls(s.address, plan, a.channels) as target:
@@ -1235,7 +1231,7 @@ QUICK = {
 def run_scenarios(ctx: Ctx, names: list[str]) -> list[dict[str, Any]]:
     results = []
     for name in names:
-        _eprint(f"dataplane benchmark: {name}")
+        harness.eprint(f"dataplane benchmark: {name}")
         rec: dict[str, Any] = {"scenario": name, "status": "ok"}
         started = time.perf_counter()
         try:
@@ -1248,7 +1244,7 @@ def run_scenarios(ctx: Ctx, names: list[str]) -> list[dict[str, Any]]:
         rec["pass"] = _verdict(rec.get("targets", [])) if rec["status"] == "ok" else False
         rec["wall_seconds"] = round(time.perf_counter() - started, 1)
         failed = [t["name"] for t in rec.get("targets", []) if t["pass"] is False]
-        _eprint(f"  {name}: {rec['status']}, pass {rec['pass']}"
+        harness.eprint(f"  {name}: {rec['status']}, pass {rec['pass']}"
                 + (f" (failed: {'; '.join(failed)})" if failed else ""))  # fmt: skip
         results.append(rec)
     return results
@@ -1261,7 +1257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data = (args.data or harness.default_data()).resolve()
     if not (data / "prompts").is_dir() or not (data / "traces").is_dir():
-        _eprint(f"dataplane benchmark: real data not found at {data} (pass --data)")
+        harness.eprint(f"dataplane benchmark: real data not found at {data} (pass --data)")
         return 2
     args.work = args.work.resolve()
     names = [n for n in SCENARIOS if n in (args.scenario or SCENARIOS)]
@@ -1321,7 +1317,7 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    _eprint(f"wrote {args.out} ({result['wall_seconds']} s)")
+    harness.eprint(f"wrote {args.out} ({result['wall_seconds']} s)")
     return 0
 
 

@@ -84,10 +84,6 @@ TARGET_ADDED_P99_MS = 2.0
 TARGET_RATE = 500.0
 
 
-def _eprint(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- runs
 
 
@@ -156,7 +152,7 @@ def measure(
     if result["errors"]:
         record["message"] = f"{len(result['errors'])} failed, e.g. {result['errors'][0]}"
     lat = record["latency_ms"]
-    _eprint(
+    harness.eprint(
         f"    {n} ok, {len(result['errors'])} failed, p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
         f"{record.get('achieved_completion_rate', record.get('requests_per_s'))} requests/s, "
         f"load {load}"
@@ -240,7 +236,7 @@ def part_latency(ctx: Ctx, emulator: Proc, time_scale: float) -> list[dict[str, 
     def direct(api: str, with_experts: bool, rate: float, when: str) -> None:
         label = "direct_routed" if with_experts else "direct"
         label += "_openai" if api == "openai" else ""
-        _eprint(f"  latency ts={time_scale:g}: {label} ({when}, {rate:g}/s)")
+        harness.eprint(f"  latency ts={time_scale:g}: {label} ({when}, {rate:g}/s)")
         rec: dict[str, Any] = {
             "scenario": label, "path": "direct", "run": when, "api": api,
             "return_routed_experts": with_experts,
@@ -267,7 +263,9 @@ def part_latency(ctx: Ctx, emulator: Proc, time_scale: float) -> list[dict[str, 
         api: str, with_experts: bool, rate: float, name: str, policy: str, window: float,
         mode: str,
     ) -> None:  # fmt: skip
-        _eprint(f"  latency ts={time_scale:g}: {name} ({policy}, window {window:g} ms, {mode})")
+        harness.eprint(
+            f"  latency ts={time_scale:g}: {name} ({policy}, window {window:g} ms, {mode})"
+        )
 
         def target(s: Proc) -> Target:
             if api == "openai":
@@ -379,7 +377,7 @@ def part_throughput(ctx: Ctx, emulator: Proc) -> tuple[list[dict[str, Any]], dic
     try:
         for concurrency in a.concurrency:
             for api in ("generate", "openai"):  # the router's and the emulator's API
-                _eprint(f"  throughput: {concurrency} clients, {api}")
+                harness.eprint(f"  throughput: {concurrency} clients, {api}")
                 label = {"concurrency": concurrency, "time_scale": 0.0, "api": api}
                 rec = {"path": "direct"} | label
                 records.append(closed(rec, partial(direct, api), {"emulator": emulator}))
@@ -468,7 +466,7 @@ def part_prediction(ctx: Ctx, emulator: Proc) -> list[dict[str, Any]]:
         runs = [(ctx.our_policy, "none"), (ctx.our_policy, "probe")]
     records: list[dict[str, Any]] = []
     for policy, mode in runs:
-        _eprint(f"  prediction: {policy}, {mode}")
+        harness.eprint(f"  prediction: {policy}, {mode}")
         window = 2.0 if policy == "locality_window" else 0.0
 
         def run(s: Proc) -> dict[str, Any]:
@@ -626,17 +624,17 @@ def run_parts(ctx: Ctx, parts: list[str], result: dict[str, Any]) -> None:
 
     try:
         if "latency" in parts:
-            _eprint("frontend benchmark: latency (time scale 0)")
+            harness.eprint("frontend benchmark: latency (time scale 0)")
             result["latency"] = part_latency(ctx, emulator(0.0), 0.0)
         if "throughput" in parts:
-            _eprint("frontend benchmark: throughput (time scale 0)")
+            harness.eprint("frontend benchmark: throughput (time scale 0)")
             result["throughput"], notes = part_throughput(ctx, emulator(0.0))
             result["router_note"], result["router_openai_note"] = notes["router"], notes["openai"]
         if "latency" in parts and not args.no_time_scale_1:
-            _eprint("frontend benchmark: latency (time scale 1)")
+            harness.eprint("frontend benchmark: latency (time scale 1)")
             result["latency"] += part_latency(ctx, emulator(1.0), 1.0)
         if "prediction" in parts:
-            _eprint("frontend benchmark: prediction modes")
+            harness.eprint("frontend benchmark: prediction modes")
             result["prediction"] = part_prediction(ctx, emulator(args.replay_time_scale))
     finally:
         for proc in emulators.values():
@@ -662,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = (args.data or harness.default_data()).resolve()
     if not (data / "prompts").is_dir() or not (data / "traces").is_dir():
-        _eprint(f"frontend benchmark: real data not found at {data} (pass --data)")
+        harness.eprint(f"frontend benchmark: real data not found at {data} (pass --data)")
         return 2
     parts = args.part or ["latency", "throughput", "prediction"]
     started = time.perf_counter()
@@ -678,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    _eprint(f"wrote {args.out} ({result['wall_seconds']} s)")
+    harness.eprint(f"wrote {args.out} ({result['wall_seconds']} s)")
     return 0
 
 

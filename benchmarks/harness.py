@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,24 @@ STARTUP_TIMEOUT_S = 60.0
 OUR_POLICY = "locality_window"
 
 
-def _eprint(message: str) -> None:
+def eprint(message: str) -> None:
+    """Progress on stderr (stdout stays for what a benchmark prints as its result)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def run_step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``'s record with its status and seconds; an exception is recorded as data
+    (its traceback on stderr), so the benchmark's other steps still run."""
+    eprint(f"[{name}] ...")
+    start = time.perf_counter()
+    try:
+        out = {"status": "ok", **fn()}
+    except Exception as e:
+        out = {"status": "error", "message": f"{type(e).__name__}: {e}"}
+        eprint(traceback.format_exc())
+    out["seconds"] = time.perf_counter() - start
+    eprint(f"[{name}] {out['status']} in {out['seconds']:.1f} s")
+    return out
 
 
 # --------------------------------------------------------------------------- measurements
@@ -173,7 +190,7 @@ def prepare(data: Path, work: Path, quick: bool) -> dict[str, Any]:
         bundle = work / "predictors.npz"
         how = "`moe-scheduler fit --data DATA` (cached)"
         if not bundle.is_file():
-            _eprint("frontend benchmark: fitting the predictor bundle (about a minute, cached)")
+            eprint("frontend benchmark: fitting the predictor bundle (about a minute, cached)")
             _run([*cli, "fit", "--data", str(data), "--out", str(bundle)], work / "fit.log")
     return {"profile": profile, "placement": placement, "bundle": bundle, "bundle_from": how}
 

@@ -43,14 +43,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.machine import machine_facts
 from scheduler.prediction.bundle import load_bundle
 from scheduler.prediction.training import FitConfig, domain_split, request_split
@@ -99,23 +98,6 @@ def _machine() -> dict[str, Any]:
 def _relative(arg: str) -> str:
     """A path argument as seen from the repository root (for the displayed command)."""
     return os.path.relpath(arg, ROOT) if arg.startswith("/") else arg
-
-
-def _eprint(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    _eprint(f"[{name}] ...")
-    start = time.perf_counter()
-    try:
-        out = {"status": "ok", **fn()}
-    except Exception as e:  # recorded as data, the benchmark goes on
-        out = {"status": "error", "message": f"{type(e).__name__}: {e}"}
-        _eprint(traceback.format_exc())
-    out["seconds"] = time.perf_counter() - start
-    _eprint(f"[{name}] {out['status']} in {out['seconds']:.1f} s")
-    return out
 
 
 # --------------------------------------------------------------------------- steps
@@ -211,7 +193,7 @@ def step_settings(data: Path, selection: bool) -> dict[str, Any]:
                 "without_disagreeing_sources": scores["without_disagreeing_sources"],
             }
         )
-        _eprint(
+        harness.eprint(
             f"  settings {name} (trained on {trained_on} labels): validation macro-F1 "
             f"{scores['published_labels']['macro_f1']:.4f} published, {scores['macro_f1']:.4f} "
             "relabelled"
@@ -276,7 +258,7 @@ def step_incremental(bundle_path: Path, data: Path, seed: int) -> dict[str, Any]
             done = stop
             f1 = classification_scores(y[test], model.predict(prompts.texts[test]), model.classes_)
             curves[name].append({"seen": done, "macro_f1": f1["macro_f1"]})
-            _eprint(f"  incremental {name}: {done} seen, macro-F1 {f1['macro_f1']:.3f}")
+            harness.eprint(f"  incremental {name}: {done} seen, macro-F1 {f1['macro_f1']:.3f}")
         docs_per_s[name] = (done - (0 if name == "cold" else warm_n)) / update_s
     cold = models["cold"]
     return {
@@ -386,7 +368,9 @@ def step_clusters(data: Path, seeds: int) -> dict[str, Any]:
                     "held_out": held,
                 }
             )
-            _eprint(f"  clusters N={nodes} seed={seed}: {sel['features']} K={sel['n_clusters']}")
+            harness.eprint(
+                f"  clusters N={nodes} seed={seed}: {sel['features']} K={sel['n_clusters']}"
+            )
     return {"model": model.name, "requests": len(routing), "pairs": pairs["mode"], "runs": runs}
 
 
@@ -461,19 +445,23 @@ def main(argv: list[str] | None = None) -> int:
         + " && python -m benchmarks.render",
     }
     steps = result["steps"] = {}
-    steps["fit"] = _step("fit", lambda: step_fit(data, args.workdir))
+    steps["fit"] = harness.run_step("fit", lambda: step_fit(data, args.workdir))
     if steps["fit"]["status"] == "ok":
-        steps["domain"] = _step("domain", lambda: step_domain(bundle, data))
-        steps["incremental"] = _step("incremental", lambda: step_incremental(bundle, data, 0))
-        steps["drift"] = _step("drift", lambda: step_drift(bundle, data, 0))
-    steps["settings"] = _step("settings", lambda: step_settings(data, args.selection))
+        steps["domain"] = harness.run_step("domain", lambda: step_domain(bundle, data))
+        steps["incremental"] = harness.run_step(
+            "incremental", lambda: step_incremental(bundle, data, 0)
+        )
+        steps["drift"] = harness.run_step("drift", lambda: step_drift(bundle, data, 0))
+    steps["settings"] = harness.run_step("settings", lambda: step_settings(data, args.selection))
     if not args.no_reference:
-        steps["reference"] = _step("reference", lambda: step_reference(data))
-    steps["clusters"] = _step("clusters", lambda: step_clusters(data, args.seeds))
-    steps["prefill_decode"] = _step("prefill_decode", lambda: step_prefill_decode(data, args.seeds))
+        steps["reference"] = harness.run_step("reference", lambda: step_reference(data))
+    steps["clusters"] = harness.run_step("clusters", lambda: step_clusters(data, args.seeds))
+    steps["prefill_decode"] = harness.run_step(
+        "prefill_decode", lambda: step_prefill_decode(data, args.seeds)
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    _eprint(f"wrote {args.out}")
+    harness.eprint(f"wrote {args.out}")
     return 0
 
 

@@ -33,14 +33,13 @@ import json
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.machine import machine_facts
 from scheduler.prediction.training import FitConfig
 
@@ -53,23 +52,6 @@ PROXY = (
     "PROXY: real held-out prompts; routing DRAWN by the emulator from the real ESFT "
     "per-class profile of each prompt's true domain (not measured routing)"
 )
-
-
-def _eprint(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    start = time.perf_counter()
-    try:
-        out = fn()
-        out["status"] = "ok"
-    except Exception as e:  # recorded, not raised: the other steps still run
-        out = {"status": "error", "message": f"{type(e).__name__}: {e}"}
-        _eprint(traceback.format_exc())
-    out["seconds"] = time.perf_counter() - start
-    _eprint(f"{name}: {out['status']} in {out['seconds']:.0f} s")
-    return out
 
 
 def step_real_pairs(data: Path, domain: Any) -> dict[str, Any]:
@@ -269,19 +251,19 @@ def main(argv: list[str] | None = None) -> int:
         "emulated pairs' prompts are from the held-out split (grouped by text: disjoint)",
     }
     split = (prompts, test_rows)
-    steps["real_pairs"] = _step("real_pairs", lambda: step_real_pairs(data, domain))
+    steps["real_pairs"] = harness.run_step("real_pairs", lambda: step_real_pairs(data, domain))
     em: dict[str, Any] = {}
 
     def emulated() -> dict[str, Any]:
         em.update(_emulated(data, args.pairs, 0, split))
         return step_emulated(args.seeds, domain, em)
 
-    steps["emulated_pairs"] = _step("emulated_pairs", emulated)
+    steps["emulated_pairs"] = harness.run_step("emulated_pairs", emulated)
     if em:
-        steps["buffer_row"] = _step("buffer_row", lambda: step_buffer_row(em))
+        steps["buffer_row"] = harness.run_step("buffer_row", lambda: step_buffer_row(em))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    _eprint(f"wrote {args.out}")
+    harness.eprint(f"wrote {args.out}")
     return 0
 
 
